@@ -1,0 +1,205 @@
+//! The HTTP surface (axum): `GET /health`, `GET /metrics`, `POST /callback`.
+//!
+//! Every route, including unknown paths, passes the per-client rate limiter first
+//! ([`ratelimit`]); over the limit answers 429 with `Retry-After` (whole seconds). Handlers only
+//! read memory or the database: no SSH, git or firewall work happens inside a request.
+
+pub mod ratelimit;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::health::{ComponentHealth, ComponentStatus, HealthRegistry};
+use crate::store::Store;
+use crate::telemetry::{names, Metrics};
+use ratelimit::ClientRateLimiter;
+
+/// How long `/health` waits for the database before calling it down.
+pub const DATABASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest request body accepted (callbacks are small).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    /// Storage.
+    pub store: Store,
+    /// Component health reported by the rest of the bot.
+    pub health: HealthRegistry,
+    /// The per-client rate limiter.
+    pub limiter: Arc<ClientRateLimiter>,
+    /// The metrics renderer.
+    pub metrics: &'static Metrics,
+}
+
+/// Builds the router. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so the rate limiter sees the peer.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/callback", post(callback))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
+        .layer(middleware::from_fn(record_metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The `/health` body.
+#[derive(Debug, Serialize)]
+pub struct HealthReport {
+    /// `ok` (everything up), `degraded` (database up, something else down) or `unavailable`
+    /// (database down: the bot cannot work; HTTP 503).
+    pub status: &'static str,
+    /// Crate version.
+    pub version: &'static str,
+    /// Each component by name; `database` is always present.
+    pub components: std::collections::BTreeMap<String, ComponentHealth>,
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let started = Instant::now();
+    let ping = tokio::time::timeout(DATABASE_PING_TIMEOUT, state.store.ping()).await;
+    let backend = format!("{:?}", state.store.backend()).to_lowercase();
+    let database = match ping {
+        Ok(Ok(())) => ComponentHealth {
+            status: ComponentStatus::Up,
+            detail: Some(format!(
+                "{backend}, answered in {} ms",
+                started.elapsed().as_millis()
+            )),
+            checked_at: Some(crate::store::now_ms()),
+        },
+        Ok(Err(e)) => ComponentHealth {
+            status: ComponentStatus::Down,
+            detail: Some(format!("{backend}: {e}")),
+            checked_at: Some(crate::store::now_ms()),
+        },
+        Err(_) => ComponentHealth {
+            status: ComponentStatus::Down,
+            detail: Some(format!(
+                "{backend}: no answer within {DATABASE_PING_TIMEOUT:?}"
+            )),
+            checked_at: Some(crate::store::now_ms()),
+        },
+    };
+    let db_up = database.status == ComponentStatus::Up;
+    state
+        .health
+        .report("database", database.status, database.detail.clone());
+    let mut components = state.health.snapshot();
+    components.insert("database".to_owned(), database);
+    let all_up = components.values().all(|c| c.status == ComponentStatus::Up);
+    let (code, status) = match (db_up, all_up) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, false) => (StatusCode::OK, "degraded"),
+        (true, true) => (StatusCode::OK, "ok"),
+    };
+    let report = HealthReport {
+        status,
+        version: env!("CARGO_PKG_VERSION"),
+        components,
+    };
+    (code, Json(report)).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// The fields of Mattermost's interactive-action request that the bot relies on
+/// (`model.PostActionIntegrationRequest`, server/public/model/integration_action.go).
+#[derive(Debug, Deserialize)]
+pub struct ActionCallback {
+    /// Clicking user's id.
+    pub user_id: String,
+    /// Post holding the button.
+    pub post_id: String,
+    /// The `integration.context` the bot put on the button.
+    #[serde(default)]
+    pub context: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn callback(body: Bytes) -> Response {
+    let mut json = serde_json::Deserializer::from_slice(&body);
+    match serde_path_to_error::deserialize::<_, ActionCallback>(&mut json) {
+        Err(e) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid callback body: {e}"),
+        ),
+        Ok(_) => error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "approval callbacks are not handled by this version of session-manager",
+        ),
+    }
+}
+
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "no such route")
+}
+
+fn error_response(code: StatusCode, message: &str) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
+}
+
+async fn rate_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+        // Served without peer addresses (a wiring mistake): everyone shares one bucket,
+        // which fails safe.
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let client = state.limiter.client_ip(peer, request.headers());
+    match state.limiter.check(client) {
+        Ok(()) => next.run(request).await,
+        Err(wait) => {
+            metrics::counter!(names::HTTP_RATE_LIMITED_TOTAL).increment(1);
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let secs = secs.max(1);
+            let mut response = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({ "error": "rate limited", "retry_after_secs": secs })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            response
+        }
+    }
+}
+
+async fn record_metrics(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!(names::HTTP_REQUESTS_TOTAL, "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(names::HTTP_REQUEST_DURATION_SECONDS, "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,228 @@
+//! # session-manager
+//!
+//! Lets a team drive Claude Code from chat: `@claude start org/repo` in a Mattermost (or Teams)
+//! channel opens a thread, the bot starts Claude Code in a devcontainer on a VM over SSH, and
+//! the thread becomes the conversation. Egress from the container is blocked by an OPNsense
+//! firewall; the agent asks for a domain with `[NETWORK_REQUEST: domain]` and a person approves
+//! or denies it with HMAC-signed buttons.
+//!
+//! ## Data path
+//!
+//! ```text
+//! chat ──events──▶ chat adapter ──ChatEvent──▶ dispatcher ──▶ command | session input
+//!                                                                        │
+//! chat ◀──posts── renderer ◀──agent events / markers── agent ◀──stdio── session actor
+//!                                   │                  (claude in a devcontainer, over SSH)
+//!                        approvals / orchestrator ──▶ firewall (OPNsense), storage
+//! ```
+//!
+//! ## Layout
+//!
+//! - [`config`]: one validated [`config::Settings`] from `SM_*` variables and flags (clap).
+//! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
+//! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
+//! - [`health`]: component health registry that `/health` reports.
+//! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
+//! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
+//!
+//! Outside `src/`: `sql/` (migrations per backend), `tests/` (integration tests and their
+//! fakes in `tests/support/`), `scripts/test` (the whole test suite), `deploy/k8s/` and
+//! `devcontainer/`.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Settings;
+use crate::health::{Endpoint, HealthRegistry};
+use crate::http::ratelimit::ClientRateLimiter;
+use crate::http::AppState;
+use crate::store::Store;
+use crate::telemetry::{names, Metrics};
+
+/// How often external endpoints are probed for `/health`.
+const REACHABILITY_INTERVAL: Duration = Duration::from_secs(15);
+/// How often idle rate-limit buckets are dropped and metrics upkeep runs.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Opens storage and applies migrations, announcing which database is used.
+///
+/// # Errors
+/// When the database cannot be opened or a migration fails.
+pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    let db = &settings.database;
+    if db.is_default {
+        let path = db
+            .url
+            .sqlite_path()
+            .map(|p| std::path::absolute(&p).unwrap_or(p))
+            .unwrap_or_default();
+        info!(path = %path.display(), "SM_DATABASE_URL is not set: using the embedded SQLite database (created if missing)");
+    } else {
+        info!(url = %db.url, "using the database from SM_DATABASE_URL");
+    }
+    let store = Store::connect(db)
+        .await
+        .with_context(|| format!("cannot open the database {}", db.url))?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    Ok(store)
+}
+
+/// `session-manager migrate`: applies the migrations and returns.
+///
+/// # Errors
+/// As [`open_store`].
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(settings).await?;
+    info!(backend = ?store.backend(), "migrations applied");
+    store.close().await;
+    Ok(())
+}
+
+/// Runs the bot on `listener` until `shutdown` is cancelled, then stops every task it started
+/// and returns. Tests call this with a listener on port 0.
+///
+/// # Errors
+/// When storage cannot be opened or the HTTP server fails.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::get();
+    for warning in &settings.warnings {
+        warn!("{warning}");
+    }
+    let store = open_store(&settings).await?;
+
+    let health = HealthRegistry::new();
+    let limiter = Arc::new(ClientRateLimiter::new(
+        NonZeroU32::new(settings.http.rate_limit_rps).unwrap_or(NonZeroU32::MIN),
+        NonZeroU32::new(settings.http.rate_limit_burst).unwrap_or(NonZeroU32::MIN),
+        settings.http.trusted_proxies.clone(),
+    ));
+    if settings.http.trusted_proxies.is_empty() {
+        info!("SM_TRUSTED_PROXIES is empty: X-Forwarded-For is ignored and the socket peer is the client");
+    }
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(health::reachability_loop(
+        health.clone(),
+        endpoints(&settings),
+        REACHABILITY_INTERVAL,
+        Duration::from_secs(5),
+        shutdown.clone(),
+    ));
+    {
+        let limiter = Arc::clone(&limiter);
+        let cancel = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+                }
+                let clients = limiter.sweep();
+                metrics::gauge!(names::RATE_LIMITER_CLIENTS).set(clients as f64);
+                metrics.upkeep();
+            }
+        });
+    }
+
+    let app = http::router(AppState {
+        store: store.clone(),
+        health,
+        limiter,
+        metrics,
+    });
+    let addr = listener.local_addr().context("listener has no address")?;
+    info!(%addr, "HTTP server listening");
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await;
+
+    shutdown.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            error!(error = %e, "background task failed");
+        }
+    }
+    store.close().await;
+    info!("stopped");
+    server.context("HTTP server failed")
+}
+
+/// The external endpoints `/health` lists before their own clients report on them.
+fn endpoints(settings: &Settings) -> Vec<Endpoint> {
+    let mut out = Vec::new();
+    for (component, url) in [
+        ("mattermost", &settings.mattermost.url),
+        ("firewall", &settings.firewall.url),
+    ] {
+        if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
+            out.push(Endpoint {
+                component,
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+                port,
+            });
+        }
+    }
+    out.push(Endpoint {
+        component: "vm",
+        host: settings.vm.host.clone(),
+        port: settings.vm.port,
+    });
+    out
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received: shutting down"),
+        () = terminate => info!("SIGTERM received: shutting down"),
+    }
+}

@@ -1,0 +1,87 @@
+//! The `session-manager` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+use session_manager::config::{markdown_reference, Cli, CliCommand, ConfigReport, Settings};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("error: cannot read .env: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let command = match cli.command {
+        CliCommand::Config { markdown: true } => {
+            print!("{}", markdown_reference());
+            return ExitCode::SUCCESS;
+        }
+        CliCommand::Config { markdown: false } => {
+            let report = ConfigReport::new(&matches);
+            print!("{report}");
+            return if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        other => other,
+    };
+    let settings = match Settings::from_args(&cli.settings) {
+        Ok(settings) => settings,
+        Err(errors) => {
+            eprintln!(
+                "error: invalid configuration ({} problem(s)):",
+                errors.0.len()
+            );
+            for problem in &errors.0 {
+                eprintln!("  {problem}");
+            }
+            eprintln!("Run `session-manager config` to see the effective configuration.");
+            return ExitCode::from(2);
+        }
+    };
+    session_manager::telemetry::init_tracing(settings.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            CliCommand::Migrate => session_manager::migrate(&settings).await,
+            _ => {
+                let addr = settings.http.listen_addr;
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    anyhow::anyhow!("cannot listen on {addr} (SM_LISTEN_ADDR): {e}")
+                })?;
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    session_manager::shutdown_signal().await;
+                    signal.cancel();
+                });
+                session_manager::serve(settings, listener, shutdown).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1165 @@
+//! Storage: one API over PostgreSQL and embedded SQLite.
+//!
+//! The backend is chosen at run time from `SM_DATABASE_URL` through sqlx's `Any` driver, so
+//! every query below is written once, in the SQL both databases accept (`$1` placeholders,
+//! `RETURNING`, `ON CONFLICT`, partial indexes). Migrations live in `sql/postgres` and
+//! `sql/sqlite`, are embedded into the binary with `sqlx::migrate!`, and are append-only.
+//!
+//! Every claim is a single conditional statement (`UPDATE … WHERE state = 'pending'
+//! RETURNING …`), so two racing callers cannot both win, on either backend.
+
+pub mod model;
+
+use std::str::FromStr;
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Executor, FromRow};
+
+pub use model::*;
+
+use crate::config::{DatabaseBackend, DatabaseSettings, DatabaseUrl};
+
+/// Errors from storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The record does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for, e.g. `session 1a2b…`.
+        what: String,
+    },
+    /// A uniqueness rule refused the write.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// A stored value the program cannot read (e.g. an unknown state name).
+    #[error("corrupt value in {table}.{column}: {value:?}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// Column.
+        column: &'static str,
+        /// The stored value.
+        value: String,
+    },
+    /// The database failed or could not be reached.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Result alias for storage calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage handle. Cheap to clone (it wraps a connection pool).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: DatabaseBackend,
+}
+
+static DRIVERS: Once = Once::new();
+
+impl Store {
+    /// Opens a pool to the database. For SQLite the file is created if missing (and its
+    /// directory must exist); foreign keys and WAL are switched on for every connection.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the database cannot be reached.
+    pub async fn connect(settings: &DatabaseSettings) -> StoreResult<Self> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = settings.url.backend();
+        let url = connect_url(&settings.url);
+        let mut options = AnyPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .acquire_timeout(Duration::from_secs(5));
+        if backend == DatabaseBackend::Sqlite {
+            if settings.url.sqlite_path().is_none() {
+                // Each in-memory connection is its own database: keep exactly one, forever.
+                options = options
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None);
+            }
+            options = options.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA foreign_keys = ON").await?;
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(&url).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Which backend this store talks to.
+    pub fn backend(&self) -> DatabaseBackend {
+        self.backend
+    }
+
+    /// Applies the embedded migrations of this backend. Safe to run any number of times and
+    /// from several processes at once.
+    ///
+    /// # Errors
+    /// [`StoreError::Migrate`].
+    pub async fn migrate(&self) -> StoreResult<()> {
+        match self.backend {
+            DatabaseBackend::Postgres => sqlx::migrate!("sql/postgres").run(&self.pool).await?,
+            DatabaseBackend::Sqlite => sqlx::migrate!("sql/sqlite").run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    /// Checks that the database answers (`SELECT 1`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes every connection; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ----- sessions -----------------------------------------------------------------------
+
+    /// Creates a session in state `starting` with a new UUID.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the thread already anchors a session.
+    pub async fn create_session(&self, new: &NewSession) -> StoreResult<Session> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        let row = sqlx::query_as::<_, SessionRow>(
+            "INSERT INTO sessions (id, platform, channel_id, thread_id, kind, parent_id, state,
+                 started_by, repo_host, repo_org, repo_name, branch, worktree,
+                 created_at, updated_at, last_activity_at)
+             VALUES ($1, $2, $3, $4, $5, $6, 'starting', $7, $8, $9, $10, $11, $12, $13, $13, $13)
+             ON CONFLICT DO NOTHING
+             RETURNING *",
+        )
+        .bind(&id)
+        .bind(<&str>::from(new.platform))
+        .bind(&new.channel_id)
+        .bind(&new.thread_id)
+        .bind(<&str>::from(new.kind))
+        .bind(new.parent_id.as_deref())
+        .bind(&new.started_by)
+        .bind(&new.repo_host)
+        .bind(&new.repo_org)
+        .bind(&new.repo_name)
+        .bind(new.branch.as_deref())
+        .bind(new.worktree.as_deref())
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => row.try_into(),
+            None => Err(StoreError::Conflict(format!(
+                "thread {} in channel {} already has a session",
+                new.thread_id, new.channel_id
+            ))),
+        }
+    }
+
+    /// A session by id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn session(&self, id: &str) -> StoreResult<Option<Session>> {
+        sqlx::query_as::<_, SessionRow>("SELECT * FROM sessions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Session::try_from)
+            .transpose()
+    }
+
+    /// The session anchored at a thread, whatever its state.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn session_by_thread(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+        thread_id: &str,
+    ) -> StoreResult<Option<Session>> {
+        sqlx::query_as::<_, SessionRow>(
+            "SELECT * FROM sessions WHERE platform = $1 AND channel_id = $2 AND thread_id = $3",
+        )
+        .bind(<&str>::from(platform))
+        .bind(channel_id)
+        .bind(thread_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Session::try_from)
+        .transpose()
+    }
+
+    /// Active sessions (starting, running, idle) whose id starts with `prefix`, oldest first.
+    /// The prefix is matched literally (LIKE wildcards in it are escaped).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn active_sessions_by_prefix(&self, prefix: &str) -> StoreResult<Vec<Session>> {
+        let pattern = format!("{}%", escape_like(&prefix.to_ascii_lowercase()));
+        self.sessions_where(
+            "state IN ('starting', 'running', 'idle') AND id LIKE $1 ESCAPE '\\'",
+            Some(&pattern),
+        )
+        .await
+    }
+
+    /// Every active session (starting, running, idle), oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn active_sessions(&self) -> StoreResult<Vec<Session>> {
+        self.sessions_where("state IN ('starting', 'running', 'idle')", None)
+            .await
+    }
+
+    /// Sessions that were not ended: active ones and those caught mid-cleanup. This is what a
+    /// restarted bot must recover.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn unended_sessions(&self) -> StoreResult<Vec<Session>> {
+        self.sessions_where("state <> 'ended'", None).await
+    }
+
+    /// Every session an orchestrator spawned, in any state, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn children(&self, parent_id: &str) -> StoreResult<Vec<Session>> {
+        self.sessions_where("parent_id = $1", Some(parent_id)).await
+    }
+
+    /// Active sessions in one channel, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn active_sessions_in_channel(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+    ) -> StoreResult<Vec<Session>> {
+        let rows = sqlx::query_as::<_, SessionRow>(
+            "SELECT * FROM sessions WHERE platform = $1 AND channel_id = $2
+               AND state IN ('starting', 'running', 'idle') ORDER BY created_at, id",
+        )
+        .bind(<&str>::from(platform))
+        .bind(channel_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(Session::try_from).collect()
+    }
+
+    async fn sessions_where(
+        &self,
+        condition: &str,
+        arg: Option<&str>,
+    ) -> StoreResult<Vec<Session>> {
+        let sql = format!("SELECT * FROM sessions WHERE {condition} ORDER BY created_at, id");
+        let mut query = sqlx::query_as::<_, SessionRow>(&sql);
+        if let Some(arg) = arg {
+            query = query.bind(arg);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.into_iter().map(Session::try_from).collect()
+    }
+
+    /// Moves an active session to another active state (`starting`, `running` or `idle`).
+    /// Returns `false` if the session is stopping, ended or missing, and leaves it alone.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when `to` is not an active state; [`StoreError::Database`].
+    pub async fn set_session_state(&self, id: &str, to: SessionState) -> StoreResult<bool> {
+        if !to.is_active() {
+            return Err(StoreError::Conflict(format!(
+                "set_session_state cannot move to {to}; use claim_stop or end_session"
+            )));
+        }
+        let done = sqlx::query(
+            "UPDATE sessions SET state = $2, updated_at = $3
+             WHERE id = $1 AND state IN ('starting', 'running', 'idle')",
+        )
+        .bind(id)
+        .bind(<&str>::from(to))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the container and workspace of a session.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Database`].
+    pub async fn set_session_container(
+        &self,
+        id: &str,
+        container_id: Option<&str>,
+        workspace_path: Option<&str>,
+    ) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE sessions SET container_id = $2, workspace_path = $3, updated_at = $4 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(container_id)
+        .bind(workspace_path)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        expect_one(done.rows_affected(), || format!("session {id}"))
+    }
+
+    /// Records (or clears, on `clear`) the agent's conversation id.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Database`].
+    pub async fn set_agent_session_id(
+        &self,
+        id: &str,
+        agent_session_id: Option<&str>,
+    ) -> StoreResult<()> {
+        let done =
+            sqlx::query("UPDATE sessions SET agent_session_id = $2, updated_at = $3 WHERE id = $1")
+                .bind(id)
+                .bind(agent_session_id)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+        expect_one(done.rows_affected(), || format!("session {id}"))
+    }
+
+    /// Adds usage to a session's counters and marks activity at `now` (Unix ms).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Database`].
+    pub async fn add_usage(&self, id: &str, usage: &UsageDelta, now: i64) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE sessions SET
+                 message_count = message_count + $2,
+                 compaction_count = compaction_count + $3,
+                 input_tokens = input_tokens + $4,
+                 output_tokens = output_tokens + $5,
+                 context_tokens = COALESCE($6, context_tokens),
+                 cost_usd = cost_usd + $7,
+                 last_activity_at = $8,
+                 updated_at = $8
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(usage.messages)
+        .bind(usage.compactions)
+        .bind(usage.input_tokens)
+        .bind(usage.output_tokens)
+        .bind(usage.context_tokens)
+        .bind(usage.cost_usd)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        expect_one(done.rows_affected(), || format!("session {id}"))
+    }
+
+    /// Claims a session's cleanup: moves it to `stopping` only if it is neither stopping nor
+    /// ended. Exactly one of any number of concurrent callers gets `Some`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn claim_stop(&self, id: &str) -> StoreResult<Option<Session>> {
+        sqlx::query_as::<_, SessionRow>(
+            "UPDATE sessions SET state = 'stopping', updated_at = $2
+             WHERE id = $1 AND state IN ('starting', 'running', 'idle')
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Session::try_from)
+        .transpose()
+    }
+
+    /// Ends a session (from any state but `ended`). Returns `false` if it was already ended.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no such session; [`StoreError::Database`].
+    pub async fn end_session(
+        &self,
+        id: &str,
+        reason: EndReason,
+        detail: Option<&str>,
+    ) -> StoreResult<bool> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE sessions SET state = 'ended', end_reason = $2, end_detail = $3,
+                 ended_at = $4, updated_at = $4
+             WHERE id = $1 AND state <> 'ended'",
+        )
+        .bind(id)
+        .bind(<&str>::from(reason))
+        .bind(detail)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(true);
+        }
+        match self.session(id).await? {
+            Some(_) => Ok(false),
+            None => Err(StoreError::NotFound {
+                what: format!("session {id}"),
+            }),
+        }
+    }
+
+    // ----- project channels ---------------------------------------------------------------
+
+    /// Records the channel serving a repository, replacing an older record for it.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the channel already serves another repository.
+    pub async fn upsert_project_channel(
+        &self,
+        channel: &ProjectChannel,
+    ) -> StoreResult<ProjectChannel> {
+        let row = sqlx::query_as::<_, ProjectChannelRow>(
+            "INSERT INTO project_channels (platform, repo_slug, team_id, channel_id, channel_name, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (platform, repo_slug) DO UPDATE SET
+                 team_id = excluded.team_id, channel_id = excluded.channel_id,
+                 channel_name = excluded.channel_name
+             RETURNING *",
+        )
+        .bind(<&str>::from(channel.platform))
+        .bind(&channel.repo_slug)
+        .bind(&channel.team_id)
+        .bind(&channel.channel_id)
+        .bind(&channel.channel_name)
+        .bind(channel.created_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| unique_to_conflict(e, || format!("channel {} already serves another repository", channel.channel_id)))?;
+        row.try_into()
+    }
+
+    /// The channel serving `org/repo`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn project_channel(
+        &self,
+        platform: Platform,
+        repo_slug: &str,
+    ) -> StoreResult<Option<ProjectChannel>> {
+        sqlx::query_as::<_, ProjectChannelRow>(
+            "SELECT * FROM project_channels WHERE platform = $1 AND repo_slug = $2",
+        )
+        .bind(<&str>::from(platform))
+        .bind(repo_slug)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(ProjectChannel::try_from)
+        .transpose()
+    }
+
+    /// The project a channel serves, if it is a project channel.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn project_channel_by_id(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+    ) -> StoreResult<Option<ProjectChannel>> {
+        sqlx::query_as::<_, ProjectChannelRow>(
+            "SELECT * FROM project_channels WHERE platform = $1 AND channel_id = $2",
+        )
+        .bind(<&str>::from(platform))
+        .bind(channel_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(ProjectChannel::try_from)
+        .transpose()
+    }
+
+    /// Every project channel of a platform.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn project_channels(&self, platform: Platform) -> StoreResult<Vec<ProjectChannel>> {
+        let rows = sqlx::query_as::<_, ProjectChannelRow>(
+            "SELECT * FROM project_channels WHERE platform = $1 ORDER BY repo_slug",
+        )
+        .bind(<&str>::from(platform))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ProjectChannel::try_from).collect()
+    }
+
+    // ----- approval requests --------------------------------------------------------------
+
+    /// Opens a request for `domain` by `session_id`, expiring at `expires_at` (Unix ms).
+    /// If that session already has a pending request for the domain, returns it instead,
+    /// with `false`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] (including an unknown session) or [`StoreError::Corrupt`].
+    pub async fn open_approval(
+        &self,
+        session_id: &str,
+        domain: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> StoreResult<(ApprovalRequest, bool)> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let inserted = sqlx::query_as::<_, ApprovalRow>(
+            "INSERT INTO approval_requests (id, session_id, domain, state, requested_at, expires_at)
+             VALUES ($1, $2, $3, 'pending', $4, $5)
+             ON CONFLICT DO NOTHING
+             RETURNING *",
+        )
+        .bind(&id)
+        .bind(session_id)
+        .bind(domain)
+        .bind(now)
+        .bind(expires_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            return Ok((row.try_into()?, true));
+        }
+        let existing = sqlx::query_as::<_, ApprovalRow>(
+            "SELECT * FROM approval_requests WHERE session_id = $1 AND domain = $2 AND state = 'pending'",
+        )
+        .bind(session_id)
+        .bind(domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        match existing {
+            Some(row) => Ok((row.try_into()?, false)),
+            // The pending one was decided between the two statements: try once more.
+            None => Box::pin(self.open_approval(session_id, domain, now, expires_at)).await,
+        }
+    }
+
+    /// An approval request by id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn approval(&self, id: &str) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, ApprovalRow>("SELECT * FROM approval_requests WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(ApprovalRequest::try_from)
+            .transpose()
+    }
+
+    /// Records the post holding the request's buttons.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Database`].
+    pub async fn set_approval_card(&self, id: &str, post_id: &str) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE approval_requests SET card_post_id = $2 WHERE id = $1")
+            .bind(id)
+            .bind(post_id)
+            .execute(&self.pool)
+            .await?;
+        expect_one(done.rows_affected(), || format!("approval request {id}"))
+    }
+
+    /// Decides a pending, unexpired request. The first decision wins; any later one (a double
+    /// click, a replay, approve racing deny) gets [`DecideOutcome::AlreadyDecided`] and
+    /// changes nothing. An approval is due for the firewall at once (`next_attempt_at = now`).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        decision: Decision,
+        user_id: &str,
+        user_name: &str,
+        now: i64,
+    ) -> StoreResult<DecideOutcome> {
+        let next_attempt = (decision == Decision::Approve).then_some(now);
+        let row = sqlx::query_as::<_, ApprovalRow>(
+            "UPDATE approval_requests SET state = $2, decided_at = $3, decided_by_id = $4,
+                 decided_by_name = $5, next_attempt_at = $6
+             WHERE id = $1 AND state = 'pending' AND expires_at > $3
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(<&str>::from(decision.state()))
+        .bind(now)
+        .bind(user_id)
+        .bind(user_name)
+        .bind(next_attempt)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            return Ok(DecideOutcome::Decided(row.try_into()?));
+        }
+        match self.approval(id).await? {
+            Some(current) => Ok(DecideOutcome::AlreadyDecided(current)),
+            None => Err(StoreError::NotFound {
+                what: format!("approval request {id}"),
+            }),
+        }
+    }
+
+    /// Marks every pending request whose `expires_at` is at or before `now` as expired and
+    /// returns them (each exactly once, even with concurrent callers).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn expire_approvals(&self, now: i64) -> StoreResult<Vec<ApprovalRequest>> {
+        let rows = sqlx::query_as::<_, ApprovalRow>(
+            "UPDATE approval_requests SET state = 'expired', decided_at = $1
+             WHERE state = 'pending' AND expires_at <= $1
+             RETURNING *",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ApprovalRequest::try_from).collect()
+    }
+
+    /// Approved requests not yet applied to the firewall whose next attempt is due.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn approvals_due_for_firewall(&self, now: i64) -> StoreResult<Vec<ApprovalRequest>> {
+        let rows = sqlx::query_as::<_, ApprovalRow>(
+            "SELECT * FROM approval_requests
+             WHERE state = 'approved' AND applied_at IS NULL AND next_attempt_at <= $1
+             ORDER BY next_attempt_at, id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ApprovalRequest::try_from).collect()
+    }
+
+    /// Records that the firewall accepted an approved request. Returns `false` if it was
+    /// already marked applied (or is not approved).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn mark_approval_applied(&self, id: &str, now: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE approval_requests SET applied_at = $2, next_attempt_at = NULL,
+                 apply_attempts = apply_attempts + 1, last_error = NULL
+             WHERE id = $1 AND state = 'approved' AND applied_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a failed firewall attempt; it is retried at `next_attempt_at` (Unix ms).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn record_approval_attempt_failed(
+        &self,
+        id: &str,
+        error: &str,
+        next_attempt_at: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE approval_requests SET apply_attempts = apply_attempts + 1, last_error = $2,
+                 next_attempt_at = $3
+             WHERE id = $1 AND state = 'approved' AND applied_at IS NULL",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(next_attempt_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives up on an approved request the firewall refused for good (state `failed`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn fail_approval(&self, id: &str, error: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE approval_requests SET state = 'failed', last_error = $2, next_attempt_at = NULL
+             WHERE id = $1 AND state = 'approved' AND applied_at IS NULL",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The most recent approved-and-applied request for `domain`, from any session: such a
+    /// domain is already reachable and needs no new card.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn applied_approval_for_domain(
+        &self,
+        domain: &str,
+    ) -> StoreResult<Option<ApprovalRequest>> {
+        sqlx::query_as::<_, ApprovalRow>(
+            "SELECT * FROM approval_requests
+             WHERE domain = $1 AND state = 'approved' AND applied_at IS NOT NULL
+             ORDER BY applied_at DESC, id LIMIT 1",
+        )
+        .bind(domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(ApprovalRequest::try_from)
+        .transpose()
+    }
+
+    // ----- audit log ----------------------------------------------------------------------
+
+    /// Appends an audit record and returns its sequence number.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<i64> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO audit_log (at, session_id, thread_id, domain, action, user_id, user_name, outcome, detail)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             RETURNING id",
+        )
+        .bind(entry.at)
+        .bind(entry.session_id.as_deref())
+        .bind(entry.thread_id.as_deref())
+        .bind(entry.domain.as_deref())
+        .bind(&entry.action)
+        .bind(entry.user_id.as_deref())
+        .bind(entry.user_name.as_deref())
+        .bind(&entry.outcome)
+        .bind(entry.detail.as_deref())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// The newest `limit` audit records (of one session, if given), oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn audit_log(
+        &self,
+        session_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditRecord>> {
+        let mut rows = sqlx::query_as::<_, AuditRow>(
+            "SELECT * FROM audit_log WHERE ($1 IS NULL OR session_id = $1)
+             ORDER BY id DESC LIMIT $2",
+        )
+        .bind(session_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        Ok(rows.into_iter().map(AuditRecord::from).collect())
+    }
+
+    // ----- locks --------------------------------------------------------------------------
+
+    /// Takes the named lock for `holder`, or reports who holds it. Taking a lock one already
+    /// holds succeeds. Locks survive restarts until [`Store::unlock`].
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn try_lock(&self, name: &str, holder: &str) -> StoreResult<LockOutcome> {
+        sqlx::query(
+            "INSERT INTO locks (name, holder, acquired_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        match self.lock_holder(name).await? {
+            Some(current) if current == holder => Ok(LockOutcome::Acquired),
+            Some(current) => Ok(LockOutcome::Held { holder: current }),
+            // Released between the two statements: try again.
+            None => Box::pin(self.try_lock(name, holder)).await,
+        }
+    }
+
+    /// Releases the named lock if `holder` holds it. Returns whether it did.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn unlock(&self, name: &str, holder: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM locks WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Who holds the named lock.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn lock_holder(&self, name: &str) -> StoreResult<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT holder FROM locks WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    // ----- containers ---------------------------------------------------------------------
+
+    /// Records a container the bot started (again, if it was marked removed).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn record_container(
+        &self,
+        container_id: &str,
+        vm_host: &str,
+        workspace_folder: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO containers (container_id, vm_host, workspace_folder, created_at)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (container_id) DO UPDATE SET
+                 vm_host = excluded.vm_host, workspace_folder = excluded.workspace_folder,
+                 removed_at = NULL",
+        )
+        .bind(container_id)
+        .bind(vm_host)
+        .bind(workspace_folder)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a container removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn mark_container_removed(&self, container_id: &str) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE containers SET removed_at = $2 WHERE container_id = $1 AND removed_at IS NULL",
+        )
+        .bind(container_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Containers not marked removed.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn live_containers(&self) -> StoreResult<Vec<Container>> {
+        let rows = sqlx::query_as::<_, ContainerRow>(
+            "SELECT * FROM containers WHERE removed_at IS NULL ORDER BY created_at, container_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(Container::from).collect())
+    }
+
+    /// How many sessions that are not ended use a container (other than `except_session`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn container_users(
+        &self,
+        container_id: &str,
+        except_session: Option<&str>,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sessions
+             WHERE container_id = $1 AND state <> 'ended' AND ($2 IS NULL OR id <> $2)",
+        )
+        .bind(container_id)
+        .bind(except_session)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+}
+
+/// For SQLite, asks the driver to create the file when missing (`mode=rwc`) unless the URL
+/// already sets a mode.
+fn connect_url(url: &DatabaseUrl) -> String {
+    let raw = url.expose();
+    if url.backend() == DatabaseBackend::Sqlite
+        && url.sqlite_path().is_some()
+        && !raw.contains("mode=")
+    {
+        let sep = if raw.contains('?') { '&' } else { '?' };
+        format!("{raw}{sep}mode=rwc")
+    } else {
+        raw.to_owned()
+    }
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn expect_one(affected: u64, what: impl FnOnce() -> String) -> StoreResult<()> {
+    if affected == 0 {
+        Err(StoreError::NotFound { what: what() })
+    } else {
+        Ok(())
+    }
+}
+
+fn unique_to_conflict(e: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
+        _ => StoreError::Database(e),
+    }
+}
+
+fn parse_enum<T: FromStr>(
+    table: &'static str,
+    column: &'static str,
+    value: String,
+) -> StoreResult<T> {
+    value.parse::<T>().map_err(|_| StoreError::Corrupt {
+        table,
+        column,
+        value,
+    })
+}
+
+#[derive(FromRow)]
+struct SessionRow {
+    id: String,
+    platform: String,
+    channel_id: String,
+    thread_id: String,
+    kind: String,
+    parent_id: Option<String>,
+    state: String,
+    end_reason: Option<String>,
+    end_detail: Option<String>,
+    started_by: String,
+    agent_session_id: Option<String>,
+    repo_host: String,
+    repo_org: String,
+    repo_name: String,
+    branch: Option<String>,
+    worktree: Option<String>,
+    workspace_path: Option<String>,
+    container_id: Option<String>,
+    message_count: i64,
+    compaction_count: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    context_tokens: i64,
+    cost_usd: f64,
+    created_at: i64,
+    updated_at: i64,
+    last_activity_at: i64,
+    ended_at: Option<i64>,
+}
+
+impl TryFrom<SessionRow> for Session {
+    type Error = StoreError;
+
+    fn try_from(r: SessionRow) -> StoreResult<Session> {
+        let state: SessionState = parse_enum("sessions", "state", r.state)?;
+        let end = match (state, r.end_reason) {
+            (SessionState::Ended, Some(reason)) => Some(SessionEnd {
+                reason: parse_enum("sessions", "end_reason", reason)?,
+                detail: r.end_detail,
+                at: r.ended_at.unwrap_or(r.updated_at),
+            }),
+            (SessionState::Ended, None) => {
+                return Err(StoreError::Corrupt {
+                    table: "sessions",
+                    column: "end_reason",
+                    value: "NULL on an ended session".into(),
+                })
+            }
+            _ => None,
+        };
+        Ok(Session {
+            id: r.id,
+            platform: parse_enum("sessions", "platform", r.platform)?,
+            channel_id: r.channel_id,
+            thread_id: r.thread_id,
+            kind: parse_enum("sessions", "kind", r.kind)?,
+            parent_id: r.parent_id,
+            state,
+            end,
+            started_by: r.started_by,
+            agent_session_id: r.agent_session_id,
+            repo_host: r.repo_host,
+            repo_org: r.repo_org,
+            repo_name: r.repo_name,
+            branch: r.branch,
+            worktree: r.worktree,
+            workspace_path: r.workspace_path,
+            container_id: r.container_id,
+            stats: SessionStats {
+                message_count: r.message_count,
+                compaction_count: r.compaction_count,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                context_tokens: r.context_tokens,
+                cost_usd: r.cost_usd,
+            },
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            last_activity_at: r.last_activity_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct ProjectChannelRow {
+    platform: String,
+    repo_slug: String,
+    team_id: String,
+    channel_id: String,
+    channel_name: String,
+    created_at: i64,
+}
+
+impl TryFrom<ProjectChannelRow> for ProjectChannel {
+    type Error = StoreError;
+
+    fn try_from(r: ProjectChannelRow) -> StoreResult<ProjectChannel> {
+        Ok(ProjectChannel {
+            platform: parse_enum("project_channels", "platform", r.platform)?,
+            repo_slug: r.repo_slug,
+            team_id: r.team_id,
+            channel_id: r.channel_id,
+            channel_name: r.channel_name,
+            created_at: r.created_at,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct ApprovalRow {
+    id: String,
+    session_id: String,
+    domain: String,
+    state: String,
+    card_post_id: Option<String>,
+    requested_at: i64,
+    expires_at: i64,
+    decided_at: Option<i64>,
+    decided_by_id: Option<String>,
+    decided_by_name: Option<String>,
+    applied_at: Option<i64>,
+    apply_attempts: i64,
+    next_attempt_at: Option<i64>,
+    last_error: Option<String>,
+}
+
+impl TryFrom<ApprovalRow> for ApprovalRequest {
+    type Error = StoreError;
+
+    fn try_from(r: ApprovalRow) -> StoreResult<ApprovalRequest> {
+        Ok(ApprovalRequest {
+            id: r.id,
+            session_id: r.session_id,
+            domain: r.domain,
+            state: parse_enum("approval_requests", "state", r.state)?,
+            card_post_id: r.card_post_id,
+            requested_at: r.requested_at,
+            expires_at: r.expires_at,
+            decided_at: r.decided_at,
+            decided_by_id: r.decided_by_id,
+            decided_by_name: r.decided_by_name,
+            applied_at: r.applied_at,
+            apply_attempts: r.apply_attempts,
+            next_attempt_at: r.next_attempt_at,
+            last_error: r.last_error,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AuditRow {
+    id: i64,
+    at: i64,
+    session_id: Option<String>,
+    thread_id: Option<String>,
+    domain: Option<String>,
+    action: String,
+    user_id: Option<String>,
+    user_name: Option<String>,
+    outcome: String,
+    detail: Option<String>,
+}
+
+impl From<AuditRow> for AuditRecord {
+    fn from(r: AuditRow) -> Self {
+        AuditRecord {
+            id: r.id,
+            entry: AuditEntry {
+                at: r.at,
+                session_id: r.session_id,
+                thread_id: r.thread_id,
+                domain: r.domain,
+                action: r.action,
+                user_id: r.user_id,
+                user_name: r.user_name,
+                outcome: r.outcome,
+                detail: r.detail,
+            },
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct ContainerRow {
+    container_id: String,
+    vm_host: String,
+    workspace_folder: String,
+    created_at: i64,
+    removed_at: Option<i64>,
+}
+
+impl From<ContainerRow> for Container {
+    fn from(r: ContainerRow) -> Self {
+        Container {
+            container_id: r.container_id,
+            vm_host: r.vm_host,
+            workspace_folder: r.workspace_folder,
+            created_at: r.created_at,
+            removed_at: r.removed_at,
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The records storage keeps, as the rest of the program sees them.
+//!
+//! Times are Unix milliseconds (`i64`), the unit Mattermost uses too. Enumerations are stored
+//! as their `snake_case` names; a name the program does not know is reported as
+//! [`StoreError::Corrupt`](super::StoreError::Corrupt), never a panic.
+
+use serde::Serialize;
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The chat platform a session lives on.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    /// Mattermost (REST API v4 + WebSocket).
+    Mattermost,
+    /// Microsoft Teams (Bot Framework).
+    Teams,
+}
+
+/// What a session is for.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum SessionKind {
+    /// Started by a person with `start`.
+    Standard,
+    /// Started with `orchestrate`; spawns workers and reviewers.
+    Orchestrator,
+    /// Spawned by an orchestrator to do work.
+    Worker,
+    /// Spawned by an orchestrator to review, in plan mode.
+    Reviewer,
+}
+
+/// Where a session is in its life.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// Clone, container and agent are being prepared.
+    Starting,
+    /// The agent is working on a turn.
+    Running,
+    /// The agent waits for input.
+    Idle,
+    /// Cleanup was claimed and is in progress.
+    Stopping,
+    /// Over; see [`SessionEnd`].
+    Ended,
+}
+
+impl SessionState {
+    /// Whether the session still counts as active (not stopping, not ended).
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Idle)
+    }
+}
+
+/// Why a session ended.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// Someone said `stop`.
+    UserRequested,
+    /// The agent process exited on its own.
+    AgentExited,
+    /// Clone, container or agent could not be started.
+    StartFailed,
+    /// An unexpected error.
+    Error,
+    /// The container disappeared (found at restart).
+    ContainerGone,
+    /// The parent orchestrator was stopped.
+    ParentEnded,
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SessionEnd {
+    /// The reason.
+    pub reason: EndReason,
+    /// Human-readable detail, if any.
+    pub detail: Option<String>,
+    /// When (Unix ms).
+    pub at: i64,
+}
+
+/// Usage counters of a session, as `context` and `status` show them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SessionStats {
+    /// User messages delivered to the agent.
+    pub message_count: i64,
+    /// Compactions performed.
+    pub compaction_count: i64,
+    /// Input tokens, summed over calls.
+    pub input_tokens: i64,
+    /// Output tokens, summed over calls.
+    pub output_tokens: i64,
+    /// Context size of the latest call: input + cache-creation + cache-read tokens.
+    pub context_tokens: i64,
+    /// Cost in US dollars as reported by the CLI (`total_cost_usd`).
+    pub cost_usd: f64,
+}
+
+/// A session row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Session {
+    /// UUID v4, lowercase.
+    pub id: String,
+    /// Chat platform.
+    pub platform: Platform,
+    /// Channel the thread is in.
+    pub channel_id: String,
+    /// Thread anchor (Mattermost root post id, Teams conversation id).
+    pub thread_id: String,
+    /// Kind.
+    pub kind: SessionKind,
+    /// The orchestrator that spawned it, if any.
+    pub parent_id: Option<String>,
+    /// Lifecycle state.
+    pub state: SessionState,
+    /// Set exactly when `state` is [`SessionState::Ended`].
+    pub end: Option<SessionEnd>,
+    /// Chat user id of whoever started it.
+    pub started_by: String,
+    /// Claude Code conversation id, for `--session-id` and `--resume`.
+    pub agent_session_id: Option<String>,
+    /// Git host, e.g. `github.com`.
+    pub repo_host: String,
+    /// Organisation.
+    pub repo_org: String,
+    /// Repository.
+    pub repo_name: String,
+    /// Branch, if one was asked for.
+    pub branch: Option<String>,
+    /// Worktree name, `None` for the main clone.
+    pub worktree: Option<String>,
+    /// Path on the VM mounted into the container.
+    pub workspace_path: Option<String>,
+    /// Full container id.
+    pub container_id: Option<String>,
+    /// Counters.
+    pub stats: SessionStats,
+    /// Created (Unix ms).
+    pub created_at: i64,
+    /// Last row change (Unix ms).
+    pub updated_at: i64,
+    /// Last message in or out (Unix ms).
+    pub last_activity_at: i64,
+}
+
+impl Session {
+    /// `org/repo`.
+    pub fn repo_slug(&self) -> String {
+        format!("{}/{}", self.repo_org, self.repo_name)
+    }
+}
+
+/// What is needed to create a session row (it starts in [`SessionState::Starting`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSession {
+    /// Chat platform.
+    pub platform: Platform,
+    /// Channel.
+    pub channel_id: String,
+    /// Thread anchor.
+    pub thread_id: String,
+    /// Kind.
+    pub kind: SessionKind,
+    /// Parent orchestrator.
+    pub parent_id: Option<String>,
+    /// Starter's user id.
+    pub started_by: String,
+    /// Git host.
+    pub repo_host: String,
+    /// Organisation.
+    pub repo_org: String,
+    /// Repository.
+    pub repo_name: String,
+    /// Branch.
+    pub branch: Option<String>,
+    /// Worktree name.
+    pub worktree: Option<String>,
+}
+
+/// Usage to add to a session after a turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UsageDelta {
+    /// Messages to add.
+    pub messages: i64,
+    /// Compactions to add.
+    pub compactions: i64,
+    /// Input tokens to add.
+    pub input_tokens: i64,
+    /// Output tokens to add.
+    pub output_tokens: i64,
+    /// New context size (replaces the stored one when `Some`).
+    pub context_tokens: Option<i64>,
+    /// Cost to add, in US dollars.
+    pub cost_usd: f64,
+}
+
+/// The channel that serves one repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProjectChannel {
+    /// Chat platform.
+    pub platform: Platform,
+    /// `org/repo`.
+    pub repo_slug: String,
+    /// Team.
+    pub team_id: String,
+    /// Channel id.
+    pub channel_id: String,
+    /// Channel name (URL slug).
+    pub channel_name: String,
+    /// Created (Unix ms).
+    pub created_at: i64,
+}
+
+/// The state of a network approval request.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for a decision.
+    Pending,
+    /// Approved; `applied_at` tells whether the firewall has it yet.
+    Approved,
+    /// Denied.
+    Denied,
+    /// Approved but the firewall refused it for good (e.g. a validation error).
+    Failed,
+    /// Nobody decided before `expires_at`.
+    Expired,
+}
+
+/// A decision on a pending request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Allow the domain.
+    Approve,
+    /// Refuse it.
+    Deny,
+}
+
+impl Decision {
+    /// The state a request ends in after this decision.
+    pub fn state(self) -> ApprovalState {
+        match self {
+            Self::Approve => ApprovalState::Approved,
+            Self::Deny => ApprovalState::Denied,
+        }
+    }
+}
+
+/// An approval request row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalRequest {
+    /// UUID v4.
+    pub id: String,
+    /// Session that asked.
+    pub session_id: String,
+    /// Normalised domain.
+    pub domain: String,
+    /// State.
+    pub state: ApprovalState,
+    /// Post holding the buttons.
+    pub card_post_id: Option<String>,
+    /// Asked (Unix ms).
+    pub requested_at: i64,
+    /// Expires (Unix ms).
+    pub expires_at: i64,
+    /// Decided or expired (Unix ms).
+    pub decided_at: Option<i64>,
+    /// Decider's user id.
+    pub decided_by_id: Option<String>,
+    /// Decider's username.
+    pub decided_by_name: Option<String>,
+    /// When the firewall accepted it (Unix ms).
+    pub applied_at: Option<i64>,
+    /// Firewall attempts so far.
+    pub apply_attempts: i64,
+    /// Next firewall attempt (Unix ms), while approved and not applied.
+    pub next_attempt_at: Option<i64>,
+    /// Last firewall error.
+    pub last_error: Option<String>,
+}
+
+/// What happened to a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecideOutcome {
+    /// This decision won; the row as it now is.
+    Decided(ApprovalRequest),
+    /// Someone decided first (or it expired); the row unchanged.
+    AlreadyDecided(ApprovalRequest),
+}
+
+/// One audit record to append.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// When (Unix ms).
+    pub at: i64,
+    /// Session concerned.
+    pub session_id: Option<String>,
+    /// Thread concerned.
+    pub thread_id: Option<String>,
+    /// Domain concerned.
+    pub domain: Option<String>,
+    /// What happened, e.g. `requested`, `approved`, `denied`, `expired`, `firewall_applied`.
+    pub action: String,
+    /// Acting user id.
+    pub user_id: Option<String>,
+    /// Acting username.
+    pub user_name: Option<String>,
+    /// Result, e.g. `ok`, `rejected`, `failed`.
+    pub outcome: String,
+    /// Free text.
+    pub detail: Option<String>,
+}
+
+/// A stored audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// Sequence number.
+    pub id: i64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+}
+
+/// The result of trying to take a named lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// Taken now, or already held by the same holder.
+    Acquired,
+    /// Held by someone else.
+    Held {
+        /// The current holder.
+        holder: String,
+    },
+}
+
+/// A container the bot started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Container {
+    /// Full container id.
+    pub container_id: String,
+    /// VM it runs on.
+    pub vm_host: String,
+    /// Workspace folder it was started for.
+    pub workspace_folder: String,
+    /// Created (Unix ms).
+    pub created_at: i64,
+    /// Removed (Unix ms), if it was.
+    pub removed_at: Option<i64>,
+}
