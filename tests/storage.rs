@@ -1,0 +1,853 @@
+//! The storage suite: every test runs against PostgreSQL and against SQLite.
+
+mod support;
+
+use std::collections::HashSet;
+
+use session_manager::store::*;
+use support::TestDatabase;
+
+/// Instantiates each test function for both backends.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::TestDatabase::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::TestDatabase::sqlite();
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    migrations_run_twice_without_harm,
+    session_lifecycle,
+    a_thread_anchors_one_session,
+    id_prefix_lookup_is_literal,
+    children_of_an_orchestrator,
+    concurrent_stop_claims_succeed_once,
+    concurrent_decisions_succeed_once,
+    approval_requests_flow,
+    expired_requests_cannot_be_decided,
+    project_channels,
+    audit_log_appends_in_order,
+    locks_are_exclusive_and_survive_reconnect,
+    containers_and_their_users,
+    unknown_stored_values_are_errors_not_panics,
+);
+
+fn new_session(thread: &str) -> NewSession {
+    NewSession {
+        platform: Platform::Mattermost,
+        channel_id: "channel0000000000000000001".into(),
+        thread_id: thread.into(),
+        kind: SessionKind::Standard,
+        parent_id: None,
+        started_by: "user00000000000000000000001".into(),
+        repo_host: "github.com".into(),
+        repo_org: "acme".into(),
+        repo_name: "widgets".into(),
+        branch: Some("main".into()),
+        worktree: None,
+    }
+}
+
+async fn migrations_run_twice_without_harm(db: &TestDatabase) {
+    let store = db.store().await;
+    let session = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    store.migrate().await.expect("second migrate");
+    store.migrate().await.expect("third migrate");
+    let again = db.store().await; // a new pool migrating the same database
+    let found = again
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("still there");
+    assert_eq!(found, session);
+}
+
+async fn session_lifecycle(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    assert_eq!(s.state, SessionState::Starting);
+    assert!(s.end.is_none());
+    assert_eq!(s.id.len(), 36);
+    assert_eq!(s.repo_slug(), "acme/widgets");
+    assert_eq!(s.stats, SessionStats::default());
+
+    let by_thread = store
+        .session_by_thread(Platform::Mattermost, "channel0000000000000000001", "t1")
+        .await
+        .expect("lookup")
+        .expect("found");
+    assert_eq!(by_thread.id, s.id);
+    assert!(store
+        .session_by_thread(Platform::Teams, "channel0000000000000000001", "t1")
+        .await
+        .expect("lookup")
+        .is_none());
+
+    assert!(store
+        .set_session_state(&s.id, SessionState::Running)
+        .await
+        .expect("state"));
+    assert!(
+        store
+            .set_session_state(&s.id, SessionState::Ended)
+            .await
+            .is_err(),
+        "ending needs end_session"
+    );
+    store
+        .set_session_container(
+            &s.id,
+            Some("c0ffee"),
+            Some("/home/claude/repos/github.com/acme/widgets"),
+        )
+        .await
+        .expect("container");
+    store
+        .set_agent_session_id(&s.id, Some("conv-1"))
+        .await
+        .expect("agent id");
+    store
+        .add_usage(
+            &s.id,
+            &UsageDelta {
+                messages: 1,
+                compactions: 0,
+                input_tokens: 100,
+                output_tokens: 20,
+                context_tokens: Some(1500),
+                cost_usd: 0.25,
+            },
+            1_000,
+        )
+        .await
+        .expect("usage");
+    store
+        .add_usage(
+            &s.id,
+            &UsageDelta {
+                messages: 1,
+                compactions: 1,
+                input_tokens: 50,
+                output_tokens: 5,
+                context_tokens: None,
+                cost_usd: 0.5,
+            },
+            2_000,
+        )
+        .await
+        .expect("usage");
+    let s2 = store.session(&s.id).await.expect("read").expect("found");
+    assert_eq!(s2.state, SessionState::Running);
+    assert_eq!(s2.container_id.as_deref(), Some("c0ffee"));
+    assert_eq!(s2.agent_session_id.as_deref(), Some("conv-1"));
+    assert_eq!(
+        s2.stats,
+        SessionStats {
+            message_count: 2,
+            compaction_count: 1,
+            input_tokens: 150,
+            output_tokens: 25,
+            context_tokens: 1500,
+            cost_usd: 0.75,
+        }
+    );
+    assert_eq!(s2.last_activity_at, 2_000);
+    assert_eq!(store.active_sessions().await.expect("list").len(), 1);
+
+    let claimed = store.claim_stop(&s.id).await.expect("claim").expect("won");
+    assert_eq!(claimed.state, SessionState::Stopping);
+    assert!(store.active_sessions().await.expect("list").is_empty());
+    assert_eq!(
+        store.unended_sessions().await.expect("list").len(),
+        1,
+        "stopping must be recovered"
+    );
+    assert!(
+        !store
+            .set_session_state(&s.id, SessionState::Idle)
+            .await
+            .expect("state"),
+        "stopping is final"
+    );
+
+    assert!(store
+        .end_session(&s.id, EndReason::UserRequested, Some("stopped by @alice"))
+        .await
+        .expect("end"));
+    assert!(!store
+        .end_session(&s.id, EndReason::Error, None)
+        .await
+        .expect("end twice"));
+    let ended = store
+        .session(&s.id)
+        .await
+        .expect("read")
+        .expect("rows are never deleted");
+    assert_eq!(ended.state, SessionState::Ended);
+    let end = ended.end.expect("end recorded");
+    assert_eq!(
+        end.reason,
+        EndReason::UserRequested,
+        "the first end reason stays"
+    );
+    assert_eq!(end.detail.as_deref(), Some("stopped by @alice"));
+    assert!(store.unended_sessions().await.expect("list").is_empty());
+    assert!(store.claim_stop(&s.id).await.expect("claim").is_none());
+    assert!(matches!(
+        store
+            .end_session("no-such-session", EndReason::Error, None)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+async fn a_thread_anchors_one_session(db: &TestDatabase) {
+    let store = db.store().await;
+    store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let err = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect_err("duplicate thread");
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+async fn id_prefix_lookup_is_literal(db: &TestDatabase) {
+    let store = db.store().await;
+    let a = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let b = store
+        .create_session(&new_session("t2"))
+        .await
+        .expect("create");
+    let found = store
+        .active_sessions_by_prefix(&a.id[..8])
+        .await
+        .expect("lookup");
+    assert!(found.iter().any(|s| s.id == a.id));
+    let upper = store
+        .active_sessions_by_prefix(&a.id[..8].to_uppercase())
+        .await
+        .expect("lookup");
+    assert!(
+        upper.iter().any(|s| s.id == a.id),
+        "prefixes are case-insensitive"
+    );
+    assert_eq!(
+        store
+            .active_sessions_by_prefix(&a.id)
+            .await
+            .expect("lookup")
+            .len(),
+        1
+    );
+    // LIKE wildcards are matched literally, never as "everything".
+    for wildcard in ["%", "_", "%%%%", "____"] {
+        assert!(store
+            .active_sessions_by_prefix(wildcard)
+            .await
+            .expect("lookup")
+            .is_empty());
+    }
+    store.claim_stop(&b.id).await.expect("claim");
+    assert!(
+        store
+            .active_sessions_by_prefix(&b.id)
+            .await
+            .expect("lookup")
+            .is_empty(),
+        "only active"
+    );
+}
+
+async fn children_of_an_orchestrator(db: &TestDatabase) {
+    let store = db.store().await;
+    let mut parent = new_session("orch");
+    parent.kind = SessionKind::Orchestrator;
+    let parent = store.create_session(&parent).await.expect("create");
+    for (i, kind) in [SessionKind::Worker, SessionKind::Reviewer]
+        .into_iter()
+        .enumerate()
+    {
+        let mut child = new_session(&format!("child{i}"));
+        child.kind = kind;
+        child.parent_id = Some(parent.id.clone());
+        child.worktree = Some(format!("widgets-{i}"));
+        store.create_session(&child).await.expect("child");
+    }
+    let children = store.children(&parent.id).await.expect("children");
+    assert_eq!(children.len(), 2);
+    assert_eq!(children[0].kind, SessionKind::Worker);
+    assert_eq!(children[1].kind, SessionKind::Reviewer);
+    assert!(children
+        .iter()
+        .all(|c| c.parent_id.as_deref() == Some(parent.id.as_str())));
+    let mut orphan = new_session("orphan");
+    orphan.parent_id = Some("no-such-parent".into());
+    assert!(
+        store.create_session(&orphan).await.is_err(),
+        "parent must exist"
+    );
+}
+
+async fn concurrent_stop_claims_succeed_once(db: &TestDatabase) {
+    let store = db.store().await;
+    for round in 0..3 {
+        let s = store
+            .create_session(&new_session(&format!("t{round}")))
+            .await
+            .expect("create");
+        let mut handles = Vec::new();
+        for _ in 0..16 {
+            let store = store.clone();
+            let id = s.id.clone();
+            handles.push(tokio::spawn(async move { store.claim_stop(&id).await }));
+        }
+        let mut winners = 0;
+        for h in handles {
+            if h.await.expect("join").expect("claim").is_some() {
+                winners += 1;
+            }
+        }
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+async fn concurrent_decisions_succeed_once(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    for round in 0..3 {
+        let (req, _) = store
+            .open_approval(&s.id, &format!("d{round}.example.com"), 1_000, i64::MAX)
+            .await
+            .expect("open");
+        let mut handles = Vec::new();
+        for i in 0..16 {
+            let store = store.clone();
+            let id = req.id.clone();
+            let decision = if i % 2 == 0 {
+                Decision::Approve
+            } else {
+                Decision::Deny
+            };
+            handles.push(tokio::spawn(async move {
+                store
+                    .decide_approval(
+                        &id,
+                        decision,
+                        &format!("user{i}"),
+                        &format!("name{i}"),
+                        2_000,
+                    )
+                    .await
+            }));
+        }
+        let mut decided = Vec::new();
+        let mut already = Vec::new();
+        for h in handles {
+            match h.await.expect("join").expect("decide") {
+                DecideOutcome::Decided(r) => decided.push(r),
+                DecideOutcome::AlreadyDecided(r) => already.push(r),
+            }
+        }
+        assert_eq!(
+            decided.len(),
+            1,
+            "round {round}: approve racing deny decides once"
+        );
+        let winner = &decided[0];
+        assert_eq!(already.len(), 15);
+        for r in &already {
+            assert_eq!(r.state, winner.state, "losers see the winner's decision");
+            assert_eq!(r.decided_by_id, winner.decided_by_id);
+        }
+    }
+}
+
+async fn approval_requests_flow(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let other = store
+        .create_session(&new_session("t2"))
+        .await
+        .expect("create");
+
+    let (req, created) = store
+        .open_approval(&s.id, "pypi.org", 1_000, 10_000)
+        .await
+        .expect("open");
+    assert!(created);
+    assert_eq!(req.state, ApprovalState::Pending);
+    let (again, created) = store
+        .open_approval(&s.id, "pypi.org", 1_500, 10_500)
+        .await
+        .expect("open");
+    assert!(!created, "one pending request per (session, domain)");
+    assert_eq!(again.id, req.id);
+    let (theirs, created) = store
+        .open_approval(&other.id, "pypi.org", 1_500, 10_500)
+        .await
+        .expect("open");
+    assert!(created, "another session gets its own request");
+    assert_ne!(theirs.id, req.id);
+
+    store
+        .set_approval_card(&req.id, "post1")
+        .await
+        .expect("card");
+    let decided = match store
+        .decide_approval(&req.id, Decision::Approve, "u1", "alice", 2_000)
+        .await
+        .expect("decide")
+    {
+        DecideOutcome::Decided(r) => r,
+        other => panic!("expected a decision, got {other:?}"),
+    };
+    assert_eq!(decided.state, ApprovalState::Approved);
+    assert_eq!(decided.decided_by_name.as_deref(), Some("alice"));
+    assert_eq!(decided.card_post_id.as_deref(), Some("post1"));
+    assert_eq!(
+        decided.next_attempt_at,
+        Some(2_000),
+        "due for the firewall at once"
+    );
+
+    // Once decided, the same domain may be requested again (a new pending request).
+    let (fresh, created) = store
+        .open_approval(&s.id, "pypi.org", 2_100, 12_000)
+        .await
+        .expect("open");
+    assert!(created);
+    assert_ne!(fresh.id, req.id);
+
+    assert_eq!(
+        store
+            .approvals_due_for_firewall(1_999)
+            .await
+            .expect("due")
+            .len(),
+        0
+    );
+    let due = store.approvals_due_for_firewall(2_000).await.expect("due");
+    assert_eq!(
+        due.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![req.id.as_str()]
+    );
+    assert!(store
+        .record_approval_attempt_failed(&req.id, "firewall down", 5_000)
+        .await
+        .expect("fail"));
+    assert!(
+        store
+            .approvals_due_for_firewall(4_999)
+            .await
+            .expect("due")
+            .is_empty(),
+        "backoff respected"
+    );
+    let retry = store.approvals_due_for_firewall(5_000).await.expect("due");
+    assert_eq!(retry[0].apply_attempts, 1);
+    assert_eq!(retry[0].last_error.as_deref(), Some("firewall down"));
+    assert!(store
+        .applied_approval_for_domain("pypi.org")
+        .await
+        .expect("lookup")
+        .is_none());
+
+    assert!(store
+        .mark_approval_applied(&req.id, 6_000)
+        .await
+        .expect("applied"));
+    assert!(!store
+        .mark_approval_applied(&req.id, 6_001)
+        .await
+        .expect("applied twice"));
+    assert!(store
+        .approvals_due_for_firewall(i64::MAX)
+        .await
+        .expect("due")
+        .is_empty());
+    let applied = store
+        .applied_approval_for_domain("pypi.org")
+        .await
+        .expect("lookup")
+        .expect("applied");
+    assert_eq!(applied.id, req.id);
+    assert_eq!(applied.apply_attempts, 2);
+    assert_eq!(applied.applied_at, Some(6_000));
+
+    // A permanent firewall refusal.
+    let (bad, _) = store
+        .open_approval(&s.id, "files.example.com", 7_000, 70_000)
+        .await
+        .expect("open");
+    store
+        .decide_approval(&bad.id, Decision::Approve, "u1", "alice", 7_100)
+        .await
+        .expect("decide");
+    assert!(store
+        .fail_approval(&bad.id, "validation: not a hostname")
+        .await
+        .expect("fail"));
+    assert_eq!(
+        store
+            .approval(&bad.id)
+            .await
+            .expect("read")
+            .expect("found")
+            .state,
+        ApprovalState::Failed
+    );
+
+    // Deny leaves nothing for the firewall.
+    let (denied, _) = store
+        .open_approval(&s.id, "evil.example.com", 8_000, 80_000)
+        .await
+        .expect("open");
+    store
+        .decide_approval(&denied.id, Decision::Deny, "u2", "bob", 8_100)
+        .await
+        .expect("decide");
+    assert!(store
+        .approvals_due_for_firewall(i64::MAX)
+        .await
+        .expect("due")
+        .is_empty());
+    assert!(matches!(
+        store
+            .decide_approval("missing", Decision::Deny, "u2", "bob", 1)
+            .await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+async fn expired_requests_cannot_be_decided(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let (a, _) = store
+        .open_approval(&s.id, "a.example.com", 0, 1_000)
+        .await
+        .expect("open");
+    let (b, _) = store
+        .open_approval(&s.id, "b.example.com", 0, 5_000)
+        .await
+        .expect("open");
+    // Past its expiry, a click changes nothing even before the sweeper ran.
+    let late = store
+        .decide_approval(&a.id, Decision::Approve, "u", "n", 1_000)
+        .await
+        .expect("decide");
+    assert!(
+        matches!(late, DecideOutcome::AlreadyDecided(ref r) if r.state == ApprovalState::Pending)
+    );
+    let expired = store.expire_approvals(1_000).await.expect("expire");
+    assert_eq!(
+        expired.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        vec![a.id.as_str()]
+    );
+    assert_eq!(expired[0].state, ApprovalState::Expired);
+    assert!(
+        store
+            .expire_approvals(1_000)
+            .await
+            .expect("expire")
+            .is_empty(),
+        "each expires once"
+    );
+    let on_time = store
+        .decide_approval(&b.id, Decision::Deny, "u", "n", 4_999)
+        .await
+        .expect("decide");
+    assert!(matches!(on_time, DecideOutcome::Decided(_)));
+}
+
+async fn project_channels(db: &TestDatabase) {
+    let store = db.store().await;
+    let pc = ProjectChannel {
+        platform: Platform::Mattermost,
+        repo_slug: "acme/widgets".into(),
+        team_id: "team".into(),
+        channel_id: "chan1".into(),
+        channel_name: "widgets".into(),
+        created_at: 1,
+    };
+    assert_eq!(store.upsert_project_channel(&pc).await.expect("insert"), pc);
+    assert_eq!(
+        store.upsert_project_channel(&pc).await.expect("again"),
+        pc,
+        "idempotent"
+    );
+    let moved = ProjectChannel {
+        channel_id: "chan2".into(),
+        channel_name: "widgets-2".into(),
+        created_at: 99,
+        ..pc.clone()
+    };
+    let stored = store.upsert_project_channel(&moved).await.expect("update");
+    assert_eq!(stored.channel_id, "chan2");
+    assert_eq!(stored.created_at, 1, "creation time kept");
+    assert_eq!(
+        store
+            .project_channel(Platform::Mattermost, "acme/widgets")
+            .await
+            .expect("get"),
+        Some(stored.clone())
+    );
+    assert_eq!(
+        store
+            .project_channel_by_id(Platform::Mattermost, "chan2")
+            .await
+            .expect("get"),
+        Some(stored)
+    );
+    assert!(store
+        .project_channel_by_id(Platform::Teams, "chan2")
+        .await
+        .expect("get")
+        .is_none());
+    let clash = ProjectChannel {
+        repo_slug: "acme/gadgets".into(),
+        ..moved
+    };
+    assert!(matches!(
+        store.upsert_project_channel(&clash).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store
+            .project_channels(Platform::Mattermost)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+}
+
+async fn audit_log_appends_in_order(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let mut ids = Vec::new();
+    for (i, action) in ["requested", "approved", "firewall_applied"]
+        .iter()
+        .enumerate()
+    {
+        ids.push(
+            store
+                .append_audit(&AuditEntry {
+                    at: 1_000 + i as i64,
+                    session_id: Some(s.id.clone()),
+                    thread_id: Some("t1".into()),
+                    domain: Some("pypi.org".into()),
+                    action: (*action).into(),
+                    user_id: Some("u1".into()),
+                    user_name: Some("alice".into()),
+                    outcome: "ok".into(),
+                    detail: None,
+                })
+                .await
+                .expect("append"),
+        );
+    }
+    store
+        .append_audit(&AuditEntry {
+            at: 5_000,
+            action: "expired".into(),
+            outcome: "ok".into(),
+            ..AuditEntry::default()
+        })
+        .await
+        .expect("append");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    let mine = store.audit_log(Some(&s.id), 100).await.expect("list");
+    assert_eq!(
+        mine.iter()
+            .map(|r| r.entry.action.as_str())
+            .collect::<Vec<_>>(),
+        vec!["requested", "approved", "firewall_applied"]
+    );
+    assert_eq!(mine[1].entry.user_name.as_deref(), Some("alice"));
+    let all = store.audit_log(None, 2).await.expect("list");
+    assert_eq!(
+        all.iter()
+            .map(|r| r.entry.action.as_str())
+            .collect::<Vec<_>>(),
+        vec!["firewall_applied", "expired"],
+        "the newest records, oldest first"
+    );
+}
+
+async fn locks_are_exclusive_and_survive_reconnect(db: &TestDatabase) {
+    let store = db.store().await;
+    let name = "clone:github.com/acme/widgets";
+    assert_eq!(
+        store.try_lock(name, "s1").await.expect("lock"),
+        LockOutcome::Acquired
+    );
+    assert_eq!(
+        store.try_lock(name, "s1").await.expect("relock"),
+        LockOutcome::Acquired
+    );
+    assert_eq!(
+        store.try_lock(name, "s2").await.expect("lock"),
+        LockOutcome::Held {
+            holder: "s1".into()
+        }
+    );
+    // A restarted bot (a new pool) still sees the lock.
+    store.close().await;
+    let store = db.store().await;
+    assert_eq!(
+        store.lock_holder(name).await.expect("holder").as_deref(),
+        Some("s1")
+    );
+    assert!(
+        !store.unlock(name, "s2").await.expect("unlock"),
+        "only the holder unlocks"
+    );
+    assert!(store.unlock(name, "s1").await.expect("unlock"));
+    assert_eq!(
+        store.try_lock(name, "s2").await.expect("lock"),
+        LockOutcome::Acquired
+    );
+
+    // Many contenders, one winner.
+    let mut handles = Vec::new();
+    for i in 0..12 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            store.try_lock("contended", &format!("h{i}")).await
+        }));
+    }
+    let mut holders = HashSet::new();
+    let mut acquired = 0;
+    for h in handles {
+        match h.await.expect("join").expect("lock") {
+            LockOutcome::Acquired => acquired += 1,
+            LockOutcome::Held { holder } => {
+                holders.insert(holder);
+            }
+        }
+    }
+    assert_eq!(acquired, 1);
+    assert!(holders.len() <= 1);
+}
+
+async fn containers_and_their_users(db: &TestDatabase) {
+    let store = db.store().await;
+    let id = "4f3c2b1a0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e1d0c9b8a7f6e5d4c3b";
+    store
+        .record_container(id, "vm1", "/home/claude/repos/x")
+        .await
+        .expect("record");
+    assert_eq!(store.live_containers().await.expect("list").len(), 1);
+    let a = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    let b = store
+        .create_session(&new_session("t2"))
+        .await
+        .expect("create");
+    store
+        .set_session_container(&a.id, Some(id), None)
+        .await
+        .expect("set");
+    store
+        .set_session_container(&b.id, Some(id), None)
+        .await
+        .expect("set");
+    assert_eq!(store.container_users(id, None).await.expect("count"), 2);
+    assert_eq!(
+        store.container_users(id, Some(&a.id)).await.expect("count"),
+        1
+    );
+    store
+        .end_session(&b.id, EndReason::AgentExited, None)
+        .await
+        .expect("end");
+    assert_eq!(
+        store.container_users(id, Some(&a.id)).await.expect("count"),
+        0
+    );
+    assert!(store.mark_container_removed(id).await.expect("removed"));
+    assert!(!store
+        .mark_container_removed(id)
+        .await
+        .expect("removed twice"));
+    assert!(store.live_containers().await.expect("list").is_empty());
+    store
+        .record_container(id, "vm1", "/home/claude/repos/x")
+        .await
+        .expect("record again");
+    assert_eq!(
+        store.live_containers().await.expect("list")[0].removed_at,
+        None
+    );
+}
+
+async fn unknown_stored_values_are_errors_not_panics(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("t1"))
+        .await
+        .expect("create");
+    db.execute_raw(&format!(
+        "UPDATE sessions SET state = 'ended', end_reason = 'exploded' WHERE id = '{}'",
+        s.id
+    ))
+    .await;
+    let err = store.session(&s.id).await.expect_err("unknown end reason");
+    assert!(
+        matches!(err, StoreError::Corrupt { column: "end_reason", ref value, .. } if value == "exploded"),
+        "{err}"
+    );
+    db.execute_raw(&format!(
+        "UPDATE sessions SET platform = 'irc' WHERE id = '{}'",
+        s.id
+    ))
+    .await;
+    assert!(matches!(store.active_sessions().await, Ok(v) if v.is_empty()));
+    assert!(matches!(
+        store.unended_sessions().await,
+        Ok(v) if v.is_empty()
+    ));
+    assert!(store.session(&s.id).await.is_err());
+}
