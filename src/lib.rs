@@ -18,6 +18,9 @@
 //!
 //! ## Layout
 //!
+//! - [`command`]: the in-chat command grammar (`start org/repo`, `stop`, …) as typed commands.
+//! - [`agent`]: what the agent prints: the control-marker scanner.
+//! - [`firewall`]: domain validation before anything reaches OPNsense.
 //! - [`config`]: one validated [`config::Settings`] from `SM_*` variables and flags (clap).
 //! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
 //! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
@@ -31,7 +34,10 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
+pub mod command;
 pub mod config;
+pub mod firewall;
 pub mod health;
 pub mod http;
 pub mod store;
