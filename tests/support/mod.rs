@@ -6,6 +6,8 @@
 //! dropped.
 #![allow(dead_code)]
 
+pub mod mattermost;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 

@@ -1,0 +1,1 @@
+//! A faithful fake Mattermost server for tests (being written).
