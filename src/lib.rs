@@ -18,6 +18,8 @@
 //!
 //! ## Layout
 //!
+//! - [`chat`]: the platform-neutral chat interface, the Mattermost adapter and output
+//!   rendering.
 //! - [`command`]: the in-chat command grammar (`start org/repo`, `stop`, …) as typed commands.
 //! - [`agent`]: what the agent prints: the control-marker scanner.
 //! - [`firewall`]: domain validation before anything reaches OPNsense.
@@ -35,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod chat;
 pub mod command;
 pub mod config;
 pub mod firewall;
