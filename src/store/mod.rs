@@ -830,6 +830,72 @@ impl Store {
         )
     }
 
+    // ----- inbound posts ------------------------------------------------------------------
+
+    /// Takes an inbound chat post for handling. Returns `true` exactly once per
+    /// `(platform, post_id)`, however many times and from however many places (live event,
+    /// replay, catch-up) it arrives.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn claim_inbound_post(
+        &self,
+        platform: Platform,
+        post_id: &str,
+        channel_id: &str,
+        create_at: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO inbound_posts (platform, post_id, channel_id, create_at, received_at)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(<&str>::from(platform))
+        .bind(post_id)
+        .bind(channel_id)
+        .bind(create_at)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The creation time (Unix ms) of the newest post taken in a channel, where a catch-up
+    /// resumes.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn inbound_cursor(
+        &self,
+        platform: Platform,
+        channel_id: &str,
+    ) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT MAX(create_at) FROM inbound_posts WHERE platform = $1 AND channel_id = $2",
+        )
+        .bind(<&str>::from(platform))
+        .bind(channel_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Forgets posts received before `before` (Unix ms), keeping the newest of each channel
+    /// so its catch-up cursor stays. Returns how many were forgotten.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn prune_inbound_posts(&self, before: i64) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM inbound_posts AS p
+             WHERE p.received_at < $1
+               AND p.create_at < (SELECT MAX(q.create_at) FROM inbound_posts AS q
+                                  WHERE q.platform = p.platform AND q.channel_id = p.channel_id)",
+        )
+        .bind(before)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     // ----- containers ---------------------------------------------------------------------
 
     /// Records a container the bot started (again, if it was marked removed).

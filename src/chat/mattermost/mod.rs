@@ -4,6 +4,8 @@
 //! - [`model`]: the JSON objects (Post, PostList, Channel, User, sidebar categories, WebSocket
 //!   frames).
 //! - [`rest`]: the REST client with typed errors and retries.
+//! - [`websocket`]: the event listener with resume and reconnect.
 
 pub mod model;
 pub mod rest;
+pub mod websocket;
