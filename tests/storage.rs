@@ -306,7 +306,11 @@ async fn children_of_an_orchestrator(db: &TestDatabase) {
     assert_eq!(children.len(), 2);
     let mut kinds: Vec<&'static str> = children.iter().map(|c| c.kind.into()).collect();
     kinds.sort_unstable();
-    assert_eq!(kinds, vec!["reviewer", "worker"], "both children, whatever their order within a millisecond");
+    assert_eq!(
+        kinds,
+        vec!["reviewer", "worker"],
+        "both children, whatever their order within a millisecond"
+    );
     assert!(children
         .iter()
         .all(|c| c.parent_id.as_deref() == Some(parent.id.as_str())));
