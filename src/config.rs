@@ -245,6 +245,16 @@ pub struct SettingsArgs {
         value_name = "MENTION"
     )]
     pub bot_trigger: Option<String>,
+    /// Users allowed to start, stop and drive sessions: comma-separated user ids or usernames
+    /// (a JSON array is accepted too). Empty means any member of a channel the bot serves.
+    #[arg(
+        long,
+        env = "SM_ALLOWED_USERS",
+        global = true,
+        default_value = "",
+        value_name = "LIST"
+    )]
+    pub allowed_users: Option<String>,
     /// Users allowed to approve network requests: comma-separated user ids or usernames
     /// (a JSON array is accepted too). Empty means any member of the channel.
     #[arg(
@@ -508,6 +518,9 @@ pub struct ChatSettings {
     /// Approvers as written (user ids or usernames); resolved to ids at start. Empty = any
     /// channel member.
     pub allowed_approvers: Vec<String>,
+    /// Users who may start, stop and drive sessions, as written; resolved to ids at start.
+    /// Empty = any member of a channel the bot serves.
+    pub allowed_users: Vec<String>,
 }
 
 /// `SM_OPNSENSE_*`.
@@ -899,14 +912,23 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             Some(a.allowed_approvers.as_deref().unwrap_or_default()),
             list,
         );
-        match (category, trigger, approvers) {
-            (Some(channel_category), Some(bot_trigger), Some(allowed_approvers)) => {
-                Some(ChatSettings {
-                    channel_category,
-                    bot_trigger,
-                    allowed_approvers,
-                })
-            }
+        let users = p.check(
+            "SM_ALLOWED_USERS",
+            Some(a.allowed_users.as_deref().unwrap_or_default()),
+            list,
+        );
+        match (category, trigger, approvers, users) {
+            (
+                Some(channel_category),
+                Some(bot_trigger),
+                Some(allowed_approvers),
+                Some(allowed_users),
+            ) => Some(ChatSettings {
+                channel_category,
+                bot_trigger,
+                allowed_approvers,
+                allowed_users,
+            }),
             _ => None,
         }
     };
@@ -1570,9 +1592,14 @@ mod tests {
     fn lists_accept_commas_and_json_arrays() {
         let mut pairs = complete();
         pairs.push(("allowed-approvers", " alice, ,bob "));
+        pairs.push(("allowed-users", "carol,4xk8d1a9wjf3ub7mq2zc6nhe5r"));
         pairs.push(("trusted-proxies", "10.0.0.0/8, 192.168.1.1"));
         let s = args(&pairs).expect("valid");
         assert_eq!(s.chat.allowed_approvers, vec!["alice", "bob"]);
+        assert_eq!(
+            s.chat.allowed_users,
+            vec!["carol", "4xk8d1a9wjf3ub7mq2zc6nhe5r"]
+        );
         assert_eq!(s.http.trusted_proxies.len(), 2);
         assert!(s.http.trusted_proxies[1].contains(&"192.168.1.1".parse::<IpAddr>().expect("ip")));
         let mut pairs = complete();

@@ -23,6 +23,8 @@
 //! - [`command`]: the in-chat command grammar (`start org/repo`, `stop`, …) as typed commands.
 //! - [`agent`]: what the agent prints: the control-marker scanner.
 //! - [`firewall`]: domain validation before anything reaches OPNsense.
+//! - [`dispatch`]: routing of chat messages to commands and sessions, one ordered worker per
+//!   thread.
 //! - [`config`]: one validated [`config::Settings`] from `SM_*` variables and flags (clap).
 //! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
 //! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
@@ -40,6 +42,7 @@ pub mod agent;
 pub mod chat;
 pub mod command;
 pub mod config;
+pub mod dispatch;
 pub mod firewall;
 pub mod health;
 pub mod http;

@@ -51,6 +51,7 @@ on_both_backends!(
 
 fn new_session(thread: &str) -> NewSession {
     NewSession {
+        id: new_session_id(),
         platform: Platform::Mattermost,
         channel_id: "channel0000000000000000001".into(),
         thread_id: thread.into(),

@@ -81,6 +81,8 @@ pub struct ChatUser {
 /// A channel that serves one repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelRef {
+    /// Team (Mattermost team id, Teams team id) the channel belongs to.
+    pub team_id: String,
     /// Channel id.
     pub channel_id: String,
     /// Channel name (URL slug).

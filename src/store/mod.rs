@@ -132,12 +132,12 @@ impl Store {
 
     // ----- sessions -----------------------------------------------------------------------
 
-    /// Creates a session in state `starting` with a new UUID.
+    /// Creates a session in state `starting`.
     ///
     /// # Errors
-    /// [`StoreError::Conflict`] when the thread already anchors a session.
+    /// [`StoreError::Conflict`] when the thread already anchors a session or the id is taken.
     pub async fn create_session(&self, new: &NewSession) -> StoreResult<Session> {
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = &new.id;
         let now = now_ms();
         let row = sqlx::query_as::<_, SessionRow>(
             "INSERT INTO sessions (id, platform, channel_id, thread_id, kind, parent_id, state,
@@ -147,7 +147,7 @@ impl Store {
              ON CONFLICT DO NOTHING
              RETURNING *",
         )
-        .bind(&id)
+        .bind(id)
         .bind(<&str>::from(new.platform))
         .bind(&new.channel_id)
         .bind(&new.thread_id)

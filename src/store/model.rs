@@ -209,9 +209,17 @@ impl Session {
     }
 }
 
+/// A new session id: a lowercase UUID v4.
+pub fn new_session_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// What is needed to create a session row (it starts in [`SessionState::Starting`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewSession {
+    /// Id, from [`new_session_id`] (chosen by the caller so names derived from it, such as an
+    /// automatic worktree name, can be fixed before the row exists).
+    pub id: String,
     /// Chat platform.
     pub platform: Platform,
     /// Channel.

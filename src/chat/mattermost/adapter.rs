@@ -28,7 +28,7 @@ use crate::chat::{
     ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
 use crate::health::{ComponentStatus, HealthRegistry};
-use crate::store::{now_ms, Platform, ProjectChannel, Store};
+use crate::store::{now_ms, Platform, Store};
 
 /// Posts created this long before a channel's cursor are fetched again on catch-up (and
 /// de-duplicated), to cover clock skew and posts sharing a millisecond.
@@ -326,6 +326,7 @@ impl MattermostAdapter {
             {
                 if channel.id == known.channel_id && channel.delete_at == 0 {
                     return Ok(ChannelRef {
+                        team_id: self.config.team_id.clone(),
                         channel_id: channel.id,
                         name: channel.name,
                         created: false,
@@ -340,6 +341,7 @@ impl MattermostAdapter {
             .await?
         {
             return Ok(ChannelRef {
+                team_id: self.config.team_id.clone(),
                 channel_id: channel.id,
                 name: channel.name,
                 created: false,
@@ -351,6 +353,7 @@ impl MattermostAdapter {
             .await
         {
             Ok(channel) => Ok(ChannelRef {
+                team_id: self.config.team_id.clone(),
                 channel_id: channel.id,
                 name: channel.name,
                 created: true,
@@ -369,6 +372,7 @@ impl MattermostAdapter {
                         ChatError::Decode(format!("channel {name} exists but cannot be found"))
                     })?;
                 Ok(ChannelRef {
+                    team_id: self.config.team_id.clone(),
                     channel_id: channel.id,
                     name: channel.name,
                     created: false,
@@ -474,17 +478,6 @@ impl ChatOutbound for MattermostAdapter {
             self.client
                 .add_channel_member(&channel.channel_id, member)
                 .await?;
-        }
-        let record = ProjectChannel {
-            platform: Platform::Mattermost,
-            repo_slug: repo_slug.to_owned(),
-            team_id: self.config.team_id.clone(),
-            channel_id: channel.channel_id.clone(),
-            channel_name: channel.name.clone(),
-            created_at: now_ms(),
-        };
-        if let Err(e) = self.store.upsert_project_channel(&record).await {
-            warn!(error = %e, repo = repo_slug, "cannot record the project channel");
         }
         for user in std::iter::once(self.bot.id.as_str()).chain(members.iter().copied()) {
             if let Err(e) = self.file_under_category(user, &channel.channel_id).await {

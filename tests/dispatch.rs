@@ -1,0 +1,698 @@
+//! Routing and in-chat commands, with a recording chat platform and session runtime over
+//! real storage.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use session_manager::chat::{
+    ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
+};
+use session_manager::dispatch::{
+    Access, Delivery, DispatchConfig, Dispatcher, SessionControl, SessionError,
+};
+use session_manager::store::{EndReason, Platform, Session, SessionKind, SessionState, Store};
+use support::TestDatabase;
+use tokio_util::sync::CancellationToken;
+
+const ALICE: &str = "alice0000000000000000000001";
+const BOB: &str = "bob00000000000000000000002";
+const GENERAL: &str = "general0000000000000000003";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Posted {
+    channel: String,
+    root: Option<String>,
+    text: String,
+    id: String,
+}
+
+#[derive(Default)]
+struct RecordingChat {
+    posts: Mutex<Vec<Posted>>,
+    channels: Mutex<HashMap<String, String>>, // repo slug -> channel id
+    members: Mutex<Vec<(String, String)>>,
+    follows: Mutex<Vec<(String, String)>>,
+}
+
+impl RecordingChat {
+    fn posts(&self) -> Vec<Posted> {
+        self.posts.lock().expect("lock").clone()
+    }
+    fn replies_to(&self, root: &str) -> Vec<String> {
+        self.posts()
+            .into_iter()
+            .filter(|p| p.root.as_deref() == Some(root))
+            .map(|p| p.text)
+            .collect()
+    }
+}
+
+#[async_trait]
+impl ChatOutbound for RecordingChat {
+    fn platform(&self) -> Platform {
+        Platform::Mattermost
+    }
+    fn bot_user_id(&self) -> &str {
+        "bot00000000000000000000000"
+    }
+    async fn post(
+        &self,
+        channel_id: &str,
+        root_id: Option<&str>,
+        text: &str,
+    ) -> Result<PostRef, ChatError> {
+        let mut posts = self.posts.lock().expect("lock");
+        let id = format!("post{:022}", posts.len());
+        posts.push(Posted {
+            channel: channel_id.into(),
+            root: root_id.map(str::to_owned),
+            text: text.into(),
+            id: id.clone(),
+        });
+        Ok(PostRef {
+            channel_id: channel_id.into(),
+            post_id: id,
+            root_id: root_id.map(str::to_owned),
+        })
+    }
+    async fn update(&self, _post: &PostRef, _text: &str) -> Result<(), ChatError> {
+        Ok(())
+    }
+    async fn typing(&self, _channel_id: &str, _root_id: Option<&str>) -> Result<(), ChatError> {
+        Ok(())
+    }
+    async fn ensure_project_channel(
+        &self,
+        repo_slug: &str,
+        members: &[&str],
+    ) -> Result<ChannelRef, ChatError> {
+        let mut channels = self.channels.lock().expect("lock");
+        let n = channels.len();
+        let created = !channels.contains_key(repo_slug);
+        let id = channels
+            .entry(repo_slug.to_owned())
+            .or_insert_with(|| format!("chan{n:022}"))
+            .clone();
+        for m in members {
+            self.members
+                .lock()
+                .expect("lock")
+                .push((id.clone(), (*m).to_owned()));
+        }
+        Ok(ChannelRef {
+            team_id: "team0000000000000000000000".into(),
+            channel_id: id,
+            name: repo_slug.replace('/', "-"),
+            created,
+        })
+    }
+    async fn follow_thread(&self, user_id: &str, root: &PostRef) -> Result<(), ChatError> {
+        self.follows
+            .lock()
+            .expect("lock")
+            .push((user_id.into(), root.post_id.clone()));
+        Ok(())
+    }
+    async fn resolve_user(&self, id_or_username: &str) -> Result<ChatUser, ChatError> {
+        Ok(ChatUser {
+            id: id_or_username.into(),
+            username: id_or_username.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Call {
+    Start(String),
+    Send(String, String),
+    Stop(String, String),
+    Compact(String),
+    Clear(String),
+    Restart(String),
+}
+
+/// Records calls; `start` moves the row to running like a real runtime would.
+struct RecordingSessions {
+    store: Store,
+    calls: Mutex<Vec<Call>>,
+    queue_next: Mutex<bool>,
+    jitter: bool,
+}
+
+impl RecordingSessions {
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("lock").clone()
+    }
+}
+
+#[async_trait]
+impl SessionControl for RecordingSessions {
+    async fn start(&self, session: Session, _progress: PostRef) -> Result<(), SessionError> {
+        self.store
+            .set_session_state(&session.id, SessionState::Idle)
+            .await
+            .map_err(|e| SessionError::Failed(e.to_string()))?;
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Start(session.id));
+        Ok(())
+    }
+    async fn send(
+        &self,
+        session: &Session,
+        message: &InboundMessage,
+    ) -> Result<Delivery, SessionError> {
+        if self.jitter {
+            let pause = u64::from(message.post_id.bytes().map(u32::from).sum::<u32>() % 3);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Send(session.id.clone(), message.text.clone()));
+        if std::mem::take(&mut *self.queue_next.lock().expect("lock")) {
+            return Ok(Delivery::Queued { position: 2 });
+        }
+        Ok(Delivery::Delivered)
+    }
+    async fn stop(&self, session: &Session, requested_by: &str) -> Result<(), SessionError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Stop(session.id.clone(), requested_by.into()));
+        Ok(())
+    }
+    async fn compact(&self, session: &Session) -> Result<(), SessionError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Compact(session.id.clone()));
+        Ok(())
+    }
+    async fn clear(&self, session: &Session) -> Result<(), SessionError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Clear(session.id.clone()));
+        Ok(())
+    }
+    async fn restart(&self, session: &Session) -> Result<(), SessionError> {
+        self.calls
+            .lock()
+            .expect("lock")
+            .push(Call::Restart(session.id.clone()));
+        Ok(())
+    }
+}
+
+struct World {
+    _db: TestDatabase,
+    store: Store,
+    chat: Arc<RecordingChat>,
+    sessions: Arc<RecordingSessions>,
+    dispatcher: Dispatcher,
+    next_post: Mutex<u32>,
+}
+
+async fn world(access: Access, jitter: bool) -> World {
+    let db = TestDatabase::sqlite();
+    let store = db.store().await;
+    let chat = Arc::new(RecordingChat::default());
+    let sessions = Arc::new(RecordingSessions {
+        store: store.clone(),
+        calls: Mutex::new(Vec::new()),
+        queue_next: Mutex::new(false),
+        jitter,
+    });
+    let dispatcher = Dispatcher::new(
+        chat.clone(),
+        store.clone(),
+        sessions.clone(),
+        DispatchConfig {
+            trigger: "@claude".into(),
+            default_org: Some("acme".into()),
+            repo_host: "github.com".into(),
+            access,
+        },
+    );
+    World {
+        _db: db,
+        store,
+        chat,
+        sessions,
+        dispatcher,
+        next_post: Mutex::new(0),
+    }
+}
+
+impl World {
+    fn message(&self, user: &str, channel: &str, root: Option<&str>, text: &str) -> InboundMessage {
+        let mut n = self.next_post.lock().expect("lock");
+        *n += 1;
+        InboundMessage {
+            platform: Platform::Mattermost,
+            channel_id: channel.into(),
+            post_id: format!("in{:024}", *n),
+            root_id: root.map(str::to_owned),
+            user_id: user.into(),
+            user_name: Some(if user == ALICE {
+                "alice".into()
+            } else {
+                "bob".into()
+            }),
+            text: text.into(),
+            created_at: 0,
+        }
+    }
+
+    async fn say(
+        &self,
+        user: &str,
+        channel: &str,
+        root: Option<&str>,
+        text: &str,
+    ) -> InboundMessage {
+        let m = self.message(user, channel, root, text);
+        self.dispatcher.handle(m.clone()).await;
+        m
+    }
+
+    /// Starts a session from the general channel and returns it.
+    async fn start(&self, text: &str) -> Session {
+        let before: HashSet<String> = self
+            .store
+            .active_sessions()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        self.say(ALICE, GENERAL, None, text).await;
+        let after = self.store.active_sessions().await.expect("list");
+        after
+            .into_iter()
+            .find(|s| !before.contains(&s.id))
+            .unwrap_or_else(|| panic!("{text} started nothing; posts: {:?}", self.chat.posts()))
+    }
+}
+
+#[tokio::test]
+async fn start_opens_a_channel_thread_and_session() {
+    let w = world(Access::Everyone, false).await;
+    let trigger = w
+        .say(
+            ALICE,
+            GENERAL,
+            None,
+            "@claude start acme/widgets@main --worktree",
+        )
+        .await;
+    let sessions = w.store.active_sessions().await.expect("list");
+    assert_eq!(sessions.len(), 1);
+    let s = &sessions[0];
+    assert_eq!(
+        (
+            s.repo_org.as_str(),
+            s.repo_name.as_str(),
+            s.branch.as_deref()
+        ),
+        ("acme", "widgets", Some("main"))
+    );
+    assert_eq!(s.kind, SessionKind::Standard);
+    assert_eq!(s.started_by, ALICE);
+    assert_eq!(s.repo_host, "github.com");
+    assert_eq!(
+        s.worktree.as_deref(),
+        Some(format!("widgets-{}", &s.id[..8]).as_str()),
+        "automatic worktree name"
+    );
+    let channel = w.chat.channels.lock().expect("lock")["acme/widgets"].clone();
+    assert_eq!(s.channel_id, channel);
+    let project = w
+        .store
+        .project_channel(Platform::Mattermost, "acme/widgets")
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(
+        (project.channel_id.as_str(), project.channel_name.as_str()),
+        (channel.as_str(), "acme-widgets")
+    );
+    assert!(w
+        .chat
+        .members
+        .lock()
+        .expect("lock")
+        .contains(&(channel.clone(), ALICE.to_owned())));
+    let root = w
+        .chat
+        .posts()
+        .into_iter()
+        .find(|p| p.id == s.thread_id)
+        .expect("root post");
+    assert_eq!(root.channel, channel);
+    assert_eq!(root.root, None, "the anchor is a root post");
+    assert!(
+        root.text.contains("acme/widgets@main") && root.text.contains("@alice"),
+        "{}",
+        root.text
+    );
+    assert_eq!(
+        w.chat.follows.lock().expect("lock").as_slice(),
+        &[(ALICE.to_owned(), s.thread_id.clone())]
+    );
+    assert!(
+        w.chat
+            .replies_to(&s.thread_id)
+            .iter()
+            .any(|t| t.contains("Starting")),
+        "progress posted in the thread"
+    );
+    assert_eq!(w.sessions.calls(), vec![Call::Start(s.id.clone())]);
+    let told = w.chat.replies_to(&trigger.post_id);
+    assert!(
+        told.iter()
+            .any(|t| t.contains(&s.id[..8]) && t.contains("acme-widgets")),
+        "{told:?}"
+    );
+
+    // The default organisation and named worktrees.
+    let s2 = w.start("@claude start widgets --worktree=feature-x").await;
+    assert_eq!(
+        (s2.repo_org.as_str(), s2.worktree.as_deref()),
+        ("acme", Some("feature-x"))
+    );
+    assert_eq!(s2.channel_id, channel, "the project channel is reused");
+    let orch = w.start("@claude orchestrate acme/widgets").await;
+    assert_eq!(orch.kind, SessionKind::Orchestrator);
+}
+
+#[tokio::test]
+async fn thread_replies_reach_the_right_session_among_several() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let b = w.start("@claude start acme/widgets --worktree").await;
+    let c = w.start("@claude start acme/gadgets").await;
+    for (session, text) in [(&b, "to b"), (&a, "to a"), (&c, "to c"), (&a, "to a again")] {
+        w.say(BOB, &session.channel_id, Some(&session.thread_id), text)
+            .await;
+    }
+    let sends: Vec<Call> = w
+        .sessions
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::Send(..)))
+        .collect();
+    assert_eq!(
+        sends,
+        vec![
+            Call::Send(b.id.clone(), "to b".into()),
+            Call::Send(a.id.clone(), "to a".into()),
+            Call::Send(c.id.clone(), "to c".into()),
+            Call::Send(a.id.clone(), "to a again".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn top_level_messages_follow_the_channel_rules() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let channel = a.channel_id.clone();
+
+    // One active non-worker session: it gets the message.
+    w.say(BOB, &channel, None, "hello there").await;
+    assert_eq!(
+        w.sessions.calls().last(),
+        Some(&Call::Send(a.id.clone(), "hello there".into()))
+    );
+
+    // A second one: the user is asked to pick a thread, nothing is forwarded.
+    let b = w.start("@claude start acme/widgets --worktree").await;
+    let sends_before = w.sessions.calls().len();
+    let m = w.say(BOB, &channel, None, "which one?").await;
+    assert_eq!(w.sessions.calls().len(), sends_before);
+    let reply = w.chat.replies_to(&m.post_id).join("\n");
+    assert!(
+        reply.contains("Several sessions")
+            && reply.contains(&a.id[..8])
+            && reply.contains(&b.id[..8]),
+        "{reply}"
+    );
+
+    // None: how to start one.
+    for s in [&a, &b] {
+        w.store
+            .end_session(&s.id, EndReason::UserRequested, None)
+            .await
+            .expect("end");
+    }
+    let m = w.say(BOB, &channel, None, "anyone?").await;
+    let reply = w.chat.replies_to(&m.post_id).join("\n");
+    assert!(reply.contains("@claude start acme/widgets"), "{reply}");
+    assert_eq!(w.sessions.calls().len(), sends_before);
+}
+
+#[tokio::test]
+async fn messages_outside_served_channels_and_threads_are_ignored() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let posts_before = w.chat.posts().len();
+    let calls_before = w.sessions.calls().len();
+    w.say(BOB, GENERAL, None, "just chatting about claude")
+        .await;
+    w.say(BOB, "elsewhere00000000000000000", None, "hello")
+        .await;
+    w.say(
+        BOB,
+        &a.channel_id,
+        Some("someotherthread00000000000"),
+        "side conversation",
+    )
+    .await;
+    w.say(BOB, GENERAL, Some("someotherthread00000000000"), "!status")
+        .await; // ! only counts in session threads
+    assert_eq!(w.chat.posts().len(), posts_before, "the bot said nothing");
+    assert_eq!(w.sessions.calls().len(), calls_before, "nothing forwarded");
+}
+
+#[tokio::test]
+async fn commands_are_handled_before_anything_is_forwarded() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let t = Some(a.thread_id.as_str());
+    w.say(BOB, &a.channel_id, t, "!compact").await;
+    w.say(BOB, &a.channel_id, t, "@claude clear").await;
+    w.say(BOB, &a.channel_id, t, "!restart").await;
+    let m = w.say(BOB, &a.channel_id, t, "!context").await;
+    assert!(
+        w.chat
+            .replies_to(&a.thread_id)
+            .iter()
+            .any(|r| r.contains("messages:") && r.contains("cost:")),
+        "context answered"
+    );
+    let _ = m;
+    w.say(BOB, &a.channel_id, t, "!stop").await;
+    let calls: Vec<Call> = w.sessions.calls().into_iter().skip(1).collect();
+    assert_eq!(
+        calls,
+        vec![
+            Call::Compact(a.id.clone()),
+            Call::Clear(a.id.clone()),
+            Call::Restart(a.id.clone()),
+            Call::Stop(a.id.clone(), BOB.into()),
+        ],
+        "no command text reached the agent"
+    );
+
+    let status = w.say(BOB, GENERAL, None, "@claude status").await;
+    let reply = w.chat.replies_to(&status.post_id).join("\n");
+    assert!(
+        reply.contains(&a.id[..8]) && reply.contains("acme/widgets") && reply.contains("messages"),
+        "{reply}"
+    );
+    let help = w.say(BOB, GENERAL, None, "@claude help").await;
+    assert!(w
+        .chat
+        .replies_to(&help.post_id)
+        .join("\n")
+        .contains("start"));
+}
+
+#[tokio::test]
+async fn malformed_commands_get_a_specific_reply_and_nothing_else() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let calls_before = w.sessions.calls().len();
+    for (text, expected) in [
+        ("@claude start acme/../etc", "`../etc`"),
+        ("@claude frobnicate", "frobnicate"),
+        ("@claude compact", "thread"),
+        ("@claude stop", "stop"),
+    ] {
+        let m = w.say(BOB, GENERAL, None, text).await;
+        let reply = w.chat.replies_to(&m.post_id).join("\n");
+        assert!(reply.contains(expected), "{text}: {reply}");
+    }
+    let m = w
+        .say(BOB, &a.channel_id, Some(&a.thread_id), "!stop now please")
+        .await;
+    assert!(!w.chat.replies_to(&a.thread_id).is_empty());
+    let _ = m;
+    assert_eq!(
+        w.sessions.calls().len(),
+        calls_before,
+        "nothing forwarded or started"
+    );
+}
+
+#[tokio::test]
+async fn only_allowed_users_may_start_stop_and_drive_sessions() {
+    let w = world(Access::Only(HashSet::from([ALICE.to_owned()])), false).await;
+    let refused = w
+        .say(BOB, GENERAL, None, "@claude start acme/widgets")
+        .await;
+    assert!(w.store.active_sessions().await.expect("list").is_empty());
+    assert!(w
+        .chat
+        .replies_to(&refused.post_id)
+        .join("")
+        .contains("not on the list"));
+    assert!(
+        w.chat.channels.lock().expect("lock").is_empty(),
+        "no channel created for a refused start"
+    );
+
+    let a = w.start("@claude start acme/widgets").await;
+    let calls_before = w.sessions.calls().len();
+    w.say(BOB, &a.channel_id, Some(&a.thread_id), "do something")
+        .await;
+    w.say(BOB, &a.channel_id, Some(&a.thread_id), "!stop").await;
+    assert_eq!(
+        w.sessions.calls().len(),
+        calls_before,
+        "bob cannot drive or stop it"
+    );
+    let refusals = w
+        .chat
+        .replies_to(&a.thread_id)
+        .iter()
+        .filter(|r| r.contains("not on the list"))
+        .count();
+    assert_eq!(
+        refusals, 2,
+        "each refusal is said, nothing silently dropped"
+    );
+    // Anyone may ask for help and status.
+    let status = w.say(BOB, GENERAL, None, "@claude status").await;
+    assert!(w
+        .chat
+        .replies_to(&status.post_id)
+        .join("")
+        .contains(&a.id[..8]));
+    w.say(ALICE, &a.channel_id, Some(&a.thread_id), "go").await;
+    assert_eq!(
+        w.sessions.calls().last(),
+        Some(&Call::Send(a.id.clone(), "go".into()))
+    );
+}
+
+#[tokio::test]
+async fn ended_sessions_and_queued_turns_are_explained() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    *w.sessions.queue_next.lock().expect("lock") = true;
+    let m = w.say(BOB, &a.channel_id, Some(&a.thread_id), "first").await;
+    assert!(
+        w.chat
+            .replies_to(&a.thread_id)
+            .iter()
+            .any(|r| r.contains("queued")),
+        "queueing is said"
+    );
+    let _ = m;
+    w.store
+        .end_session(&a.id, EndReason::AgentExited, None)
+        .await
+        .expect("end");
+    let calls_before = w.sessions.calls().len();
+    w.say(BOB, &a.channel_id, Some(&a.thread_id), "hello?")
+        .await;
+    assert_eq!(w.sessions.calls().len(), calls_before);
+    assert!(w
+        .chat
+        .replies_to(&a.thread_id)
+        .iter()
+        .any(|r| r.contains("ended") && r.contains("agent_exited")));
+}
+
+#[tokio::test]
+async fn stop_by_id_prefix() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    let b = w.start("@claude start acme/gadgets").await;
+    let m = w
+        .say(
+            ALICE,
+            GENERAL,
+            None,
+            &format!("@claude stop {}", &b.id[..8]),
+        )
+        .await;
+    assert_eq!(
+        w.sessions.calls().last(),
+        Some(&Call::Stop(b.id.clone(), ALICE.into()))
+    );
+    assert!(w.chat.replies_to(&m.post_id).join("").contains("Stopping"));
+    let m = w.say(ALICE, GENERAL, None, "@claude stop ffff0000").await;
+    assert!(w
+        .chat
+        .replies_to(&m.post_id)
+        .join("")
+        .contains("No active session"));
+    let _ = a;
+}
+
+#[tokio::test]
+async fn each_thread_keeps_its_order_under_load() {
+    let w = world(Access::Everyone, true).await;
+    let mut threads = Vec::new();
+    for repo in ["a1", "a2", "a3", "a4", "a5"] {
+        threads.push(w.start(&format!("@claude start acme/{repo}")).await);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let cancel = CancellationToken::new();
+    let runner = tokio::spawn(w.dispatcher.clone().run(rx, cancel.clone()));
+    for i in 0..300 {
+        let s = &threads[i % threads.len()];
+        let m = w.message(BOB, &s.channel_id, Some(&s.thread_id), &format!("{i}"));
+        tx.send(ChatEvent::Message(m)).await.expect("send");
+    }
+    drop(tx);
+    runner.await.expect("dispatcher");
+    let mut per_session: HashMap<String, Vec<usize>> = HashMap::new();
+    for call in w.sessions.calls() {
+        if let Call::Send(id, text) = call {
+            per_session
+                .entry(id)
+                .or_default()
+                .push(text.parse().expect("number"));
+        }
+    }
+    assert_eq!(
+        per_session.values().map(Vec::len).sum::<usize>(),
+        300,
+        "nothing lost"
+    );
+    for (i, s) in threads.iter().enumerate() {
+        let got = &per_session[&s.id];
+        let want: Vec<usize> = (0..300).filter(|n| n % threads.len() == i).collect();
+        assert_eq!(got, &want, "thread {i} in order");
+    }
+}
