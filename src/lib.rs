@@ -60,7 +60,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
+use crate::chat::mattermost::rest::RetryPolicy;
+use crate::chat::mattermost::websocket::WsSettings;
+use crate::chat::ChatOutbound;
 use crate::config::Settings;
+use crate::dispatch::{Access, DispatchConfig, Dispatcher, NoSessionRuntime};
 use crate::health::{Endpoint, HealthRegistry};
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
@@ -159,6 +164,13 @@ pub async fn serve(
         });
     }
 
+    tasks.spawn(run_chat(
+        settings.clone(),
+        store.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+
     let app = http::router(AppState {
         store: store.clone(),
         health,
@@ -185,13 +197,91 @@ pub async fn serve(
     server.context("HTTP server failed")
 }
 
+/// Connects to Mattermost (retrying with backoff while it is unreachable, so the rest of the
+/// bot keeps serving), resolves `SM_ALLOWED_USERS`, then runs adapter and dispatcher until
+/// `cancel` fires.
+async fn run_chat(
+    settings: Settings,
+    store: Store,
+    health: HealthRegistry,
+    cancel: CancellationToken,
+) {
+    let config = MattermostConfig {
+        url: settings.mattermost.url.clone(),
+        token: settings.mattermost.token.clone(),
+        team_id: settings.mattermost.team_id.clone(),
+        channel_category: settings.chat.channel_category.clone(),
+        request_timeout: Duration::from_secs(30),
+        retry: RetryPolicy::default(),
+        websocket: WsSettings::default(),
+    };
+    health.register("mattermost");
+    let mut delay = Duration::from_secs(1);
+    let adapter = loop {
+        match MattermostAdapter::connect(config.clone(), store.clone()).await {
+            Ok(adapter) => break Arc::new(adapter),
+            Err(e) => {
+                health.report(
+                    "mattermost",
+                    health::ComponentStatus::Down,
+                    Some(e.to_string()),
+                );
+                warn!(error = %e, retry_in = ?delay, "cannot connect to Mattermost");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    };
+    let access = resolve_access(adapter.as_ref(), &settings.chat.allowed_users).await;
+    let dispatcher = Dispatcher::new(
+        adapter.clone(),
+        store,
+        Arc::new(NoSessionRuntime),
+        DispatchConfig {
+            trigger: settings.chat.bot_trigger.clone(),
+            default_org: settings.repos.default_org.clone(),
+            repo_host: "github.com".into(),
+            access,
+        },
+    );
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
+    let listening = tokio::spawn(adapter.run(events_tx, health, cancel.clone()));
+    dispatcher.run(events_rx, cancel).await;
+    let _ = listening.await;
+}
+
+/// Resolves `SM_ALLOWED_USERS` (ids or usernames) to user ids. A name that cannot be resolved
+/// is left out (allowing fewer people, never more) and logged.
+async fn resolve_access(chat: &dyn ChatOutbound, allowed: &[String]) -> Access {
+    if allowed.is_empty() {
+        warn!("SM_ALLOWED_USERS is empty: every member of a channel the bot serves may start, stop and drive sessions");
+        return Access::Everyone;
+    }
+    let mut ids = std::collections::HashSet::new();
+    for entry in allowed {
+        match chat.resolve_user(entry).await {
+            Ok(user) => {
+                ids.insert(user.id);
+            }
+            Err(e) => {
+                error!(user = %entry, error = %e, "SM_ALLOWED_USERS names a user that cannot be found; left out")
+            }
+        }
+    }
+    info!(
+        users = ids.len(),
+        "only SM_ALLOWED_USERS may start, stop and drive sessions"
+    );
+    Access::Only(ids)
+}
+
 /// The external endpoints `/health` lists before their own clients report on them.
 fn endpoints(settings: &Settings) -> Vec<Endpoint> {
     let mut out = Vec::new();
-    for (component, url) in [
-        ("mattermost", &settings.mattermost.url),
-        ("firewall", &settings.firewall.url),
-    ] {
+    for (component, url) in [("firewall", &settings.firewall.url)] {
         if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
             out.push(Endpoint {
                 component,

@@ -288,7 +288,10 @@ fn serve_in_an_empty_directory_creates_sqlite_answers_health_and_stops_on_sigter
                 .expect("health");
             assert_eq!(r.status(), 200);
             body = r.json().await.expect("JSON");
-            if body["components"]["vm"]["status"] == "down" {
+            if ["mattermost", "vm", "firewall"]
+                .iter()
+                .all(|c| body["components"][c]["status"] == "down")
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

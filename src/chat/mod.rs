@@ -6,9 +6,11 @@
 //! - [`mattermost`]: REST API v4 client, WebSocket listener and the adapter.
 //! - [`render`]: agent output as chat posts: splitting under the post limit with balanced code
 //!   fences, coalescing streamed text into few edits, compact tool-use lines.
+//! - [`stream`]: the task that streams agent turns into a thread with those rules.
 
 pub mod mattermost;
 pub mod render;
+pub mod stream;
 
 use std::time::Duration;
 

@@ -79,7 +79,8 @@ impl MattermostAdapter {
             config.request_timeout,
             config.retry,
         )?;
-        let bot = client.me().await?;
+        // The caller retries connecting; one attempt here reports an outage at once.
+        let bot = client.with_retry(RetryPolicy::NONE).me().await?;
         info!(bot = %bot.username, id = %bot.id, "connected to Mattermost");
         Ok(Self {
             client,

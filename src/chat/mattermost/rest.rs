@@ -39,6 +39,16 @@ pub struct RetryPolicy {
     pub max_retry_after: Duration,
 }
 
+impl RetryPolicy {
+    /// No retries: for callers that run their own retry loop.
+    pub const NONE: RetryPolicy = RetryPolicy {
+        max_retries: 0,
+        min_delay: Duration::ZERO,
+        max_delay: Duration::ZERO,
+        max_retry_after: Duration::ZERO,
+    };
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
@@ -102,6 +112,14 @@ impl MattermostClient {
             auth,
             retry,
         })
+    }
+
+    /// The same client with another retry policy.
+    pub fn with_retry(&self, retry: RetryPolicy) -> Self {
+        Self {
+            retry,
+            ..self.clone()
+        }
     }
 
     /// The WebSocket URL of this server (`ws(s)://host/api/v4/websocket`).
