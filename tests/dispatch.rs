@@ -36,6 +36,7 @@ struct RecordingChat {
     channels: Mutex<HashMap<String, String>>, // repo slug -> channel id
     members: Mutex<Vec<(String, String)>>,
     follows: Mutex<Vec<(String, String)>>,
+    updates: Mutex<Vec<(String, String)>>,
 }
 
 impl RecordingChat {
@@ -79,7 +80,11 @@ impl ChatOutbound for RecordingChat {
             root_id: root_id.map(str::to_owned),
         })
     }
-    async fn update(&self, _post: &PostRef, _text: &str) -> Result<(), ChatError> {
+    async fn update(&self, post: &PostRef, text: &str) -> Result<(), ChatError> {
+        self.updates
+            .lock()
+            .expect("lock")
+            .push((post.post_id.clone(), text.to_owned()));
         Ok(())
     }
     async fn typing(&self, _channel_id: &str, _root_id: Option<&str>) -> Result<(), ChatError> {
@@ -695,4 +700,52 @@ async fn each_thread_keeps_its_order_under_load() {
         let want: Vec<usize> = (0..300).filter(|n| n % threads.len() == i).collect();
         assert_eq!(got, &want, "thread {i} in order");
     }
+}
+
+#[tokio::test]
+async fn progress_is_edited_in_place_and_ends_with_what_to_do() {
+    use session_manager::chat::progress::Progress;
+    let chat = Arc::new(RecordingChat::default());
+    let post = chat
+        .post("c", Some("root"), "⏳ Starting…")
+        .await
+        .expect("post");
+    let mut progress = Progress::new(chat.clone(), post.clone());
+    progress.step("Cloning acme/widgets").await;
+    progress.step("Starting the container").await;
+    progress
+        .failed(
+            "devcontainer up exited with 1: no such image",
+            "check SM_CONTAINER_IMAGE on the VM",
+        )
+        .await;
+    let updates = chat.updates.lock().expect("lock").clone();
+    assert!(
+        updates.iter().all(|(id, _)| id == &post.post_id),
+        "one post, edited in place"
+    );
+    assert_eq!(updates[0].1, "⏳ Cloning acme/widgets…");
+    assert_eq!(
+        updates[1].1,
+        "✅ Cloning acme/widgets\n⏳ Starting the container…"
+    );
+    assert!(updates[2].1.starts_with(
+        "✅ Cloning acme/widgets\n❌ Starting the container failed: devcontainer up exited"
+    ));
+    assert!(updates[2]
+        .1
+        .contains("**What to do:** check SM_CONTAINER_IMAGE"));
+    assert_eq!(chat.posts().len(), 1, "no extra posts");
+
+    let mut ok = Progress::new(chat.clone(), post.clone());
+    ok.step("Cloning").await;
+    ok.ready("Ready: say hello in this thread").await;
+    let last = chat
+        .updates
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("update");
+    assert_eq!(last.1, "✅ Cloning\n🟢 Ready: say hello in this thread");
 }

@@ -4,11 +4,13 @@
 //! [`ChatOutbound`]; nothing past the adapter knows which platform it talks to.
 //!
 //! - [`mattermost`]: REST API v4 client, WebSocket listener and the adapter.
+//! - [`progress`]: a progress post edited in place (start steps, ready or what failed).
 //! - [`render`]: agent output as chat posts: splitting under the post limit with balanced code
 //!   fences, coalescing streamed text into few edits, compact tool-use lines.
 //! - [`stream`]: the task that streams agent turns into a thread with those rules.
 
 pub mod mattermost;
+pub mod progress;
 pub mod render;
 pub mod stream;
 

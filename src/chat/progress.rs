@@ -1,0 +1,74 @@
+//! A progress post edited in place while something slow happens (cloning, starting the
+//! container), ending as ready or as what failed and what to do.
+//!
+//! Each step rewrites the whole post as a checklist, so the thread shows one tidy message
+//! instead of a trail of status lines:
+//!
+//! ```text
+//! ✅ Cloning acme/widgets
+//! ⏳ Starting the container…
+//! ```
+
+use std::sync::Arc;
+
+use tracing::warn;
+
+use super::{ChatOutbound, PostRef};
+
+/// A progress post and the steps shown in it.
+pub struct Progress {
+    chat: Arc<dyn ChatOutbound>,
+    post: PostRef,
+    done: Vec<String>,
+}
+
+impl Progress {
+    /// Takes over an existing post (the dispatcher posts the first line).
+    pub fn new(chat: Arc<dyn ChatOutbound>, post: PostRef) -> Self {
+        Self {
+            chat,
+            post,
+            done: Vec::new(),
+        }
+    }
+
+    /// The post being edited.
+    pub fn post(&self) -> &PostRef {
+        &self.post
+    }
+
+    /// Shows `step` as under way (the previous step, if any, as done).
+    pub async fn step(&mut self, step: &str) {
+        let text = self.render(&format!("⏳ {step}…"));
+        self.done.push(step.to_owned());
+        self.show(text).await;
+    }
+
+    /// Ends with success: every step done, then `message`.
+    pub async fn ready(&mut self, message: &str) {
+        let text = self.render(&format!("🟢 {message}"));
+        self.show(text).await;
+    }
+
+    /// Ends with a failure of the step under way: what failed, the error, and what to do.
+    pub async fn failed(&mut self, error: &str, what_to_do: &str) {
+        let failed_step = self.done.pop().unwrap_or_else(|| "Starting".to_owned());
+        let text = self.render(&format!(
+            "❌ {failed_step} failed: {error}\n\n**What to do:** {what_to_do}"
+        ));
+        self.show(text).await;
+    }
+
+    /// Done steps, then `last`.
+    fn render(&self, last: &str) -> String {
+        let mut lines: Vec<String> = self.done.iter().map(|s| format!("✅ {s}")).collect();
+        lines.push(last.to_owned());
+        lines.join("\n")
+    }
+
+    async fn show(&self, text: String) {
+        if let Err(e) = self.chat.update(&self.post, &text).await {
+            warn!(error = %e, "cannot update the progress post");
+        }
+    }
+}
