@@ -2,5 +2,7 @@
 //!
 //! - [`markers`]: the line-anchored control markers (`[NETWORK_REQUEST: …]`, orchestrator
 //!   markers) recognised incrementally in the agent's text, outside code fences.
+//! - [`stream_json`]: the CLI's stream-json protocol: stdout events decoded, stdin lines built.
 
 pub mod markers;
+pub mod stream_json;
