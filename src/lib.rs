@@ -28,6 +28,7 @@
 //! - [`config`]: one validated [`config::Settings`] from `SM_*` variables and flags (clap).
 //! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
 //! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
+//! - [`runtime`]: the VM side: quoted remote scripts and the multiplexed SSH pool.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
@@ -46,6 +47,7 @@ pub mod dispatch;
 pub mod firewall;
 pub mod health;
 pub mod http;
+pub mod runtime;
 pub mod store;
 pub mod telemetry;
 

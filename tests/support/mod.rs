@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod mattermost;
+pub mod testbed;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,415 @@
+//! SSH to the VM: a pool of multiplexed master connections (the `openssh` crate with its
+//! native mux client).
+//!
+//! - One master connection per host carries many channels; no local `ssh` process is started
+//!   per command. sshd limits channels per connection (`MaxSessions`, 10 by default), so each
+//!   master carries at most [`SshConfig::max_channels_per_master`] and more masters are opened
+//!   when all are full.
+//! - The host key is pinned: the configured known_hosts content is written to a private file
+//!   and checked strictly. Accepting a new key is possible only when explicitly enabled.
+//! - The private key (content or path) is copied into a private temporary directory with mode
+//!   0600, which is removed when the pool is dropped.
+//! - [`SshPool::run`] bounds a command by the configured timeout on both ends: the remote
+//!   command runs under coreutils `timeout`, which kills its whole process group, and the local
+//!   wait gives up a little later.
+//! - A master that died is noticed (`check`) and replaced; the failed command is tried once on
+//!   a new master.
+
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssh::{KnownHosts, Session, SessionBuilder, Stdio};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::shell::Script;
+
+/// How to authenticate.
+#[derive(Clone)]
+pub enum SshKey {
+    /// The private key's content (`SM_VM_SSH_KEY`).
+    Content(SecretString),
+    /// A private key file (`SM_VM_SSH_KEY_PATH`).
+    Path(PathBuf),
+}
+
+impl std::fmt::Debug for SshKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Content(_) => f.write_str("SshKey::Content(<redacted>)"),
+            Self::Path(p) => write!(f, "SshKey::Path({})", p.display()),
+        }
+    }
+}
+
+/// How the VM's host key is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKeyPolicy {
+    /// Only keys in this known_hosts content are accepted.
+    Pinned(String),
+    /// Any key is accepted on first contact (insecure; for bootstrapping only).
+    AcceptNew,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Host name or IP.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Login user.
+    pub user: String,
+    /// Private key.
+    pub key: SshKey,
+    /// Host key checking.
+    pub host_key: HostKeyPolicy,
+    /// Bound for connecting and for each [`SshPool::run`].
+    pub timeout: Duration,
+    /// Channels one master carries before another is opened (keep below sshd's MaxSessions).
+    pub max_channels_per_master: usize,
+}
+
+/// Errors from SSH.
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    /// The connection could not be made (unreachable, refused, host key, authentication).
+    #[error("cannot connect to {target}: {reason}")]
+    Connect {
+        /// `user@host:port`.
+        target: String,
+        /// What ssh said.
+        reason: String,
+    },
+    /// The command did not finish in time (it was killed on the VM too).
+    #[error("remote command timed out after {0:?}")]
+    Timeout(Duration),
+    /// Running the command failed on the transport level.
+    #[error("remote command failed to run: {0}")]
+    Channel(String),
+    /// Local preparation failed (temporary files).
+    #[error("cannot prepare SSH credentials: {0}")]
+    Local(String),
+}
+
+/// What a finished remote command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// Exit code; `None` when killed by a signal.
+    pub status: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    /// Whether it exited with 0.
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// Whether coreutils `timeout` killed it (exit 124, or 137 after the kill grace).
+    pub fn timed_out(&self) -> bool {
+        matches!(self.status, Some(124 | 137))
+    }
+}
+
+struct Master {
+    session: Arc<Session>,
+    channels: Arc<AtomicUsize>,
+}
+
+/// A channel slot on a master; released when dropped.
+struct Lease {
+    session: Arc<Session>,
+    channels: Arc<AtomicUsize>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.channels.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The connection pool to one VM. Share it in an `Arc`.
+pub struct SshPool {
+    // Field order matters: fields drop in declaration order, and a master is shut down through
+    // its control socket inside `dir`, so the masters must go before the directory.
+    masters: Mutex<Vec<Master>>,
+    config: SshConfig,
+    key_path: PathBuf,
+    known_hosts_path: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for SshPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshPool")
+            .field("target", &self.target())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SshPool {
+    /// Prepares credentials in a private directory. Connects lazily, on first use.
+    ///
+    /// # Errors
+    /// [`SshError::Local`] when the temporary files cannot be written.
+    pub fn new(config: SshConfig) -> Result<Self, SshError> {
+        let local = |e: std::io::Error| SshError::Local(e.to_string());
+        let dir = tempfile::Builder::new()
+            .prefix("sm-ssh-")
+            .tempdir()
+            .map_err(local)?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(local)?;
+        let key_path = dir.path().join("id");
+        let key = match &config.key {
+            SshKey::Content(content) => content.expose_secret().to_owned(),
+            SshKey::Path(path) => std::fs::read_to_string(path).map_err(|e| {
+                SshError::Local(format!("cannot read the SSH key {}: {e}", path.display()))
+            })?,
+        };
+        write_private(&key_path, key.trim_end().as_bytes(), true).map_err(local)?;
+        let known_hosts_path = dir.path().join("known_hosts");
+        let known = match &config.host_key {
+            HostKeyPolicy::Pinned(content) => content.clone(),
+            HostKeyPolicy::AcceptNew => String::new(),
+        };
+        write_private(&known_hosts_path, known.as_bytes(), true).map_err(local)?;
+        Ok(Self {
+            masters: Mutex::new(Vec::new()),
+            config,
+            key_path,
+            known_hosts_path,
+            dir,
+        })
+    }
+
+    /// `user@host:port`, for messages.
+    pub fn target(&self) -> String {
+        format!(
+            "{}@{}:{}",
+            self.config.user, self.config.host, self.config.port
+        )
+    }
+
+    /// The private directory holding the key copy, known_hosts and the masters' control
+    /// sockets (mode 0700, removed when the pool is dropped).
+    pub fn private_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Shuts every master connection down (also done, without waiting, when the pool is
+    /// dropped). Processes still running on them are cut off.
+    pub async fn close(&self) {
+        let masters: Vec<Master> = self.masters.lock().await.drain(..).collect();
+        for master in masters {
+            match Arc::try_unwrap(master.session) {
+                Ok(session) => {
+                    if let Err(e) = session.close().await {
+                        warn!(error = %e, "closing an SSH master failed");
+                    }
+                }
+                // Still used by a running process: it shuts down when that ends.
+                Err(_shared) => {}
+            }
+        }
+    }
+
+    /// How many master connections are open.
+    pub async fn masters(&self) -> usize {
+        self.masters.lock().await.len()
+    }
+
+    async fn connect(&self) -> Result<Session, SshError> {
+        let mut builder = SessionBuilder::default();
+        builder
+            .user(self.config.user.clone())
+            .port(self.config.port)
+            .keyfile(&self.key_path)
+            .user_known_hosts_file(&self.known_hosts_path)
+            .known_hosts_check(match self.config.host_key {
+                HostKeyPolicy::Pinned(_) => KnownHosts::Strict,
+                HostKeyPolicy::AcceptNew => KnownHosts::Add,
+            })
+            .connect_timeout(self.config.timeout)
+            .server_alive_interval(Duration::from_secs(15))
+            .control_directory(self.dir.path());
+        let target = self.target();
+        let session = tokio::time::timeout(
+            self.config.timeout * 2,
+            builder.connect_mux(&self.config.host),
+        )
+        .await
+        .map_err(|_| SshError::Connect {
+            target: target.clone(),
+            reason: format!("no answer within {:?}", self.config.timeout * 2),
+        })?
+        .map_err(|e| SshError::Connect {
+            target: target.clone(),
+            reason: error_chain(&e),
+        })?;
+        info!(%target, "SSH master connection established");
+        Ok(session)
+    }
+
+    /// A channel slot on a live master, opening a master when none has room.
+    async fn lease(&self) -> Result<Lease, SshError> {
+        let mut masters = self.masters.lock().await;
+        // Forget masters that died.
+        let mut alive = Vec::with_capacity(masters.len());
+        for master in masters.drain(..) {
+            if master.session.check().await.is_ok() {
+                alive.push(master);
+            } else {
+                warn!(target = %self.target(), "SSH master connection lost; it will be replaced");
+            }
+        }
+        *masters = alive;
+        let limit = self.config.max_channels_per_master.max(1);
+        if let Some(master) = masters
+            .iter()
+            .filter(|m| m.channels.load(Ordering::SeqCst) < limit)
+            .min_by_key(|m| m.channels.load(Ordering::SeqCst))
+        {
+            master.channels.fetch_add(1, Ordering::SeqCst);
+            return Ok(Lease {
+                session: Arc::clone(&master.session),
+                channels: Arc::clone(&master.channels),
+            });
+        }
+        let session = Arc::new(self.connect().await?);
+        let channels = Arc::new(AtomicUsize::new(1));
+        masters.push(Master {
+            session: Arc::clone(&session),
+            channels: Arc::clone(&channels),
+        });
+        Ok(Lease { session, channels })
+    }
+
+    /// Runs `script` with `bash -lc` (login PATH), bounded by the configured timeout.
+    ///
+    /// # Errors
+    /// [`SshError`]; a non-zero exit is not an error (see [`CommandOutput::status`]).
+    pub async fn run(&self, script: &Script) -> Result<CommandOutput, SshError> {
+        self.run_with_timeout(script, self.config.timeout).await
+    }
+
+    /// Like [`SshPool::run`] with another bound (e.g. `devcontainer up`).
+    ///
+    /// # Errors
+    /// [`SshError`].
+    pub async fn run_with_timeout(
+        &self,
+        script: &Script,
+        timeout: Duration,
+    ) -> Result<CommandOutput, SshError> {
+        match self.run_once(script, timeout).await {
+            Err(SshError::Channel(reason)) => {
+                warn!(%reason, "remote command failed on the transport; trying once more");
+                self.run_once(script, timeout).await
+            }
+            other => other,
+        }
+    }
+
+    async fn run_once(
+        &self,
+        script: &Script,
+        timeout: Duration,
+    ) -> Result<CommandOutput, SshError> {
+        let lease = self.lease().await?;
+        let secs = timeout.as_secs().max(1).to_string();
+        let mut command = lease.session.command("timeout");
+        command
+            .args(["--kill-after=5", secs.as_str(), "bash", "-lc"])
+            .arg(script.render())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let local_bound = timeout + Duration::from_secs(10);
+        let output = tokio::time::timeout(local_bound, command.output())
+            .await
+            .map_err(|_| SshError::Timeout(timeout))?
+            .map_err(|e| SshError::Channel(error_chain(&e)))?;
+        let result = CommandOutput {
+            status: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        drop(lease);
+        if result.timed_out() {
+            return Err(SshError::Timeout(timeout));
+        }
+        Ok(result)
+    }
+
+    /// Starts a long-lived process (`bash -lc script`) with piped stdin, stdout and stderr.
+    /// It holds a channel until it ends.
+    ///
+    /// # Errors
+    /// [`SshError`].
+    pub async fn spawn(&self, script: &Script) -> Result<RemoteProcess, SshError> {
+        let lease = self.lease().await?;
+        let mut command = Session::to_command(Arc::clone(&lease.session), "bash");
+        command
+            .arg("-lc")
+            .arg(script.render())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command
+            .spawn()
+            .await
+            .map_err(|e| SshError::Channel(error_chain(&e)))?;
+        Ok(RemoteProcess {
+            child,
+            _lease: lease,
+        })
+    }
+}
+
+/// A process running on the VM. Its channel is released when it is dropped.
+pub struct RemoteProcess {
+    /// The process: take its `stdin`, `stdout` and `stderr`, then `wait` for it.
+    pub child: openssh::Child<Arc<Session>>,
+    _lease: Lease,
+}
+
+impl std::fmt::Debug for RemoteProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemoteProcess")
+    }
+}
+
+fn write_private(path: &Path, content: &[u8], trailing_newline: bool) -> std::io::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(content)?;
+    if trailing_newline && !content.ends_with(b"\n") {
+        file.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
