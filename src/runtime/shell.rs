@@ -82,6 +82,17 @@ impl Script {
         Ok(self)
     }
 
+    /// Appends `NAME=<quoted value>` (a shell variable, not exported), for fixed fragments to
+    /// use as `"$NAME"`. The name is fixed by the program.
+    ///
+    /// # Errors
+    /// [`QuoteError`].
+    pub fn set(&mut self, name: &'static str, value: &str) -> Result<&mut Self, QuoteError> {
+        let line = format!("{name}={}", quote_named(value, name)?);
+        self.lines.push(line);
+        Ok(self)
+    }
+
     /// Appends `export NAME=<quoted value>`. The name is fixed by the program.
     ///
     /// # Errors
