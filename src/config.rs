@@ -122,6 +122,24 @@ pub struct SettingsArgs {
         value_name = "PATH"
     )]
     pub vm_ssh_key_path: Option<String>,
+    /// The VM's SSH host key: known_hosts content, or the path of a known_hosts file.
+    /// Required unless SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true.
+    #[arg(
+        long,
+        env = "SM_VM_KNOWN_HOSTS",
+        global = true,
+        value_name = "KNOWN_HOSTS"
+    )]
+    pub vm_known_hosts: Option<String>,
+    /// Accept whatever host key the VM presents (insecure: a man in the middle goes unnoticed).
+    #[arg(
+        long,
+        env = "SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY",
+        global = true,
+        default_value = "false",
+        value_name = "BOOL"
+    )]
+    pub vm_insecure_accept_new_host_key: Option<String>,
     /// Upper bound in seconds for each SSH operation (connect, command).
     #[arg(
         long,
@@ -168,6 +186,16 @@ pub struct SettingsArgs {
         value_name = "COMMAND"
     )]
     pub claude_command: Option<String>,
+    /// Environment for the agent, comma-separated: a bare NAME is passed from the VM's
+    /// environment (secrets stay on the VM); NAME=value is set by the bot (non-secret settings).
+    #[arg(
+        long,
+        env = "SM_CONTAINER_ENV",
+        global = true,
+        default_value = "ANTHROPIC_API_KEY,CLAUDE_CODE_OAUTH_TOKEN",
+        value_name = "LIST"
+    )]
+    pub container_env: Option<String>,
     /// Upper bound in seconds for `devcontainer up`.
     #[arg(
         long,
@@ -187,6 +215,15 @@ pub struct SettingsArgs {
     )]
     pub orchestrator_compact_threshold: Option<String>,
 
+    /// Where repositories are cloned from: `<base>/<org>/<repo>.git`.
+    #[arg(
+        long,
+        env = "SM_GIT_BASE_URL",
+        global = true,
+        default_value = "https://github.com",
+        value_name = "URL"
+    )]
+    pub git_base_url: Option<String>,
     /// Where repositories are cloned on the VM (absolute path).
     #[arg(
         long,
@@ -476,6 +513,8 @@ pub struct VmSettings {
     pub ssh_key_path: PathBuf,
     /// Bound for each SSH operation.
     pub ssh_timeout: Duration,
+    /// Pinned host keys (known_hosts content); `None` only when accepting any key was asked for.
+    pub known_hosts: Option<String>,
 }
 
 /// Container and agent settings.
@@ -489,6 +528,8 @@ pub struct ContainerSettings {
     pub image: String,
     /// `SM_CLAUDE_COMMAND` split into program and arguments (never empty).
     pub claude_command: Vec<String>,
+    /// `SM_CONTAINER_ENV` entries as written: `NAME` or `NAME=value`.
+    pub env: Vec<String>,
     /// Bound for `devcontainer up`.
     pub devcontainer_timeout: Duration,
     /// Orchestrator auto-compaction interval in messages; 0 disables it.
@@ -498,6 +539,8 @@ pub struct ContainerSettings {
 /// Where repositories live on the VM.
 #[derive(Debug, Clone)]
 pub struct RepoSettings {
+    /// `SM_GIT_BASE_URL`.
+    pub git_base_url: Url,
     /// Clone root (absolute).
     pub repos_base_path: PathBuf,
     /// Worktree root (absolute).
@@ -811,17 +854,43 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             Ok(PathBuf::from(v))
         });
         let timeout = p.with_default("SM_SSH_TIMEOUT_SECS", &a.ssh_timeout_secs, seconds);
-        match (host, port, user, key_path, timeout) {
-            (Some(host), Some(port), Some(user), Some(ssh_key_path), Some(ssh_timeout)) => {
-                Some(VmSettings {
-                    host,
-                    port,
-                    user,
-                    ssh_key: key,
-                    ssh_key_path,
-                    ssh_timeout,
-                })
+        let insecure = p.with_default(
+            "SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY",
+            &a.vm_insecure_accept_new_host_key,
+            boolean,
+        );
+        let known_hosts = match (Problems::optional(&a.vm_known_hosts), insecure) {
+            (Some(value), _) => p.check("SM_VM_KNOWN_HOSTS", Some(value), known_hosts),
+            (None, Some(true)) => {
+                p.warnings.push("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true: the VM's host key is NOT checked; anyone who can intercept the connection can impersonate the VM. Set SM_VM_KNOWN_HOSTS.".into());
+                None
             }
+            (None, Some(false)) => {
+                p.push(
+                    "SM_VM_KNOWN_HOSTS",
+                    "is required: the VM's host key as a known_hosts line (ssh-keyscan -p PORT HOST) or the path of a known_hosts file; or set SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true to skip the check (insecure)",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        match (host, port, user, key_path, timeout, insecure) {
+            (
+                Some(host),
+                Some(port),
+                Some(user),
+                Some(ssh_key_path),
+                Some(ssh_timeout),
+                Some(_),
+            ) => Some(VmSettings {
+                host,
+                port,
+                user,
+                ssh_key: key,
+                ssh_key_path,
+                ssh_timeout,
+                known_hosts,
+            }),
             _ => None,
         }
     };
@@ -836,6 +905,28 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
                 _ => Err("expected a command line such as \"claude --dangerously-skip-permissions\" (unbalanced quotes?)".into()),
             }
         });
+        let env = p.check(
+            "SM_CONTAINER_ENV",
+            Some(a.container_env.as_deref().unwrap_or_default()),
+            |v| {
+                let entries = list(v)?;
+                for entry in &entries {
+                    let name = entry.split('=').next().unwrap_or_default();
+                    let valid = name
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !valid {
+                        return Err(format!(
+                            "expected NAME or NAME=value entries, got {:?}",
+                            name
+                        ));
+                    }
+                }
+                Ok(entries)
+            },
+        );
         let dc_timeout = p.with_default(
             "SM_DEVCONTAINER_TIMEOUT_SECS",
             &a.devcontainer_timeout_secs,
@@ -846,7 +937,7 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             &a.orchestrator_compact_threshold,
             |v| number::<u32>(v, 0, 1_000_000, "a whole number of messages (0 = never)"),
         );
-        match (runtime, network, image, command, dc_timeout, threshold) {
+        match (runtime, network, image, command, dc_timeout, threshold, env) {
             (
                 Some(runtime),
                 Some(network),
@@ -854,11 +945,13 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
                 Some(claude_command),
                 Some(devcontainer_timeout),
                 Some(orchestrator_compact_threshold),
+                Some(env),
             ) => Some(ContainerSettings {
                 runtime,
                 network,
                 image,
                 claude_command,
+                env,
                 devcontainer_timeout,
                 orchestrator_compact_threshold,
             }),
@@ -867,6 +960,23 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
     };
 
     let repos = {
+        let git_base = p.with_default("SM_GIT_BASE_URL", &a.git_base_url, |v| {
+            let url = Url::parse(v).map_err(|e| {
+                format!("expected a URL such as https://github.com, got {v:?} ({e})")
+            })?;
+            if !matches!(url.scheme(), "https" | "http" | "ssh" | "file") {
+                return Err(format!(
+                    "expected an https://, ssh:// or file:// URL, got {v:?}"
+                ));
+            }
+            if url.password().is_some() || !url.username().is_empty() {
+                return Err(
+                    "must not contain credentials: private repositories use GH_TOKEN on the VM"
+                        .into(),
+                );
+            }
+            Ok(url)
+        });
         let base = p.with_default("SM_REPOS_BASE_PATH", &a.repos_base_path, absolute_path);
         let worktrees = p.with_default("SM_WORKTREES_PATH", &a.worktrees_path, absolute_path);
         let auto_pull = p.with_default("SM_AUTO_PULL", &a.auto_pull, boolean);
@@ -887,13 +997,16 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
                 ),
             }
         }
-        match (base, worktrees, auto_pull) {
-            (Some(repos_base_path), Some(worktrees_path), Some(auto_pull)) => Some(RepoSettings {
-                repos_base_path,
-                worktrees_path,
-                auto_pull,
-                default_org,
-            }),
+        match (git_base, base, worktrees, auto_pull) {
+            (Some(git_base_url), Some(repos_base_path), Some(worktrees_path), Some(auto_pull)) => {
+                Some(RepoSettings {
+                    git_base_url,
+                    repos_base_path,
+                    worktrees_path,
+                    auto_pull,
+                    default_org,
+                })
+            }
             _ => None,
         }
     };
@@ -1076,6 +1189,28 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
         log_format: log_format?,
         warnings: Vec::new(),
     })
+}
+
+/// known_hosts content, or the path of a known_hosts file (read now).
+fn known_hosts(v: &str) -> Result<String, String> {
+    let content = if v.starts_with('/') && !v.contains('\n') {
+        std::fs::read_to_string(v)
+            .map_err(|e| format!("cannot read the known_hosts file {v:?}: {e}"))?
+    } else {
+        v.to_owned()
+    };
+    let has_key = content.lines().any(|l| {
+        let l = l.trim();
+        !l.starts_with('#')
+            && l.split_whitespace().nth(1).is_some_and(|t| {
+                t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-")
+            })
+    });
+    if has_key {
+        Ok(content)
+    } else {
+        Err("expected known_hosts lines (`host key-type base64-key`, e.g. from ssh-keyscan) or the path of such a file".into())
+    }
 }
 
 fn http_url(v: &str) -> Result<Url, String> {
@@ -1430,6 +1565,10 @@ mod tests {
             ("opnsense-key", "key123"),
             ("opnsense-secret", "sec456"),
             ("callback-secret", "0123456789abcdef0123456789abcdef"),
+            (
+                "vm-known-hosts",
+                "[vm.internal]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA",
+            ),
         ]
     }
 
@@ -1478,6 +1617,39 @@ mod tests {
             Some(PathBuf::from("session-manager.db"))
         );
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.repos.git_base_url.as_str(), "https://github.com/");
+        assert_eq!(
+            s.container.env,
+            vec!["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"]
+        );
+        assert!(s
+            .vm
+            .known_hosts
+            .as_deref()
+            .is_some_and(|k| k.contains("ssh-ed25519")));
+    }
+
+    #[test]
+    fn the_host_key_is_required_unless_insecure_is_asked_for() {
+        let mut pairs = complete();
+        pairs.retain(|(f, _)| *f != "vm-known-hosts");
+        let err = args(&pairs).expect_err("no host key");
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].var, "SM_VM_KNOWN_HOSTS");
+        assert!(err.0[0]
+            .message
+            .contains("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY"));
+        pairs.push(("vm-insecure-accept-new-host-key", "true"));
+        let s = args(&pairs).expect("insecure accepted");
+        assert_eq!(s.vm.known_hosts, None);
+        assert!(
+            s.warnings.iter().any(|w| w.contains("NOT checked")),
+            "said loudly"
+        );
+        let mut pairs = complete();
+        pairs.retain(|(f, _)| *f != "vm-known-hosts");
+        pairs.push(("vm-known-hosts", "not a key"));
+        assert_eq!(args(&pairs).expect_err("bad").0[0].var, "SM_VM_KNOWN_HOSTS");
     }
 
     #[test]
@@ -1566,6 +1738,13 @@ mod tests {
                 "at least 1",
             ),
             ("log-format", "xml", "SM_LOG_FORMAT", "json"),
+            (
+                "git-base-url",
+                "https://user:tok@github.com",
+                "SM_GIT_BASE_URL",
+                "credentials",
+            ),
+            ("container-env", "GOOD,bad-name", "SM_CONTAINER_ENV", "NAME"),
             (
                 "bot-trigger",
                 "@claude bot",

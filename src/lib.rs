@@ -29,6 +29,8 @@
 //! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
 //! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
 //! - [`runtime`]: the VM side: quoted remote scripts and the multiplexed SSH pool.
+//! - [`session`]: the session runtime: one actor per session owning its agent, lifecycle,
+//!   cleanup and recovery after a restart.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
@@ -48,6 +50,7 @@ pub mod firewall;
 pub mod health;
 pub mod http;
 pub mod runtime;
+pub mod session;
 pub mod store;
 pub mod telemetry;
 
@@ -65,12 +68,18 @@ use tracing::{error, info, warn};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
+use crate::chat::render::CoalesceConfig;
 use crate::chat::ChatOutbound;
 use crate::config::Settings;
-use crate::dispatch::{Access, DispatchConfig, Dispatcher, NoSessionRuntime};
+use crate::dispatch::{Access, DispatchConfig, Dispatcher};
 use crate::health::{Endpoint, HealthRegistry};
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
+use crate::runtime::devcontainer::ContainerLayout;
+use crate::runtime::git::GitLayout;
+use crate::runtime::shell::Script;
+use crate::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
+use crate::session::{EnvEntry, NoApprovals, RuntimeConfig, SessionRuntime};
 use crate::store::Store;
 use crate::telemetry::{names, Metrics};
 
@@ -166,9 +175,16 @@ pub async fn serve(
         });
     }
 
+    let ssh = Arc::new(ssh_pool(&settings).context("cannot prepare SSH to the VM")?);
+    tasks.spawn(vm_health_loop(
+        Arc::clone(&ssh),
+        health.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(run_chat(
         settings.clone(),
         store.clone(),
+        Arc::clone(&ssh),
         health.clone(),
         shutdown.clone(),
     ));
@@ -205,6 +221,7 @@ pub async fn serve(
 async fn run_chat(
     settings: Settings,
     store: Store,
+    ssh: Arc<SshPool>,
     health: HealthRegistry,
     cancel: CancellationToken,
 ) {
@@ -238,14 +255,27 @@ async fn run_chat(
         }
     };
     let access = resolve_access(adapter.as_ref(), &settings.chat.allowed_users).await;
+    let runtime = SessionRuntime::new(
+        Arc::clone(&ssh),
+        store.clone(),
+        adapter.clone(),
+        runtime_config(&settings),
+        Arc::new(NoApprovals),
+    );
+    runtime.recover().await;
     let dispatcher = Dispatcher::new(
         adapter.clone(),
         store,
-        Arc::new(NoSessionRuntime),
+        Arc::new(runtime.clone()),
         DispatchConfig {
             trigger: settings.chat.bot_trigger.clone(),
             default_org: settings.repos.default_org.clone(),
-            repo_host: "github.com".into(),
+            repo_host: settings
+                .repos
+                .git_base_url
+                .host_str()
+                .unwrap_or("local")
+                .to_owned(),
             access,
         },
     );
@@ -253,6 +283,86 @@ async fn run_chat(
     let listening = tokio::spawn(adapter.run(events_tx, health, cancel.clone()));
     dispatcher.run(events_rx, cancel).await;
     let _ = listening.await;
+    runtime.detach_all().await;
+}
+
+/// The session runtime's settings.
+fn runtime_config(settings: &Settings) -> RuntimeConfig {
+    RuntimeConfig {
+        git: GitLayout {
+            base_url: settings.repos.git_base_url.clone(),
+            repos_base: settings.repos.repos_base_path.display().to_string(),
+            worktrees_base: settings.repos.worktrees_path.display().to_string(),
+            auto_pull: settings.repos.auto_pull,
+        },
+        containers: ContainerLayout {
+            runtime: settings.container.runtime.clone(),
+            image: settings.container.image.clone(),
+            network: settings.container.network.clone(),
+            config_dir: ".local/share/session-manager/devcontainers".into(),
+            up_timeout: settings.container.devcontainer_timeout,
+        },
+        claude_command: settings.container.claude_command.clone(),
+        container_env: settings
+            .container
+            .env
+            .iter()
+            .filter_map(|e| EnvEntry::parse(e).ok())
+            .collect(),
+        vm_host: settings.vm.host.clone(),
+        git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
+        coalesce: CoalesceConfig::default(),
+    }
+}
+
+/// The SSH pool to the VM.
+///
+/// # Errors
+/// When the key cannot be read or written.
+pub fn ssh_pool(settings: &Settings) -> anyhow::Result<SshPool> {
+    let key = match &settings.vm.ssh_key {
+        Some(content) => SshKey::Content(content.clone()),
+        None => SshKey::Path(settings.vm.ssh_key_path.clone()),
+    };
+    let host_key = match &settings.vm.known_hosts {
+        Some(known) => HostKeyPolicy::Pinned(known.clone()),
+        None => HostKeyPolicy::AcceptNew,
+    };
+    Ok(SshPool::new(SshConfig {
+        host: settings.vm.host.clone(),
+        port: settings.vm.port,
+        user: settings.vm.user.clone(),
+        key,
+        host_key,
+        timeout: settings.vm.ssh_timeout,
+        max_channels_per_master: 8,
+    })?)
+}
+
+/// Reports the VM as component `vm`: an SSH command every interval.
+async fn vm_health_loop(ssh: Arc<SshPool>, health: HealthRegistry, cancel: CancellationToken) {
+    health.register("vm");
+    loop {
+        let mut probe = Script::new();
+        probe.raw("true");
+        match ssh.run(&probe).await {
+            Ok(out) if out.success() => health.report(
+                "vm",
+                health::ComponentStatus::Up,
+                Some(format!("{} answers over SSH", ssh.target())),
+            ),
+            Ok(out) => health.report(
+                "vm",
+                health::ComponentStatus::Down,
+                Some(format!("probe exited with {:?}", out.status)),
+            ),
+            Err(e) => health.report("vm", health::ComponentStatus::Down, Some(e.to_string())),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(REACHABILITY_INTERVAL) => {}
+        }
+    }
 }
 
 /// Resolves `SM_ALLOWED_USERS` (ids or usernames) to user ids. A name that cannot be resolved
@@ -295,11 +405,6 @@ fn endpoints(settings: &Settings) -> Vec<Endpoint> {
             });
         }
     }
-    out.push(Endpoint {
-        component: "vm",
-        host: settings.vm.host.clone(),
-        port: settings.vm.port,
-    });
     out
 }
 

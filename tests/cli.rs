@@ -29,6 +29,10 @@ fn required_env() -> Vec<(&'static str, String)> {
         ("SM_OPNSENSE_KEY", SECRETS[1].into()),
         ("SM_OPNSENSE_SECRET", SECRETS[2].into()),
         ("SM_CALLBACK_SECRET", SECRETS[3].into()),
+        (
+            "SM_VM_KNOWN_HOSTS",
+            "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvAtest".into(),
+        ),
     ]
 }
 
@@ -181,7 +185,7 @@ fn dotenv_file_is_read() {
     let dir = tempfile::tempdir().expect("dir");
     let mut dotenv = String::new();
     for (k, v) in required_env() {
-        dotenv.push_str(&format!("{k}={v}\n"));
+        dotenv.push_str(&format!("{k}=\"{v}\"\n"));
     }
     dotenv.push_str("SM_DEFAULT_ORG=acme-corp\n");
     std::fs::write(dir.path().join(".env"), dotenv).expect("write .env");

@@ -157,7 +157,8 @@ impl std::fmt::Debug for SshPool {
 }
 
 impl SshPool {
-    /// Prepares credentials in a private directory. Connects lazily, on first use.
+    /// Prepares a private directory. Connects lazily, on first use; the key is read then, so a
+    /// missing key is reported by the first command (and in `/health`), not at start.
     ///
     /// # Errors
     /// [`SshError::Local`] when the temporary files cannot be written.
@@ -170,13 +171,6 @@ impl SshPool {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
             .map_err(local)?;
         let key_path = dir.path().join("id");
-        let key = match &config.key {
-            SshKey::Content(content) => content.expose_secret().to_owned(),
-            SshKey::Path(path) => std::fs::read_to_string(path).map_err(|e| {
-                SshError::Local(format!("cannot read the SSH key {}: {e}", path.display()))
-            })?,
-        };
-        write_private(&key_path, key.trim_end().as_bytes(), true).map_err(local)?;
         let known_hosts_path = dir.path().join("known_hosts");
         let known = match &config.host_key {
             HostKeyPolicy::Pinned(content) => content.clone(),
@@ -228,7 +222,21 @@ impl SshPool {
         self.masters.lock().await.len()
     }
 
+    /// Copies the key into the private directory. Done for every new master, so a rotated
+    /// key file is picked up at the next reconnect.
+    fn write_key(&self) -> Result<(), SshError> {
+        let key = match &self.config.key {
+            SshKey::Content(content) => content.expose_secret().to_owned(),
+            SshKey::Path(path) => std::fs::read_to_string(path).map_err(|e| {
+                SshError::Local(format!("cannot read the SSH key {}: {e}", path.display()))
+            })?,
+        };
+        write_private(&self.key_path, key.trim_end().as_bytes(), true)
+            .map_err(|e| SshError::Local(e.to_string()))
+    }
+
     async fn connect(&self) -> Result<Session, SshError> {
+        self.write_key()?;
         let mut builder = SessionBuilder::default();
         builder
             .user(self.config.user.clone())

@@ -185,6 +185,10 @@ impl Drop for TcpProxy {
     }
 }
 
+/// A syntactically valid known_hosts line for settings whose VM is never reached.
+pub const TEST_KNOWN_HOSTS: &str =
+    "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA+6hwmqB/JCQHXOQKtest";
+
 /// A 32-character callback secret for tests.
 pub const CALLBACK_SECRET: &str = "test-callback-secret-0123456789abcdef";
 
@@ -202,6 +206,7 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
         ("opnsense-key", "test-key"),
         ("opnsense-secret", "test-secret"),
         ("callback-secret", CALLBACK_SECRET),
+        ("vm-known-hosts", TEST_KNOWN_HOSTS),
         ("database-url", database_url),
         ("listen-addr", "127.0.0.1:0"),
         ("rate-limit-rps", "1000"),
