@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod mattermost;
+pub mod model_server;
 pub mod testbed;
 
 use std::net::SocketAddr;
@@ -234,10 +235,19 @@ pub struct TestApp {
 impl TestApp {
     /// Starts [`session_manager::serve`] on a fresh 127.0.0.1 port.
     pub async fn start(settings: Settings) -> Self {
+        // Logs go to the test's captured output (RUST_LOG picks the levels).
+        session_manager::telemetry::init_tracing(session_manager::config::LogFormat::Text);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(session_manager::serve(settings, listener, shutdown.clone()));
+        let serve = session_manager::serve(settings, listener, shutdown.clone());
+        let handle = tokio::spawn(async move {
+            let result = serve.await;
+            if let Err(e) = &result {
+                eprintln!("serve ended with an error: {e:#}");
+            }
+            result
+        });
         Self {
             addr,
             shutdown,

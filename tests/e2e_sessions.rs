@@ -1,0 +1,352 @@
+//! End to end: the whole bot (`serve`) against the fake Mattermost, the testbed's real sshd,
+//! rootless podman, devcontainer CLI and Claude Code CLI, and the scripted model server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use session_manager::runtime::shell::Script;
+use session_manager::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
+use session_manager::store::{EndReason, SessionState, Store};
+use support::mattermost::FakeMattermost;
+use support::model_server::{ModelServer, Reply, Script as ModelScript};
+use support::testbed::Testbed;
+use support::{settings, TestApp, TestDatabase};
+
+/// Everything one test needs; `finish` stops what it started.
+struct Stack {
+    fake: FakeMattermost,
+    model: ModelServer,
+    app: Option<TestApp>,
+    db: TestDatabase,
+    store: Store,
+    vm: SshPool,
+    alice: String,
+    town: String,
+    /// Per-test directory on the VM for clones and worktrees.
+    vm_root: String,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(240);
+
+impl Stack {
+    async fn start(script: ModelScript) -> Self {
+        let tb = Testbed::load();
+        let fake = FakeMattermost::start().await;
+        let alice = fake.add_user("alice");
+        let town = fake.create_channel(
+            "town-square",
+            &[alice.as_str(), fake.bot_user_id().as_str()],
+        );
+        let model = ModelServer::start(script).await;
+        let db = TestDatabase::sqlite();
+        let vm_root = format!("/home/claude/sm-e2e/{}", uuid::Uuid::new_v4().simple());
+        let vm = SshPool::new(SshConfig {
+            host: tb.get("SM_TEST_VM_HOST"),
+            port: tb.port(),
+            user: tb.get("SM_TEST_VM_USER"),
+            key: SshKey::Path(tb.get("SM_TEST_VM_KEY_PATH").into()),
+            host_key: HostKeyPolicy::Pinned(tb.known_hosts()),
+            timeout: Duration::from_secs(30),
+            max_channels_per_master: 8,
+        })
+        .expect("ssh");
+        let store = db.store().await;
+        let app = TestApp::start(Self::settings(&tb, &fake, &model, &db, &vm_root)).await;
+        // The bot listens once its WebSocket is up (town-square is not caught up on).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fake.websocket_connections() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the bot never connected to the fake Mattermost"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            fake,
+            model,
+            app: Some(app),
+            db,
+            store,
+            vm,
+            alice,
+            town,
+            vm_root,
+        }
+    }
+
+    fn settings(
+        tb: &Testbed,
+        fake: &FakeMattermost,
+        model: &ModelServer,
+        db: &TestDatabase,
+        vm_root: &str,
+    ) -> session_manager::config::Settings {
+        let env = format!(
+            "ANTHROPIC_BASE_URL={},ANTHROPIC_API_KEY=test-key,CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            model.url()
+        );
+        let repos = format!("{vm_root}/repos");
+        let worktrees = format!("{vm_root}/worktrees");
+        settings(
+            &db.url,
+            &[
+                ("mattermost-url", &fake.url()),
+                ("mattermost-token", &fake.bot_token()),
+                ("mattermost-team-id", &fake.team_id()),
+                ("vm-host", &tb.get("SM_TEST_VM_HOST")),
+                ("vm-port", &tb.get("SM_TEST_VM_PORT")),
+                ("vm-user", &tb.get("SM_TEST_VM_USER")),
+                ("vm-ssh-key-path", &tb.get("SM_TEST_VM_KEY_PATH")),
+                ("vm-known-hosts", &tb.get("SM_TEST_VM_KNOWN_HOSTS")),
+                ("git-base-url", &tb.get("SM_TEST_GIT_BASE_URL")),
+                ("repos-base-path", &repos),
+                ("worktrees-path", &worktrees),
+                ("container-image", &tb.get("SM_TEST_SANDBOX_IMAGE")),
+                ("container-network", "host"),
+                ("container-env", &env),
+            ],
+        )
+    }
+
+    /// Waits until `check` finds something, or panics with `what` and the posts so far.
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check(self) {
+                return found;
+            }
+            if Instant::now() > deadline {
+                let posts: Vec<String> = self
+                    .fake
+                    .posts()
+                    .iter()
+                    .map(|p| format!("{}: {}", p.user_id, p.message))
+                    .collect();
+                panic!("timed out waiting for {what}; posts:\n{}", posts.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The bot's post whose text contains `needle`, in `root`'s thread when given.
+    fn bot_post(&self, root: Option<&str>, needle: &str) -> Option<support::mattermost::Post> {
+        let bot = self.fake.bot_user_id();
+        self.fake.posts().into_iter().find(|p| {
+            p.user_id == bot
+                && p.message.contains(needle)
+                && root.is_none_or(|r| p.root_id == r || p.id == r)
+        })
+    }
+
+    /// Starts a session from town-square and waits until it is ready. Returns its thread root.
+    async fn start_session(&self, command: &str) -> (String, String) {
+        self.fake
+            .post_as(&self.alice, &self.town, None, command)
+            .expect("post");
+        let anchor_marker = command
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_default()
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let root = self
+            .wait_for("the session thread", Duration::from_secs(30), |s| {
+                s.bot_post(None, &format!("for `{anchor_marker}"))
+                    .filter(|p| p.root_id.is_empty())
+            })
+            .await;
+        self.wait_for("Ready in the progress post", READY_TIMEOUT, |s| {
+            if let Some(failed) = s.bot_post(Some(&root.id), "❌") {
+                panic!("start failed: {}", failed.message);
+            }
+            s.bot_post(Some(&root.id), "Ready")
+        })
+        .await;
+        (root.channel_id, root.id)
+    }
+
+    /// Waits until a session reaches `state`.
+    async fn wait_for_state(
+        &self,
+        id: &str,
+        state: SessionState,
+        timeout: Duration,
+    ) -> session_manager::store::Session {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let session = self
+                .store
+                .session(id)
+                .await
+                .expect("read")
+                .expect("session");
+            if session.state == state {
+                return session;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "session {id} stayed {:?}, wanted {state:?}",
+                session.state
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn vm_run(&self, script: &Script) -> session_manager::runtime::ssh::CommandOutput {
+        self.vm.run(script).await.expect("ssh")
+    }
+
+    async fn finish(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+        // Remove what sessions left on the VM (tests that stop sessions leave nothing).
+        let mut cleanup = Script::new();
+        cleanup.set("root", &self.vm_root).expect("q");
+        cleanup.raw(r#"for id in $(podman ps -aq --filter label=session-manager.managed=true --filter "label=session-manager.workspace" --no-trunc); do if podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id" | grep -q "^$root"; then podman rm -f "$id" >/dev/null; fi; done"#);
+        cleanup.raw(r#"rm -rf "$root""#);
+        let _ = self.vm.run(&cleanup).await;
+        self.vm.close().await;
+        self.model.stop().await;
+        self.fake.stop().await;
+        drop(self.db);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
+    let script = ModelScript::new()
+        .on_last_user("hello there", Reply::text("Hi from the scripted model."))
+        .on_last_user(
+            "make the marker file",
+            Reply::bash("echo tool-ran > marker.txt && ls marker.txt"),
+        )
+        .on_tool_result("marker.txt", Reply::text("The marker file is made."))
+        .fallback(Reply::text("ok"));
+    let stack = Stack::start(script).await;
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    let session = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &root,
+        )
+        .await
+        .expect("read")
+        .expect("session recorded");
+    assert_eq!(session.state, SessionState::Idle);
+    let container = session.container_id.clone().expect("container recorded");
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "hello there")
+        .expect("post");
+    stack
+        .wait_for(
+            "the model's answer in the thread",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "Hi from the scripted model."),
+        )
+        .await;
+    let first = stack.model.requests();
+    assert!(
+        first
+            .iter()
+            .any(|r| r.last_user_text.contains("hello there")),
+        "the CLI sent the user's text"
+    );
+    assert!(
+        first
+            .iter()
+            .any(|r| r.system_text.contains("NETWORK_REQUEST")),
+        "the marker protocol is in the system prompt"
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "make the marker file")
+        .expect("post");
+    stack
+        .wait_for(
+            "the answer after the tool ran",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "The marker file is made."),
+        )
+        .await;
+    assert!(
+        stack.bot_post(Some(&root), "Bash").is_some(),
+        "the tool call is shown as a compact line"
+    );
+    let workspace = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .and_then(|s| s.workspace_path)
+        .expect("workspace");
+    let mut check = Script::new();
+    check
+        .command("cat", &[format!("{workspace}/marker.txt")])
+        .expect("q");
+    let out = stack.vm_run(&check).await;
+    assert_eq!(
+        out.stdout.trim(),
+        "tool-ran",
+        "the real tool ran in the container on the VM"
+    );
+    let stats = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("row")
+        .stats;
+    assert_eq!(stats.message_count, 2);
+    assert!(
+        stats.output_tokens > 0 && stats.context_tokens > 0,
+        "{stats:?}"
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
+    let row = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(row.end.expect("ended").reason, EndReason::UserRequested);
+    let mut inspect = Script::new();
+    inspect
+        .raw_then("podman container exists", &[container.as_str()])
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&inspect).await.status,
+        Some(1),
+        "the container is removed"
+    );
+    assert_eq!(
+        stack
+            .store
+            .lock_holder("clone:local/acme/widgets")
+            .await
+            .expect("lock"),
+        None,
+        "the clone lock is released"
+    );
+    stack.finish().await;
+}
