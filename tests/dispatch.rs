@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use session_manager::chat::{
-    ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
+    ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
 use session_manager::dispatch::{
     Access, Delivery, DispatchConfig, Dispatcher, SessionControl, SessionError,
@@ -89,6 +89,17 @@ impl ChatOutbound for RecordingChat {
     }
     async fn typing(&self, _channel_id: &str, _root_id: Option<&str>) -> Result<(), ChatError> {
         Ok(())
+    }
+    async fn post_card(
+        &self,
+        channel_id: &str,
+        root_id: &str,
+        card: &ActionCard,
+    ) -> Result<PostRef, ChatError> {
+        self.post(channel_id, Some(root_id), &card.text).await
+    }
+    async fn update_card(&self, post: &PostRef, card: &ActionCard) -> Result<(), ChatError> {
+        self.update(post, &card.text).await
     }
     async fn ensure_project_channel(
         &self,

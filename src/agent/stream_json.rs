@@ -71,8 +71,12 @@ pub struct TurnResult {
     pub result: Option<String>,
     /// Model calls in the turn.
     pub num_turns: i64,
-    /// The CLI's running cost of the conversation, in US dollars.
+    /// The CLI's running cost of the whole conversation, in US dollars (it keeps counting
+    /// across `--resume`).
     pub total_cost_usd: Option<f64>,
+    /// The cost of this turn alone (sum of `costUSD` in `model_usage_since_last_result`), when
+    /// the CLI reports it.
+    pub turn_cost_usd: Option<f64>,
     /// Tokens of the turn.
     pub usage: Usage,
     /// Conversation id.
@@ -212,6 +216,15 @@ pub fn decode_line(line: &str) -> Result<AgentEvent, DecodeError> {
             result: str_of(obj, "result").map(str::to_owned),
             num_turns: obj.get("num_turns").and_then(Value::as_i64).unwrap_or(0),
             total_cost_usd: obj.get("total_cost_usd").and_then(Value::as_f64),
+            turn_cost_usd: obj
+                .get("model_usage_since_last_result")
+                .and_then(Value::as_object)
+                .map(|models| {
+                    models
+                        .values()
+                        .filter_map(|m| m.get("costUSD").and_then(Value::as_f64))
+                        .sum()
+                }),
             usage: Usage::from_value(obj.get("usage")).unwrap_or_default(),
             session_id: str_of(obj, "session_id").map(str::to_owned),
         }),
@@ -369,6 +382,14 @@ mod tests {
                 assert_eq!(r.total_cost_usd, Some(0.000416));
                 assert_eq!(r.usage.output_tokens, 9);
                 assert_eq!(r.result.as_deref(), Some("done"));
+                assert_eq!(r.turn_cost_usd, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let with_turn = r#"{"type":"result","subtype":"success","total_cost_usd":0.21,"model_usage_since_last_result":{"m1":{"costUSD":0.05},"m2":{"costUSD":0.01,"inputTokens":3}}}"#;
+        match decode_line(with_turn).expect("result") {
+            AgentEvent::Result(r) => {
+                assert!((r.turn_cost_usd.expect("turn cost") - 0.06).abs() < 1e-12);
             }
             other => panic!("{other:?}"),
         }

@@ -142,6 +142,35 @@ impl ChatError {
     }
 }
 
+/// A card with buttons (an approval request, for example). Platform-neutral: Mattermost
+/// renders it as a message attachment with actions, Teams as an Adaptive Card.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActionCard {
+    /// Title line.
+    pub title: String,
+    /// Body text (Markdown).
+    pub text: String,
+    /// The buttons; none once decided.
+    pub actions: Vec<CardAction>,
+    /// Where clicks are sent (`SM_CALLBACK_URL`).
+    pub callback_url: String,
+    /// Accent colour, e.g. `#FF8000`.
+    pub color: Option<String>,
+}
+
+/// One button of an [`ActionCard`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardAction {
+    /// Action id: letters and digits only (older Mattermost servers route only those).
+    pub id: String,
+    /// Label.
+    pub label: String,
+    /// `good`, `danger`, `primary` or `default`.
+    pub style: String,
+    /// Data sent back with the click (signed by the caller); never shown to users.
+    pub context: serde_json::Map<String, serde_json::Value>,
+}
+
 /// What the bot can do on a chat platform. Implemented once per platform.
 #[async_trait]
 pub trait ChatOutbound: Send + Sync + 'static {
@@ -167,6 +196,24 @@ pub trait ChatOutbound: Send + Sync + 'static {
     /// # Errors
     /// [`ChatError`] after the client's own retries.
     async fn update(&self, post: &PostRef, text: &str) -> Result<(), ChatError>;
+
+    /// Posts a card with buttons as its own reply in `root_id`'s thread (never a post that is
+    /// later streamed into: edits would break the buttons).
+    ///
+    /// # Errors
+    /// [`ChatError`] after the client's own retries.
+    async fn post_card(
+        &self,
+        channel_id: &str,
+        root_id: &str,
+        card: &ActionCard,
+    ) -> Result<PostRef, ChatError>;
+
+    /// Replaces a card (e.g. without its buttons once decided).
+    ///
+    /// # Errors
+    /// [`ChatError`] after the client's own retries.
+    async fn update_card(&self, post: &PostRef, card: &ActionCard) -> Result<(), ChatError>;
 
     /// Shows the typing indicator in a channel or thread for a few seconds.
     ///

@@ -319,16 +319,19 @@ impl Actor {
         }
     }
 
-    /// The cost of the turn that just ended: the CLI reports its process's running total, so
-    /// the difference to the last total (reset when a new process starts).
-    fn cost_delta(&self, total: Option<f64>) -> f64 {
-        let Some(total) = total else { return 0.0 };
+    /// The cost of the turn that just ended: the CLI's per-turn figure when it gives one;
+    /// otherwise the growth of its running total for the conversation (which keeps counting
+    /// across `--resume`, so it is reset only for a new conversation).
+    fn cost_delta(&self, turn: Option<f64>, total: Option<f64>) -> f64 {
         let Ok(mut last) = self.last_total_cost.lock() else {
             return 0.0;
         };
-        let delta = if total >= *last { total - *last } else { total };
-        *last = total;
-        delta
+        let from_total = total.map(|t| {
+            let delta = if t >= *last { t - *last } else { t };
+            *last = t;
+            delta
+        });
+        turn.or(from_total).unwrap_or(0.0)
     }
 
     fn scanner(&self) -> MarkerScanner {
@@ -435,7 +438,7 @@ impl Actor {
                         + result.usage.cache_creation_input_tokens
                         + result.usage.cache_read_input_tokens,
                     output_tokens: result.usage.output_tokens,
-                    cost_usd: self.cost_delta(result.total_cost_usd),
+                    cost_usd: self.cost_delta(result.turn_cost_usd, result.total_cost_usd),
                     ..UsageDelta::default()
                 };
                 let _ = self
@@ -616,8 +619,11 @@ impl Actor {
             stdin,
             lines: BufReader::new(stdout).lines(),
         };
-        if let Ok(mut last) = self.last_total_cost.lock() {
-            *last = 0.0;
+        if !resume {
+            // A new conversation's running total starts from zero.
+            if let Ok(mut last) = self.last_total_cost.lock() {
+                *last = 0.0;
+            }
         }
         let request_id = format!("init-{}", uuid::Uuid::new_v4().simple());
         agent

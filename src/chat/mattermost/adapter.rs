@@ -25,7 +25,7 @@ use super::rest::{MattermostClient, RetryPolicy};
 use super::websocket::{self, WsNotice, WsSettings};
 use crate::chat::render::{split_message, MATTERMOST_MAX_POST_CHARS};
 use crate::chat::{
-    ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
+    ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
 use crate::health::{ComponentStatus, HealthRegistry};
 use crate::store::{now_ms, Platform, Store};
@@ -462,6 +462,43 @@ impl ChatOutbound for MattermostAdapter {
             .map(|_| ())
     }
 
+    async fn post_card(
+        &self,
+        channel_id: &str,
+        root_id: &str,
+        card: &ActionCard,
+    ) -> Result<PostRef, ChatError> {
+        let props = card_props(card);
+        let created = self
+            .client
+            .create_post(&CreatePost {
+                channel_id,
+                message: "",
+                root_id: Some(root_id),
+                props: Some(&props),
+            })
+            .await?;
+        Ok(PostRef {
+            channel_id: created.channel_id.clone(),
+            root_id: created.root().map(str::to_owned),
+            post_id: created.id,
+        })
+    }
+
+    async fn update_card(&self, post: &PostRef, card: &ActionCard) -> Result<(), ChatError> {
+        let props = card_props(card);
+        self.client
+            .patch_post(
+                &post.post_id,
+                &PatchPost {
+                    message: Some(""),
+                    props: Some(&props),
+                },
+            )
+            .await
+            .map(|_| ())
+    }
+
     async fn typing(&self, channel_id: &str, root_id: Option<&str>) -> Result<(), ChatError> {
         self.client.typing(&self.bot.id, channel_id, root_id).await
     }
@@ -514,6 +551,39 @@ impl ChatOutbound for MattermostAdapter {
             username: user.username,
         })
     }
+}
+
+/// A card as Mattermost post props: one attachment whose actions are buttons posting to the
+/// card's callback URL with their context (`model.SlackAttachment`, `model.PostAction`).
+pub fn card_props(card: &ActionCard) -> serde_json::Map<String, serde_json::Value> {
+    let actions: Vec<serde_json::Value> = card
+        .actions
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "id": a.id,
+                "type": "button",
+                "name": a.label,
+                "style": a.style,
+                "integration": { "url": card.callback_url, "context": a.context },
+            })
+        })
+        .collect();
+    let mut attachment = serde_json::json!({
+        "fallback": format!("{}: {}", card.title, card.text),
+        "title": card.title,
+        "text": card.text,
+        "actions": actions,
+    });
+    if let (Some(color), Some(obj)) = (&card.color, attachment.as_object_mut()) {
+        obj.insert("color".into(), serde_json::Value::String(color.clone()));
+    }
+    let mut props = serde_json::Map::new();
+    props.insert(
+        "attachments".into(),
+        serde_json::Value::Array(vec![attachment]),
+    );
+    props
 }
 
 /// The channel name for `org/repo`: `org-repo`, lowercased, with every run of characters
