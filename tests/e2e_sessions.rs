@@ -350,3 +350,257 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
     );
     stack.finish().await;
 }
+
+/// The bot as a separate process, so it can be killed like a crashed pod.
+struct BotProcess {
+    child: std::process::Child,
+    /// The process's TMPDIR: its SSH pool keeps its key and control sockets under it.
+    tmp: tempfile::TempDir,
+}
+
+impl BotProcess {
+    fn start(stack: &Stack, tb: &Testbed) -> Self {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let env = format!(
+            "ANTHROPIC_BASE_URL={},ANTHROPIC_API_KEY=test-key,CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            stack.model.url()
+        );
+        let repos = format!("{}/repos", stack.vm_root);
+        let worktrees = format!("{}/worktrees", stack.vm_root);
+        let args: Vec<(&str, String)> = vec![
+            ("mattermost-url", stack.fake.url()),
+            ("mattermost-token", stack.fake.bot_token()),
+            ("mattermost-team-id", stack.fake.team_id()),
+            ("opnsense-url", "http://127.0.0.1:1".into()),
+            ("opnsense-key", "k".into()),
+            ("opnsense-secret", "s".into()),
+            ("callback-secret", support::CALLBACK_SECRET.into()),
+            ("database-url", stack.db.url.clone()),
+            ("listen-addr", "127.0.0.1:0".into()),
+            ("vm-host", tb.get("SM_TEST_VM_HOST")),
+            ("vm-port", tb.get("SM_TEST_VM_PORT")),
+            ("vm-user", tb.get("SM_TEST_VM_USER")),
+            ("vm-ssh-key-path", tb.get("SM_TEST_VM_KEY_PATH")),
+            ("vm-known-hosts", tb.get("SM_TEST_VM_KNOWN_HOSTS")),
+            ("git-base-url", tb.get("SM_TEST_GIT_BASE_URL")),
+            ("repos-base-path", repos),
+            ("worktrees-path", worktrees),
+            ("container-image", tb.get("SM_TEST_SANDBOX_IMAGE")),
+            ("container-network", "host".into()),
+            ("container-env", env),
+        ];
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-manager"));
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TMPDIR", tmp.path())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in args {
+            cmd.arg(format!("--{k}={v}"));
+        }
+        Self {
+            child: cmd.spawn().expect("spawn the bot"),
+            tmp,
+        }
+    }
+
+    /// Kills the bot without warning, then the SSH masters it leaves behind.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_ssh_masters_under(self.tmp.path());
+    }
+}
+
+impl Drop for BotProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        kill_ssh_masters_under(self.tmp.path());
+    }
+}
+
+/// Kills `ssh` master processes whose control files live under `dir`. Returns how many.
+fn kill_ssh_masters_under(dir: &std::path::Path) -> usize {
+    let dir = dir.display().to_string();
+    let mut killed = 0;
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmd.starts_with("ssh ") && cmd.contains(&dir) {
+            if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                // SAFETY: signalling an ssh master the bot under test started, by its pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation() {
+    let tb = Testbed::load();
+    let script = ModelScript::new()
+        .on_last_user("which animal", Reply::text("You told me: zebra."))
+        .on_last_user(
+            "remember the word zebra",
+            Reply::text("Noted, I will remember it."),
+        )
+        .fallback(Reply::text("ok"));
+    let mut stack = Stack::start(script).await;
+    // This test runs the bot as a process of its own.
+    if let Some(app) = stack.app.take() {
+        app.stop().await;
+    }
+    let connections = stack.fake.websocket_connections();
+    let bot = BotProcess::start(&stack, &tb);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.fake.websocket_connections() <= connections.saturating_sub(1)
+        || stack.fake.websocket_connections() == 0
+    {
+        assert!(Instant::now() < deadline, "the bot process never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &channel,
+            Some(&root),
+            "remember the word zebra",
+        )
+        .expect("post");
+    stack
+        .wait_for("the first answer", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&root), "Noted, I will remember it.")
+        })
+        .await;
+
+    bot.kill();
+    let session = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &root,
+        )
+        .await
+        .expect("read")
+        .expect("session");
+    assert!(
+        session.state.is_active(),
+        "a killed bot ends nothing: {:?}",
+        session.state
+    );
+    let conversation = session
+        .agent_session_id
+        .clone()
+        .expect("conversation id stored");
+
+    let _bot = BotProcess::start(&stack, &tb);
+    stack
+        .wait_for("the resume notice", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&root), "continues where it was")
+        })
+        .await;
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &channel,
+            Some(&root),
+            "which animal did I name?",
+        )
+        .expect("post");
+    stack
+        .wait_for(
+            "the answer after the restart",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "You told me: zebra."),
+        )
+        .await;
+    let last = stack
+        .model
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.last_user_text.contains("which animal"))
+        .expect("request after the restart");
+    assert!(
+        last.all_messages_text().contains("remember the word zebra"),
+        "the model saw the earlier conversation"
+    );
+    let after = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(
+        after.agent_session_id.as_deref(),
+        Some(conversation.as_str()),
+        "same conversation id"
+    );
+    drop(_bot);
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_ssh_master_is_replaced_and_no_queued_message_is_lost() {
+    let tb = Testbed::load();
+    let script = ModelScript::new()
+        .on_last_user(
+            "second message",
+            Reply::text("Answer to the second message."),
+        )
+        .on_last_user("first message", Reply::text("Answer to the first message."))
+        .fallback(Reply::text("ok"));
+    let mut stack = Stack::start(script).await;
+    if let Some(app) = stack.app.take() {
+        app.stop().await;
+    }
+    let bot = BotProcess::start(&stack, &tb);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.fake.websocket_connections() == 0 {
+        assert!(Instant::now() < deadline, "the bot process never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "first message")
+        .expect("post");
+    stack
+        .wait_for("the first answer", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&root), "Answer to the first message.")
+        })
+        .await;
+
+    let killed = kill_ssh_masters_under(bot.tmp.path());
+    assert!(killed >= 1, "found the bot's SSH master");
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "second message")
+        .expect("post");
+    stack
+        .wait_for("the recovery notice", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&root), "connection to Claude was lost")
+        })
+        .await;
+    stack
+        .wait_for(
+            "the answer to the message sent during the outage",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "Answer to the second message."),
+        )
+        .await;
+    drop(bot);
+    stack.finish().await;
+}

@@ -154,8 +154,18 @@ pub(super) struct Actor {
 
 enum Step {
     Continue,
+    /// The session is over: clean up.
     Exit(EndReason, Option<String>),
+    /// The bot is shutting down: leave the session for `recover` at the next start.
+    Detach,
+    /// The agent's stream ended unexpectedly (exit or a lost SSH connection): try to resume.
+    AgentLost(String),
 }
+
+/// How many times a lost agent is resumed within [`RESUME_WINDOW`] before the session ends.
+const RESUME_BUDGET: usize = 3;
+/// The window [`RESUME_BUDGET`] counts in.
+const RESUME_WINDOW: Duration = Duration::from_secs(600);
 
 impl Actor {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
@@ -193,6 +203,12 @@ impl Actor {
                 }
             }
         };
+        if rx.is_closed() && agent.is_err() && shutdown_waiters.is_empty() {
+            // The bot stops while this session starts: `recover` decides at the next start.
+            drop(output);
+            let _ = output_task.await;
+            return;
+        }
         let mut agent = match agent {
             Ok(agent) => agent,
             Err((message, reason)) => {
@@ -210,13 +226,14 @@ impl Actor {
         let mut pending = Pending::None;
         let mut scanner = self.scanner();
         let mut seen_tools: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut resumes: Vec<tokio::time::Instant> = Vec::new();
         if let Some(next) = queue.pop_front() {
             busy = self.send_turn(&mut agent, &next).await;
         }
-        let end = loop {
+        let end: Option<(EndReason, Option<String>)> = loop {
             let step = tokio::select! {
                 request = rx.recv() => match request {
-                    None => Step::Exit(EndReason::Error, Some("the bot is shutting down".into())),
+                    None => Step::Detach,
                     Some(Request::Shutdown { reply }) => {
                         shutdown_waiters.push(reply);
                         Step::Exit(EndReason::UserRequested, None)
@@ -262,12 +279,59 @@ impl Actor {
                         }
                         Step::Continue
                     }
-                    Ok(None) => Step::Exit(EndReason::AgentExited, Some("the agent process exited".into())),
-                    Err(e) => Step::Exit(EndReason::AgentExited, Some(format!("reading the agent failed: {e}"))),
+                    Ok(None) => Step::AgentLost("the agent's output ended".into()),
+                    Err(e) => Step::AgentLost(format!("reading the agent failed: {e}")),
                 },
             };
-            if let Step::Exit(reason, detail) = step {
-                break (reason, detail);
+            match step {
+                Step::Continue => {}
+                Step::Exit(reason, detail) => break Some((reason, detail)),
+                Step::Detach => break None,
+                Step::AgentLost(why) => {
+                    resumes.retain(|t: &tokio::time::Instant| t.elapsed() < RESUME_WINDOW);
+                    if resumes.len() >= RESUME_BUDGET {
+                        break Some((
+                            EndReason::AgentExited,
+                            Some(format!(
+                                "{why}; it stopped {RESUME_BUDGET} times in {} minutes",
+                                RESUME_WINDOW.as_secs() / 60
+                            )),
+                        ));
+                    }
+                    resumes.push(tokio::time::Instant::now());
+                    warn!(session = %self.plan.session.id, %why, "agent lost; resuming the conversation");
+                    let _ = output.send(TurnInput::EndTurn).await;
+                    scanner.reset();
+                    seen_tools.clear();
+                    let was_busy = busy;
+                    busy = false;
+                    match self.replace_agent_quietly(agent).await {
+                        Ok(new_agent) => {
+                            agent = new_agent;
+                            let note = if was_busy {
+                                "⚠️ The connection to Claude was lost in the middle of an answer; Claude was restarted and the conversation resumed. The interrupted answer may be incomplete: ask again if needed."
+                            } else {
+                                "⚠️ The connection to Claude was lost; Claude was restarted and the conversation resumed."
+                            };
+                            self.manager.say(&self.plan.session, note).await;
+                        }
+                        Err(message) => {
+                            drop(output);
+                            let _ = output_task.await;
+                            self.manager
+                                .finish(
+                                    &id,
+                                    EndReason::AgentExited,
+                                    Some(format!("{why}; resuming failed: {message}")),
+                                )
+                                .await;
+                            for w in shutdown_waiters {
+                                let _ = w.send(());
+                            }
+                            return;
+                        }
+                    }
+                }
             }
             if !busy && pending != Pending::None {
                 let fresh = pending == Pending::Clear;
@@ -302,6 +366,16 @@ impl Actor {
         drop(output);
         let _ = output_task.await;
         agent.close().await;
+        let Some((reason, detail)) = end else {
+            // Detached for a bot shutdown: the session stays and resumes at the next start.
+            if !queue.is_empty() {
+                let n = queue.len();
+                self.manager
+                    .say(&self.plan.session, &format!("⚠️ The bot is restarting; {n} queued message(s) were not delivered. Please send them again once it says the session continues."))
+                    .await;
+            }
+            return;
+        };
         if !queue.is_empty() {
             let dropped = queue.len();
             self.manager
@@ -313,7 +387,7 @@ impl Actor {
                 )
                 .await;
         }
-        self.manager.finish(&id, end.0, end.1).await;
+        self.manager.finish(&id, reason, detail).await;
         for w in shutdown_waiters {
             let _ = w.send(());
         }
@@ -656,6 +730,12 @@ impl Actor {
                 "Claude did not answer within {AGENT_READY_TIMEOUT:?}"
             )),
         }
+    }
+
+    /// Replaces a lost agent with a new process resuming the same conversation.
+    async fn replace_agent_quietly(&mut self, old: Agent) -> Result<Agent, String> {
+        old.close().await;
+        self.spawn_agent(false).await
     }
 
     /// Replaces the agent process after a turn: `fresh` starts a new conversation (`clear`),

@@ -224,6 +224,17 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
     Settings::from_args(&cli.settings).expect("valid test settings")
 }
 
+/// Logs into libtest's captured output (shown for failing tests); levels from RUST_LOG,
+/// `warn` by default.
+pub fn init_test_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// The bot running in this process.
 pub struct TestApp {
     /// Where it listens.
@@ -235,8 +246,7 @@ pub struct TestApp {
 impl TestApp {
     /// Starts [`session_manager::serve`] on a fresh 127.0.0.1 port.
     pub async fn start(settings: Settings) -> Self {
-        // Logs go to the test's captured output (RUST_LOG picks the levels).
-        session_manager::telemetry::init_tracing(session_manager::config::LogFormat::Text);
+        init_test_tracing();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
