@@ -604,3 +604,426 @@ async fn a_killed_ssh_master_is_replaced_and_no_queued_message_is_lost() {
     drop(bot);
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn worktrees_the_clone_lock_and_parallel_sessions() {
+    let script = ModelScript::new()
+        .on_last_user(
+            "ping-one",
+            Reply::text("pong-one").after(Duration::from_millis(300)),
+        )
+        .on_last_user("ping-three", Reply::text("pong-three"))
+        .fallback(Reply::text("ok"));
+    let stack = Stack::start(script).await;
+    let (channel, main_root) = stack.start_session("@claude start acme/widgets").await;
+    let main = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &main_root,
+        )
+        .await
+        .expect("read")
+        .expect("session");
+    assert_eq!(main.worktree, None);
+    assert_eq!(
+        stack
+            .store
+            .lock_holder("clone:local/acme/widgets")
+            .await
+            .expect("lock")
+            .as_deref(),
+        Some(main.id.as_str())
+    );
+
+    // A second session on the main clone is refused and told to use --worktree.
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &stack.town,
+            None,
+            "@claude start acme/widgets",
+        )
+        .expect("post");
+    stack
+        .wait_for("the clone-lock refusal", Duration::from_secs(60), |s| {
+            s.fake.posts().into_iter().find(|p| {
+                p.message.contains("in use by session") && p.message.contains("--worktree")
+            })
+        })
+        .await;
+
+    // With --worktree it runs beside the first one.
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &stack.town,
+            None,
+            "@claude start acme/widgets --worktree=feature-one",
+        )
+        .expect("post");
+    let wt_root = stack
+        .wait_for(
+            "the worktree session's thread",
+            Duration::from_secs(30),
+            |s| {
+                s.bot_post(None, "worktree `feature-one`")
+                    .filter(|p| p.root_id.is_empty())
+            },
+        )
+        .await;
+    stack
+        .wait_for("the worktree session ready", READY_TIMEOUT, |s| {
+            if let Some(failed) = s.bot_post(Some(&wt_root.id), "❌") {
+                panic!("start failed: {}", failed.message);
+            }
+            s.bot_post(Some(&wt_root.id), "Ready")
+        })
+        .await;
+    let wt = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &wt_root.id,
+        )
+        .await
+        .expect("read")
+        .expect("session");
+    let wt_path = wt.workspace_path.clone().expect("workspace");
+    assert_eq!(
+        wt_path,
+        format!("{}/worktrees/acme/widgets/feature-one", stack.vm_root)
+    );
+    let mut branch = Script::new();
+    branch
+        .command(
+            "git",
+            &["-C", wt_path.as_str(), "rev-parse", "--abbrev-ref", "HEAD"],
+        )
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&branch).await.stdout.trim(),
+        "feature-one",
+        "the worktree has its own branch"
+    );
+    assert_ne!(
+        wt.container_id, main.container_id,
+        "each workspace has its own container"
+    );
+
+    // Two sessions at once, each answer in its own thread.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&main_root), "ping-one")
+        .expect("post");
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&wt_root.id), "ping-three")
+        .expect("post");
+    stack
+        .wait_for("pong-one", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&main_root), "pong-one")
+        })
+        .await;
+    stack
+        .wait_for("pong-three", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&wt_root.id), "pong-three")
+        })
+        .await;
+    assert!(
+        stack.bot_post(Some(&main_root), "pong-three").is_none(),
+        "no crossing"
+    );
+    assert!(
+        stack.bot_post(Some(&wt_root.id), "pong-one").is_none(),
+        "no crossing"
+    );
+
+    // Stopping the worktree session removes its container and worktree; the lock stays with the first.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&wt_root.id), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&wt.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
+    let mut exists = Script::new();
+    exists
+        .command("test", &["-e", wt_path.as_str()])
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&exists).await.status,
+        Some(1),
+        "the worktree is removed"
+    );
+    let mut listed = Script::new();
+    listed
+        .command(
+            "git",
+            &[
+                "-C",
+                &format!("{}/repos/local/acme/widgets", stack.vm_root),
+                "worktree",
+                "list",
+            ],
+        )
+        .expect("q");
+    assert!(
+        !stack.vm_run(&listed).await.stdout.contains("feature-one"),
+        "and pruned"
+    );
+    let mut container = Script::new();
+    container
+        .raw_then(
+            "podman container exists",
+            &[wt.container_id.as_deref().unwrap_or_default()],
+        )
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&container).await.status,
+        Some(1),
+        "its container is removed"
+    );
+    assert_eq!(
+        stack
+            .store
+            .lock_holder("clone:local/acme/widgets")
+            .await
+            .expect("lock")
+            .as_deref(),
+        Some(main.id.as_str())
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&main_root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&main.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        stack
+            .store
+            .lock_holder("clone:local/acme/widgets")
+            .await
+            .expect("lock"),
+        None
+    );
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repositorys_devcontainer_and_the_thread_commands() {
+    let script = ModelScript::new()
+        .on_last_user("after restart", Reply::text("answer after restart"))
+        .on_last_user("after clear", Reply::text("answer after clear"))
+        .on_last_user(
+            "show the marker",
+            Reply::bash("echo REPO=$REPO_DEVCONTAINER"),
+        )
+        .on_tool_result("REPO=", Reply::text("I saw the marker."))
+        .fallback(Reply::text("ok"));
+    let stack = Stack::start(script).await;
+    let (channel, root) = stack
+        .start_session("@claude start acme/with-devcontainer")
+        .await;
+    let session = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &root,
+        )
+        .await
+        .expect("read")
+        .expect("session");
+    let mut config_dir = Script::new();
+    config_dir
+        .command(
+            "test",
+            &[
+                "-e",
+                &format!(
+                    ".local/share/session-manager/devcontainers/{}/devcontainer.json",
+                    session.id
+                ),
+            ],
+        )
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&config_dir).await.status,
+        Some(1),
+        "no fallback config was generated"
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "show the marker")
+        .expect("post");
+    stack
+        .wait_for("the tool answer", Duration::from_secs(120), |s| {
+            s.bot_post(Some(&root), "I saw the marker.")
+        })
+        .await;
+    let saw = stack
+        .model
+        .requests()
+        .iter()
+        .flat_map(|r| r.tool_results())
+        .any(|t| t.content.contains("REPO=yes"));
+    assert!(
+        saw,
+        "the repository's devcontainer.json (containerEnv REPO_DEVCONTAINER=yes) was used"
+    );
+
+    let t = Some(root.as_str());
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "!context")
+        .expect("post");
+    let context = stack
+        .wait_for("context", Duration::from_secs(30), |s| {
+            s.bot_post(t, "messages: 1")
+        })
+        .await;
+    assert!(
+        context.message.contains("cost:") && context.message.contains("context"),
+        "{}",
+        context.message
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &stack.town, None, "@claude status")
+        .expect("post");
+    stack
+        .wait_for("status", Duration::from_secs(30), |s| {
+            s.bot_post(None, "Active sessions")
+                .filter(|p| p.message.contains("acme/with-devcontainer"))
+        })
+        .await;
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "!compact")
+        .expect("post");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let row = stack
+            .store
+            .session(&session.id)
+            .await
+            .expect("read")
+            .expect("row");
+        if row.stats.compaction_count >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "compaction never reported: {:?}",
+            row.stats
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let before = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("row")
+        .agent_session_id;
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "!clear")
+        .expect("post");
+    stack
+        .wait_for("the clear notice", Duration::from_secs(120), |s| {
+            s.bot_post(t, "fresh conversation")
+        })
+        .await;
+    let cleared = stack
+        .store
+        .session(&session.id)
+        .await
+        .expect("read")
+        .expect("row")
+        .agent_session_id;
+    assert_ne!(
+        cleared, before,
+        "clear starts a new conversation id, stored"
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "after clear")
+        .expect("post");
+    stack
+        .wait_for("answer after clear", Duration::from_secs(120), |s| {
+            s.bot_post(t, "answer after clear")
+        })
+        .await;
+    let req = stack
+        .model
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.last_user_text.contains("after clear"))
+        .expect("request");
+    assert!(
+        !req.all_messages_text().contains("show the marker"),
+        "a cleared conversation has no history"
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "!restart")
+        .expect("post");
+    stack
+        .wait_for("the restart notice", Duration::from_secs(120), |s| {
+            s.bot_post(t, "conversation continues")
+        })
+        .await;
+    assert_eq!(
+        stack
+            .store
+            .session(&session.id)
+            .await
+            .expect("read")
+            .expect("row")
+            .agent_session_id,
+        cleared,
+        "restart keeps the conversation"
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "after restart")
+        .expect("post");
+    stack
+        .wait_for("answer after restart", Duration::from_secs(120), |s| {
+            s.bot_post(t, "answer after restart")
+        })
+        .await;
+    let req = stack
+        .model
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.last_user_text.contains("after restart"))
+        .expect("request");
+    assert!(
+        req.all_messages_text().contains("after clear"),
+        "restart resumed the same conversation"
+    );
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, t, "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
+    stack.finish().await;
+}
