@@ -24,9 +24,31 @@ pub mod names {
     pub const RATE_LIMITER_CLIENTS: &str = "session_manager_rate_limiter_clients";
     /// Gauge: 1 when a component (label `component`) answers, 0 when it does not.
     pub const COMPONENT_UP: &str = "session_manager_component_up";
+    /// Gauge: sessions running now (started, not ended), by `kind`.
+    pub const SESSIONS_ACTIVE: &str = "session_manager_sessions_active";
+    /// Counter: sessions started, by `kind`.
+    pub const SESSIONS_STARTED_TOTAL: &str = "session_manager_sessions_started_total";
+    /// Counter: sessions ended, by `reason`.
+    pub const SESSIONS_ENDED_TOTAL: &str = "session_manager_sessions_ended_total";
+    /// Counter: inbound chat posts taken for handling, by `platform`.
+    pub const CHAT_POSTS_RECEIVED_TOTAL: &str = "session_manager_chat_posts_received_total";
     /// Gauge: always 1, labelled with the running `version`.
     pub const BUILD_INFO: &str = "session_manager_build_info";
 }
+
+/// Every metric name the bot exports itself (process metrics come from `metrics-process`).
+pub const ALL_METRICS: &[&str] = &[
+    names::HTTP_REQUESTS_TOTAL,
+    names::HTTP_REQUEST_DURATION_SECONDS,
+    names::HTTP_RATE_LIMITED_TOTAL,
+    names::RATE_LIMITER_CLIENTS,
+    names::COMPONENT_UP,
+    names::SESSIONS_ACTIVE,
+    names::SESSIONS_STARTED_TOTAL,
+    names::SESSIONS_ENDED_TOTAL,
+    names::CHAT_POSTS_RECEIVED_TOTAL,
+    names::BUILD_INFO,
+];
 
 /// Histogram buckets for request durations, in seconds.
 const DURATION_BUCKETS: &[f64] = &[

@@ -112,3 +112,14 @@ fn the_layout_is_complete() {
         "lib.rs opens with the layout doc"
     );
 }
+
+#[test]
+fn the_runbook_lists_every_metric() {
+    let runbook = read("docs/operations.md");
+    for name in session_manager::telemetry::ALL_METRICS {
+        assert!(
+            runbook.contains(&format!("| `{name}` |")),
+            "docs/operations.md does not describe {name}"
+        );
+    }
+}

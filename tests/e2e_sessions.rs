@@ -348,6 +348,23 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         None,
         "the clone lock is released"
     );
+    let metrics = reqwest::get(stack.app.as_ref().expect("app").url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l
+                .starts_with("session_manager_sessions_ended_total{reason=\"user_requested\"}")),
+        "the end is counted: {metrics}"
+    );
+    assert!(
+        metrics.contains("session_manager_chat_posts_received_total"),
+        "inbound posts are counted"
+    );
     stack.finish().await;
 }
 

@@ -36,6 +36,7 @@ use crate::runtime::git::{self, GitLayout};
 use crate::runtime::shell::Script;
 use crate::runtime::ssh::SshPool;
 use crate::store::{EndReason, Session, SessionKind, SessionState, Store};
+use crate::telemetry::names;
 
 /// The system prompt appended for every agent: the marker protocol.
 pub const NETWORK_PROMPT: &str = "You run in a sandboxed container. Outbound network access is blocked by a firewall, except for domains a person has approved.
@@ -268,6 +269,11 @@ impl SessionRuntime {
     }
 
     fn spawn_actor(&self, plan: SessionPlan, progress: Option<PostRef>) -> SessionHandle {
+        let kind: &'static str = plan.session.kind.into();
+        if !plan.resume {
+            metrics::counter!(names::SESSIONS_STARTED_TOTAL, "kind" => kind).increment(1);
+        }
+        metrics::gauge!(names::SESSIONS_ACTIVE, "kind" => kind).increment(1.0);
         let (tx, rx) = mpsc::channel(256);
         let handle = SessionHandle { tx };
         if let Ok(mut actors) = self.manager.actors.lock() {
@@ -428,6 +434,11 @@ impl Manager {
             }
         }
         let detail_text = detail.clone().unwrap_or_default();
+        // Counted before the row ends, so an ended row implies a counted end.
+        let kind: &'static str = session.kind.into();
+        let reason_label: &'static str = reason.into();
+        metrics::counter!(names::SESSIONS_ENDED_TOTAL, "reason" => reason_label).increment(1);
+        metrics::gauge!(names::SESSIONS_ACTIVE, "kind" => kind).decrement(1.0);
         if let Err(e) = self
             .store
             .end_session(&session.id, reason, detail.as_deref())

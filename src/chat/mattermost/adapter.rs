@@ -263,6 +263,7 @@ impl MattermostAdapter {
         if !claimed {
             return true;
         }
+        metrics::counter!(crate::telemetry::names::CHAT_POSTS_RECEIVED_TOTAL, "platform" => "mattermost").increment(1);
         let message = InboundMessage {
             platform: Platform::Mattermost,
             channel_id: post.channel_id.clone(),

@@ -173,9 +173,22 @@ async fn connection(
     .map_err(|_| End::from("WebSocket upgrade timed out"))?
     .map_err(|e| format!("WebSocket upgrade failed: {e}"))?;
     let (mut sink, mut stream) = socket.split();
+    // The upgrade carried the token; the challenge also authenticates behind proxies that drop
+    // the header, and the server ignores it when the upgrade already did.
+    let mut request_seq: i64 = 1;
+    if let Some(token) = client
+        .authorization()
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+    {
+        let challenge = json!({ "seq": request_seq, "action": "authentication_challenge", "data": { "token": token } });
+        sink.send(Message::Text(challenge.to_string().into()))
+            .await
+            .map_err(|e| format!("authentication challenge failed: {e}"))?;
+    }
 
     let mut announced = false;
-    let mut request_seq: i64 = 0;
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await; // the first tick is immediate
     loop {
