@@ -31,6 +31,7 @@
 //! - [`runtime`]: the VM side: quoted remote scripts and the multiplexed SSH pool.
 //! - [`session`]: the session runtime: one actor per session owning its agent, lifecycle,
 //!   cleanup and recovery after a restart.
+//! - [`leader`]: only one instance acts at a time (a PostgreSQL advisory lock); others stand by.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
@@ -49,6 +50,7 @@ pub mod dispatch;
 pub mod firewall;
 pub mod health;
 pub mod http;
+pub mod leader;
 pub mod runtime;
 pub mod session;
 pub mod store;
@@ -75,6 +77,7 @@ use crate::dispatch::{Access, DispatchConfig, Dispatcher};
 use crate::health::{Endpoint, HealthRegistry};
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
+use crate::leader::Role;
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
@@ -140,6 +143,19 @@ pub async fn serve(
         warn!("{warning}");
     }
     let store = open_store(&settings).await?;
+    let role = leader::spawn(settings.database.url.clone(), shutdown.clone());
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let mut role = role.clone();
+        let shutdown = shutdown.clone();
+        let lost = Arc::clone(&lost);
+        tokio::spawn(async move {
+            if role.wait_for(|r| *r == Role::Lost).await.is_ok() {
+                lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                shutdown.cancel();
+            }
+        });
+    }
 
     let health = HealthRegistry::new();
     let limiter = Arc::new(ClientRateLimiter::new(
@@ -186,6 +202,7 @@ pub async fn serve(
         store.clone(),
         Arc::clone(&ssh),
         health.clone(),
+        role.clone(),
         shutdown.clone(),
     ));
 
@@ -194,6 +211,7 @@ pub async fn serve(
         health,
         limiter,
         metrics,
+        role,
     });
     let addr = listener.local_addr().context("listener has no address")?;
     info!(%addr, "HTTP server listening");
@@ -212,6 +230,11 @@ pub async fn serve(
     }
     store.close().await;
     info!("stopped");
+    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!(
+            "stopped because the instance lock was lost (another instance may be active)"
+        );
+    }
     server.context("HTTP server failed")
 }
 
@@ -223,8 +246,14 @@ async fn run_chat(
     store: Store,
     ssh: Arc<SshPool>,
     health: HealthRegistry,
+    mut role: tokio::sync::watch::Receiver<Role>,
     cancel: CancellationToken,
 ) {
+    // Only the active instance talks to chat and runs sessions.
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        active = role.wait_for(|r| *r == Role::Active) => if active.is_err() { return },
+    }
     let config = MattermostConfig {
         url: settings.mattermost.url.clone(),
         token: settings.mattermost.token.clone(),

@@ -1,4 +1,4 @@
-//! The HTTP surface (axum): `GET /health`, `GET /metrics`, `POST /callback`.
+//! The HTTP surface (axum): `GET /health`, `GET /ready`, `GET /metrics`, `POST /callback`.
 //!
 //! Every route, including unknown paths, passes the per-client rate limiter first
 //! ([`ratelimit`]); over the limit answers 429 with `Retry-After` (whole seconds). Handlers only
@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::health::{ComponentHealth, ComponentStatus, HealthRegistry};
+use crate::leader::Role;
 use crate::store::Store;
 use crate::telemetry::{names, Metrics};
 use ratelimit::ClientRateLimiter;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub limiter: Arc<ClientRateLimiter>,
     /// The metrics renderer.
     pub metrics: &'static Metrics,
+    /// Whether this instance is the active one.
+    pub role: tokio::sync::watch::Receiver<Role>,
 }
 
 /// Builds the router. Serve it with
@@ -49,6 +52,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/callback", post(callback))
         .fallback(not_found)
@@ -66,6 +70,8 @@ pub struct HealthReport {
     pub status: &'static str,
     /// Crate version.
     pub version: &'static str,
+    /// `active`, or `standby` while another instance holds the instance lock.
+    pub role: Role,
     /// Each component by name; `database` is always present.
     pub components: std::collections::BTreeMap<String, ComponentHealth>,
 }
@@ -111,9 +117,26 @@ async fn health(State(state): State<AppState>) -> Response {
     let report = HealthReport {
         status,
         version: env!("CARGO_PKG_VERSION"),
+        role: *state.role.borrow(),
         components,
     };
     (code, Json(report)).into_response()
+}
+
+/// Readiness: 200 when this instance is the active one and its database answers, 503 otherwise
+/// (a standby is alive but must not receive traffic).
+async fn ready(State(state): State<AppState>) -> Response {
+    let role = *state.role.borrow();
+    let db_up = matches!(
+        tokio::time::timeout(DATABASE_PING_TIMEOUT, state.store.ping()).await,
+        Ok(Ok(()))
+    );
+    let code = if role == Role::Active && db_up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(json!({ "ready": code == StatusCode::OK, "role": role, "database": if db_up { "up" } else { "down" } }))).into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

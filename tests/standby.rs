@@ -1,0 +1,118 @@
+//! Two instances on one PostgreSQL: one acts, the other stands by and takes over when the
+//! first dies.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::TestDatabase;
+
+/// A `serve` process; killed (SIGKILL) when dropped.
+struct Instance {
+    child: Child,
+    addr: String,
+}
+
+impl Instance {
+    fn start(database_url: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_session-manager"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SM_MATTERMOST_URL", "http://127.0.0.1:1")
+            .env("SM_MATTERMOST_TOKEN", "t")
+            .env("SM_MATTERMOST_TEAM_ID", "abcdefghijklmnopqrstuvwxyz")
+            .env("SM_VM_HOST", "127.0.0.1")
+            .env("SM_VM_PORT", "1")
+            .env("SM_VM_KNOWN_HOSTS", support::TEST_KNOWN_HOSTS)
+            .env("SM_OPNSENSE_URL", "http://127.0.0.1:1")
+            .env("SM_OPNSENSE_KEY", "k")
+            .env("SM_OPNSENSE_SECRET", "s")
+            .env("SM_CALLBACK_SECRET", support::CALLBACK_SECRET)
+            .env("SM_DATABASE_URL", database_url)
+            .env("SM_LISTEN_ADDR", "127.0.0.1:0")
+            .env("SM_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str::<Value>(&line) {
+                    if json["message"] == "HTTP server listening" {
+                        let _ = tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the instance listens");
+        Self { child, addr }
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(format!("http://{}{path}", self.addr)).await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_until<F>(what: &str, timeout: Duration, mut check: F)
+where
+    F: AsyncFnMut() -> bool,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_instance_dies() {
+    let db = TestDatabase::postgres().await;
+    let first = Instance::start(&db.url);
+    wait_until("the first instance is active", Duration::from_secs(20), async || first.get("/ready").await.0 == 200).await;
+    assert_eq!(first.get("/health").await.1["role"], "active");
+
+    let second = Instance::start(&db.url);
+    // Give it time to try the lock, then check it stands by.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, health) = second.get("/health").await;
+    assert_eq!(status, 200, "a standby is alive: {health}");
+    assert_eq!(health["role"], "standby", "{health}");
+    let (status, ready) = second.get("/ready").await;
+    assert_eq!(status, 503, "a standby is not ready: {ready}");
+    assert_eq!(first.get("/ready").await.0, 200, "the first one stays active");
+
+    // The active instance dies without a goodbye.
+    let died = Instant::now();
+    drop(first);
+    wait_until("the standby takes over", Duration::from_secs(20), async || second.get("/ready").await.0 == 200).await;
+    let took = died.elapsed();
+    assert!(took < Duration::from_secs(10), "took over in {took:?}");
+    assert_eq!(second.get("/health").await.1["role"], "active");
+    println!("standby took over {:.1} s after the active instance died", took.as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_database_is_always_active() {
+    let db = TestDatabase::sqlite();
+    let only = Instance::start(&db.url);
+    wait_until("active", Duration::from_secs(20), async || only.get("/ready").await.0 == 200).await;
+    assert_eq!(only.get("/health").await.1["role"], "active");
+}
