@@ -7,6 +7,8 @@
 #   podman import --change 'USER claude' --change 'WORKDIR /home/claude' OUT.tar NAME:TAG
 #
 # Usage (as root): build-rootfs.sh OUT.tar CLAUDE_BINARY
+#                  build-rootfs.sh --base OUT.tar   (a plain minbase tree: the local stand-in for
+#                  debian:bookworm-slim when building the bot's own image without a registry)
 # Environment:
 #   DEBIAN_SUITE   suite to bootstrap (default bookworm)
 #   DEBIAN_MIRROR  mirror URL (default: the first one apt's sources use for that suite)
@@ -67,7 +69,14 @@ remove_tree() {
 }
 
 main() {
-    [ $# -eq 2 ] || die "usage: build-rootfs.sh OUT.tar CLAUDE_BINARY"
+    local base=no
+    if [ "${1:-}" = --base ]; then
+        base=yes
+        shift
+        [ $# -eq 1 ] || die "usage: build-rootfs.sh --base OUT.tar"
+        set -- "$1" /bin/true
+    fi
+    [ $# -eq 2 ] || die "usage: build-rootfs.sh OUT.tar CLAUDE_BINARY | build-rootfs.sh --base OUT.tar"
     local out=$1 claude_bin=$2 mirror packages
     [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap and chroot need it)"
     command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
@@ -82,6 +91,14 @@ main() {
     trap 'remove_tree "$rootfs"' EXIT
     mkdir -p "$rootfs"
 
+    if [ "$base" = yes ]; then
+        echo "debootstrap --variant=minbase $suite $rootfs $mirror"
+        debootstrap --variant=minbase "$suite" "$rootfs" "$mirror"
+        rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log
+        tar --numeric-owner -C "$rootfs" -cf "$out.partial" .
+        mv "$out.partial" "$out"
+        return
+    fi
     echo "debootstrap --variant=minbase --include=$packages $suite $rootfs $mirror"
     debootstrap --variant=minbase --include="$packages" "$suite" "$rootfs" "$mirror"
 
