@@ -123,3 +123,16 @@ fn the_runbook_lists_every_metric() {
         );
     }
 }
+
+#[test]
+fn the_devcontainer_template_is_what_the_bot_generates() {
+    // JSONC: drop whole-line comments (the template has no trailing ones).
+    let text: String = read("devcontainer/devcontainer.json")
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let template: serde_json::Value = serde_json::from_str(&text).expect("the template is JSON once comments are gone");
+    let generated = session_manager::runtime::devcontainer::fallback_config("claude-code:latest", "isolated");
+    assert_eq!(template, generated, "devcontainer/devcontainer.json and fallback_config() differ");
+}

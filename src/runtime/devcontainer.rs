@@ -74,10 +74,10 @@ pub enum DevcontainerError {
 
 /// The configuration used when a repository has none: `SM_CONTAINER_IMAGE` on
 /// `SM_CONTAINER_NETWORK`, running as `claude`, with the shared volumes that keep Claude's
-/// configuration and conversations (`--resume` needs them) across containers.
+/// configuration and conversations (`--resume` needs them) across containers. It is
+/// `devcontainer/devcontainer.json` with those two values filled in (a test keeps them equal).
 pub fn fallback_config(image: &str, network: &str) -> Value {
     json!({
-        "name": "session-manager",
         "image": image,
         "remoteUser": "claude",
         "runArgs": [format!("--network={network}")],
