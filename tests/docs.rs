@@ -132,7 +132,12 @@ fn the_devcontainer_template_is_what_the_bot_generates() {
         .filter(|l| !l.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
         .join("\n");
-    let template: serde_json::Value = serde_json::from_str(&text).expect("the template is JSON once comments are gone");
-    let generated = session_manager::runtime::devcontainer::fallback_config("claude-code:latest", "isolated");
-    assert_eq!(template, generated, "devcontainer/devcontainer.json and fallback_config() differ");
+    let template: serde_json::Value =
+        serde_json::from_str(&text).expect("the template is JSON once comments are gone");
+    let generated =
+        session_manager::runtime::devcontainer::fallback_config("claude-code:latest", "isolated");
+    assert_eq!(
+        template, generated,
+        "devcontainer/devcontainer.json and fallback_config() differ"
+    );
 }

@@ -39,7 +39,9 @@ impl Drop for Cleanup<'_> {
         if let Some(id) = &self.container {
             let _ = podman(self.tb).args(["rm", "--force", id]).output();
         }
-        let _ = podman(self.tb).args(["rmi", "--force", &self.image]).output();
+        let _ = podman(self.tb)
+            .args(["rmi", "--force", &self.image])
+            .output();
     }
 }
 
@@ -49,11 +51,22 @@ async fn the_runtime_image_built_from_a_local_base_answers_health() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let context = tempfile::tempdir().expect("context");
     std::fs::copy(root.join("Dockerfile"), context.path().join("Dockerfile")).expect("Dockerfile");
-    std::fs::copy(root.join(".dockerignore"), context.path().join(".dockerignore")).expect(".dockerignore");
+    std::fs::copy(
+        root.join(".dockerignore"),
+        context.path().join(".dockerignore"),
+    )
+    .expect(".dockerignore");
     std::fs::create_dir_all(context.path().join("target/release")).expect("dirs");
-    std::fs::copy(env!("CARGO_BIN_EXE_session-manager"), context.path().join("target/release/session-manager")).expect("binary");
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_session-manager"),
+        context.path().join("target/release/session-manager"),
+    )
+    .expect("binary");
 
-    let image = format!("localhost/session-manager:smoke-{}", uuid::Uuid::new_v4().simple());
+    let image = format!(
+        "localhost/session-manager:smoke-{}",
+        uuid::Uuid::new_v4().simple()
+    );
     let mut cleanup = Cleanup {
         tb: &tb,
         container: None,
@@ -94,10 +107,18 @@ async fn the_runtime_image_built_from_a_local_base_answers_health() {
         format!("SM_LISTEN_ADDR=127.0.0.1:{port}"),
         "SM_DATABASE_URL=sqlite:///tmp/session-manager.db".to_owned(),
     ];
-    let mut args: Vec<String> = ["run", "--detach", "--network=host", "--read-only", "--tmpfs", "/tmp", "--cap-drop=ALL"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
+    let mut args: Vec<String> = [
+        "run",
+        "--detach",
+        "--network=host",
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "--cap-drop=ALL",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
     for e in &env {
         args.push("--env".into());
         args.push(e.clone());
@@ -117,7 +138,10 @@ async fn the_runtime_image_built_from_a_local_base_answers_health() {
             }
         }
         if Instant::now() > deadline {
-            let logs = podman(&tb).args(["logs", &id]).output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+            let logs = podman(&tb)
+                .args(["logs", &id])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
             panic!("the container never answered /health with 200; logs: {logs:?}");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

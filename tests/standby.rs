@@ -53,12 +53,16 @@ impl Instance {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(30)).expect("the instance listens");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the instance listens");
         Self { child, addr }
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(format!("http://{}{path}", self.addr)).await.expect("request");
+        let r = reqwest::get(format!("http://{}{path}", self.addr))
+            .await
+            .expect("request");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -86,7 +90,12 @@ where
 async fn a_standby_takes_over_when_the_active_instance_dies() {
     let db = TestDatabase::postgres().await;
     let first = Instance::start(&db.url);
-    wait_until("the first instance is active", Duration::from_secs(20), async || first.get("/ready").await.0 == 200).await;
+    wait_until(
+        "the first instance is active",
+        Duration::from_secs(20),
+        async || first.get("/ready").await.0 == 200,
+    )
+    .await;
     assert_eq!(first.get("/health").await.1["role"], "active");
 
     let second = Instance::start(&db.url);
@@ -97,22 +106,37 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     assert_eq!(health["role"], "standby", "{health}");
     let (status, ready) = second.get("/ready").await;
     assert_eq!(status, 503, "a standby is not ready: {ready}");
-    assert_eq!(first.get("/ready").await.0, 200, "the first one stays active");
+    assert_eq!(
+        first.get("/ready").await.0,
+        200,
+        "the first one stays active"
+    );
 
     // The active instance dies without a goodbye.
     let died = Instant::now();
     drop(first);
-    wait_until("the standby takes over", Duration::from_secs(20), async || second.get("/ready").await.0 == 200).await;
+    wait_until(
+        "the standby takes over",
+        Duration::from_secs(20),
+        async || second.get("/ready").await.0 == 200,
+    )
+    .await;
     let took = died.elapsed();
     assert!(took < Duration::from_secs(10), "took over in {took:?}");
     assert_eq!(second.get("/health").await.1["role"], "active");
-    println!("standby took over {:.1} s after the active instance died", took.as_secs_f64());
+    println!(
+        "standby took over {:.1} s after the active instance died",
+        took.as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_database_is_always_active() {
     let db = TestDatabase::sqlite();
     let only = Instance::start(&db.url);
-    wait_until("active", Duration::from_secs(20), async || only.get("/ready").await.0 == 200).await;
+    wait_until("active", Duration::from_secs(20), async || {
+        only.get("/ready").await.0 == 200
+    })
+    .await;
     assert_eq!(only.get("/health").await.1["role"], "active");
 }
