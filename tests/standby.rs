@@ -93,7 +93,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     wait_until(
         "the first instance is active",
         Duration::from_secs(20),
-        async || first.get("/ready").await.0 == 200,
+        async || first.get("/health?probe=readiness").await.0 == 200,
     )
     .await;
     assert_eq!(first.get("/health").await.1["role"], "active");
@@ -104,10 +104,10 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     let (status, health) = second.get("/health").await;
     assert_eq!(status, 200, "a standby is alive: {health}");
     assert_eq!(health["role"], "standby", "{health}");
-    let (status, ready) = second.get("/ready").await;
+    let (status, ready) = second.get("/health?probe=readiness").await;
     assert_eq!(status, 503, "a standby is not ready: {ready}");
     assert_eq!(
-        first.get("/ready").await.0,
+        first.get("/health?probe=readiness").await.0,
         200,
         "the first one stays active"
     );
@@ -118,7 +118,7 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     wait_until(
         "the standby takes over",
         Duration::from_secs(20),
-        async || second.get("/ready").await.0 == 200,
+        async || second.get("/health?probe=readiness").await.0 == 200,
     )
     .await;
     let took = died.elapsed();
@@ -135,7 +135,7 @@ async fn the_embedded_database_is_always_active() {
     let db = TestDatabase::sqlite();
     let only = Instance::start(&db.url);
     wait_until("active", Duration::from_secs(20), async || {
-        only.get("/ready").await.0 == 200
+        only.get("/health?probe=readiness").await.0 == 200
     })
     .await;
     assert_eq!(only.get("/health").await.1["role"], "active");

@@ -1,4 +1,5 @@
-//! The HTTP surface (axum): `GET /health`, `GET /ready`, `GET /metrics`, `POST /callback`.
+//! The HTTP surface (axum): `GET /health` (liveness; `?probe=readiness` for readiness),
+//! `GET /metrics`, `POST /callback`.
 //!
 //! Every route, including unknown paths, passes the per-client rate limiter first
 //! ([`ratelimit`]); over the limit answers 429 with `Retry-After` (whole seconds). Handlers only
@@ -52,7 +53,6 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
-        .route("/ready", get(ready))
         .route("/metrics", get(metrics_text))
         .route("/callback", post(callback))
         .fallback(not_found)
@@ -65,8 +65,9 @@ pub fn router(state: AppState) -> Router {
 /// The `/health` body.
 #[derive(Debug, Serialize)]
 pub struct HealthReport {
-    /// `ok` (everything up), `degraded` (database up, something else down) or `unavailable`
-    /// (database down: the bot cannot work; HTTP 503).
+    /// `ok` (everything up), `degraded` (database up, something else down), `unavailable`
+    /// (database down: the bot cannot work; HTTP 503), or `standby` (readiness probe on an
+    /// instance that is not the active one; HTTP 503).
     pub status: &'static str,
     /// Crate version.
     pub version: &'static str,
@@ -76,7 +77,20 @@ pub struct HealthReport {
     pub components: std::collections::BTreeMap<String, ComponentHealth>,
 }
 
-async fn health(State(state): State<AppState>) -> Response {
+/// Query of `/health`: `?probe=readiness` asks whether this instance should receive traffic.
+#[derive(Debug, Default, Deserialize)]
+pub struct HealthQuery {
+    /// `readiness`, or absent for liveness.
+    pub probe: Option<String>,
+}
+
+/// `GET /health`. Liveness (no query): 200 while the database answers, 503 when it does not.
+/// Readiness (`?probe=readiness`): additionally 503 on a standby instance, which is alive but
+/// must not receive traffic (see [`crate::leader`]).
+async fn health(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<HealthQuery>,
+) -> Response {
     let started = Instant::now();
     let ping = tokio::time::timeout(DATABASE_PING_TIMEOUT, state.store.ping()).await;
     let backend = format!("{:?}", state.store.backend()).to_lowercase();
@@ -109,34 +123,23 @@ async fn health(State(state): State<AppState>) -> Response {
     let mut components = state.health.snapshot();
     components.insert("database".to_owned(), database);
     let all_up = components.values().all(|c| c.status == ComponentStatus::Up);
+    let role = *state.role.borrow();
+    let readiness = query.probe.as_deref() == Some("readiness");
     let (code, status) = match (db_up, all_up) {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, _) if readiness && role != Role::Active => {
+            (StatusCode::SERVICE_UNAVAILABLE, "standby")
+        }
         (true, false) => (StatusCode::OK, "degraded"),
         (true, true) => (StatusCode::OK, "ok"),
     };
     let report = HealthReport {
         status,
         version: env!("CARGO_PKG_VERSION"),
-        role: *state.role.borrow(),
+        role,
         components,
     };
     (code, Json(report)).into_response()
-}
-
-/// Readiness: 200 when this instance is the active one and its database answers, 503 otherwise
-/// (a standby is alive but must not receive traffic).
-async fn ready(State(state): State<AppState>) -> Response {
-    let role = *state.role.borrow();
-    let db_up = matches!(
-        tokio::time::timeout(DATABASE_PING_TIMEOUT, state.store.ping()).await,
-        Ok(Ok(()))
-    );
-    let code = if role == Role::Active && db_up {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(json!({ "ready": code == StatusCode::OK, "role": role, "database": if db_up { "up" } else { "down" } }))).into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
