@@ -528,8 +528,8 @@ pub struct ContainerSettings {
     pub image: String,
     /// `SM_CLAUDE_COMMAND` split into program and arguments (never empty).
     pub claude_command: Vec<String>,
-    /// `SM_CONTAINER_ENV` entries as written: `NAME` or `NAME=value`.
-    pub env: Vec<String>,
+    /// `SM_CONTAINER_ENV`.
+    pub env: Vec<EnvEntry>,
     /// Bound for `devcontainer up`.
     pub devcontainer_timeout: Duration,
     /// Orchestrator auto-compaction interval in messages; 0 disables it.
@@ -549,6 +549,51 @@ pub struct RepoSettings {
     pub auto_pull: bool,
     /// Organisation for `start repo`.
     pub default_org: Option<String>,
+}
+
+/// An environment variable for the agent (`SM_CONTAINER_ENV`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvEntry {
+    /// `NAME`: passed from the VM's environment (secrets stay on the VM).
+    FromVm(String),
+    /// `NAME=value`: set by the bot (non-secret settings such as `ANTHROPIC_BASE_URL`).
+    Set(String, String),
+}
+
+impl EnvEntry {
+    /// Parses `NAME` or `NAME=value`; names are `[A-Za-z_][A-Za-z0-9_]*`.
+    ///
+    /// # Errors
+    /// A message naming the bad entry.
+    pub fn parse(entry: &str) -> Result<Self, String> {
+        let (name, value) = match entry.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (entry, None),
+        };
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "{entry:?} is not NAME or NAME=value with a valid variable name"
+            ));
+        }
+        Ok(match value {
+            Some(v) => Self::Set(name.to_owned(), v.to_owned()),
+            None => Self::FromVm(name.to_owned()),
+        })
+    }
+
+    /// The `-e` argument for `podman exec`/`docker exec`: `NAME` (value from the VM's
+    /// environment) or `NAME=value`.
+    pub fn exec_arg(&self) -> String {
+        match self {
+            Self::FromVm(name) => name.clone(),
+            Self::Set(name, value) => format!("{name}={value}"),
+        }
+    }
 }
 
 /// Chat behaviour.
@@ -909,22 +954,10 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             "SM_CONTAINER_ENV",
             Some(a.container_env.as_deref().unwrap_or_default()),
             |v| {
-                let entries = list(v)?;
-                for entry in &entries {
-                    let name = entry.split('=').next().unwrap_or_default();
-                    let valid = name
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-                    if !valid {
-                        return Err(format!(
-                            "expected NAME or NAME=value entries, got {:?}",
-                            name
-                        ));
-                    }
-                }
-                Ok(entries)
+                list(v)?
+                    .iter()
+                    .map(|entry| EnvEntry::parse(entry))
+                    .collect::<Result<Vec<_>, _>>()
             },
         );
         let dc_timeout = p.with_default(
@@ -1620,7 +1653,10 @@ mod tests {
         assert_eq!(s.repos.git_base_url.as_str(), "https://github.com/");
         assert_eq!(
             s.container.env,
-            vec!["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"]
+            vec![
+                EnvEntry::FromVm("ANTHROPIC_API_KEY".into()),
+                EnvEntry::FromVm("CLAUDE_CODE_OAUTH_TOKEN".into())
+            ]
         );
         assert!(s
             .vm
@@ -1744,7 +1780,12 @@ mod tests {
                 "SM_GIT_BASE_URL",
                 "credentials",
             ),
-            ("container-env", "GOOD,bad-name", "SM_CONTAINER_ENV", "NAME"),
+            (
+                "container-env",
+                "GOOD,bad-name=1",
+                "SM_CONTAINER_ENV",
+                "NAME",
+            ),
             (
                 "bot-trigger",
                 "@claude bot",

@@ -82,7 +82,7 @@ use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
 use crate::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
-use crate::session::{EnvEntry, NoApprovals, RuntimeConfig, SessionRuntime};
+use crate::session::{NoApprovals, RuntimeConfig, SessionRuntime};
 use crate::store::Store;
 use crate::telemetry::{names, Metrics};
 
@@ -332,12 +332,7 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
             up_timeout: settings.container.devcontainer_timeout,
         },
         claude_command: settings.container.claude_command.clone(),
-        container_env: settings
-            .container
-            .env
-            .iter()
-            .filter_map(|e| EnvEntry::parse(e).ok())
-            .collect(),
+        container_env: settings.container.env.clone(),
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
         coalesce: CoalesceConfig::default(),

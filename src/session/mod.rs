@@ -30,6 +30,7 @@ use crate::agent::markers::Marker;
 use crate::chat::progress::Progress;
 use crate::chat::render::CoalesceConfig;
 use crate::chat::{ChatOutbound, InboundMessage, PostRef};
+use crate::config::EnvEntry;
 use crate::dispatch::{short_id, Delivery, SessionControl, SessionError};
 use crate::runtime::devcontainer::{self, ContainerLayout, ContainerState};
 use crate::runtime::git::{self, GitLayout};
@@ -44,51 +45,6 @@ When you need a domain that is blocked (for example pypi.org for pip install), p
 [NETWORK_REQUEST: the.domain]
 at the start of a line and outside any code block, then stop and wait. Ask only for host names: no URLs, IP addresses, ports or wildcards, one domain per line.
 You will receive [NETWORK_APPROVED: the.domain] (then retry) or [NETWORK_DENIED: the.domain] with a reason (then do without it).";
-
-/// An environment variable for the agent (`SM_CONTAINER_ENV`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EnvEntry {
-    /// `NAME`: passed from the VM's environment (secrets stay on the VM).
-    FromVm(String),
-    /// `NAME=value`: set by the bot (non-secret settings such as `ANTHROPIC_BASE_URL`).
-    Set(String, String),
-}
-
-impl EnvEntry {
-    /// Parses `NAME` or `NAME=value`; names are `[A-Za-z_][A-Za-z0-9_]*`.
-    ///
-    /// # Errors
-    /// A message naming the bad entry.
-    pub fn parse(entry: &str) -> Result<Self, String> {
-        let (name, value) = match entry.split_once('=') {
-            Some((n, v)) => (n, Some(v)),
-            None => (entry, None),
-        };
-        let valid = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(format!(
-                "{entry:?} is not NAME or NAME=value with a valid variable name"
-            ));
-        }
-        Ok(match value {
-            Some(v) => Self::Set(name.to_owned(), v.to_owned()),
-            None => Self::FromVm(name.to_owned()),
-        })
-    }
-
-    /// The `-e` argument for `podman exec`/`docker exec`: `NAME` (value from the VM's
-    /// environment) or `NAME=value`.
-    pub fn exec_arg(&self) -> String {
-        match self {
-            Self::FromVm(name) => name.clone(),
-            Self::Set(name, value) => format!("{name}={value}"),
-        }
-    }
-}
 
 /// What the runtime needs to know.
 #[derive(Debug, Clone)]
