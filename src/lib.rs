@@ -21,6 +21,7 @@
 //! - [`chat`]: the platform-neutral chat interface, the Mattermost adapter and output
 //!   rendering.
 //! - [`command`]: the in-chat command grammar (`start org/repo`, `stop`, …) as typed commands.
+//! - [`approval`]: network requests from agents → signed Approve/Deny cards → the firewall.
 //! - [`agent`]: what the agent prints: the control-marker scanner.
 //! - [`firewall`]: domain validation before anything reaches OPNsense.
 //! - [`dispatch`]: routing of chat messages to commands and sessions, one ordered worker per
@@ -43,6 +44,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod approval;
 pub mod chat;
 pub mod command;
 pub mod config;
@@ -212,6 +214,7 @@ pub async fn serve(
         limiter,
         metrics,
         role,
+        approvals: Arc::new(std::sync::OnceLock::new()),
     });
     let addr = listener.local_addr().context("listener has no address")?;
     info!(%addr, "HTTP server listening");

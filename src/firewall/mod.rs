@@ -2,5 +2,8 @@
 //!
 //! - [`domain`]: domain normalisation (lowercase, IDNA/UTS-46) and validation, so that only
 //!   plain host names, never IPs, wildcards, URLs or look-alike names, reach the alias.
+//! - [`opnsense`]: the OPNsense API client that adds approved domains to the host alias and
+//!   applies it (`setItem` + `reconfigure`).
 
 pub mod domain;
+pub mod opnsense;

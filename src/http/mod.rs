@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::approval::{Approvals, ClickAnswer};
 use crate::health::{ComponentHealth, ComponentStatus, HealthRegistry};
 use crate::leader::Role;
 use crate::store::Store;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics: &'static Metrics,
     /// Whether this instance is the active one.
     pub role: tokio::sync::watch::Receiver<Role>,
+    /// The approval flow, once this instance is active and connected to chat.
+    pub approvals: Arc<std::sync::OnceLock<Arc<Approvals>>>,
 }
 
 /// Builds the router. Serve it with
@@ -151,30 +154,36 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     response
 }
 
-/// The fields of Mattermost's interactive-action request that the bot relies on
-/// (`model.PostActionIntegrationRequest`, server/public/model/integration_action.go).
-#[derive(Debug, Deserialize)]
-pub struct ActionCallback {
-    /// Clicking user's id.
-    pub user_id: String,
-    /// Post holding the button.
-    pub post_id: String,
-    /// The `integration.context` the bot put on the button.
-    #[serde(default)]
-    pub context: serde_json::Map<String, serde_json::Value>,
+/// `POST /callback`: a button click from the chat server (see [`Approvals::handle_click`]).
+/// Mattermost needs a 200 for the click to count, so refusals of a well-formed click are 200
+/// with an ephemeral message; malformed bodies are 400 and bad signatures 403.
+async fn callback(State(state): State<AppState>, body: Bytes) -> Response {
+    match state.approvals.get() {
+        Some(approvals) => click_response(approvals.handle_click(&body).await),
+        None => {
+            // Parsing comes first, here too: a malformed body is a 400 whatever the state.
+            let mut json = serde_json::Deserializer::from_slice(&body);
+            if let Err(e) = serde_path_to_error::deserialize::<_, crate::approval::Click>(&mut json)
+            {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid callback body: {e}"),
+                );
+            }
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "approvals are not available on this instance right now (starting, or a standby)",
+            )
+        }
+    }
 }
 
-async fn callback(body: Bytes) -> Response {
-    let mut json = serde_json::Deserializer::from_slice(&body);
-    match serde_path_to_error::deserialize::<_, ActionCallback>(&mut json) {
-        Err(e) => error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("invalid callback body: {e}"),
-        ),
-        Ok(_) => error_response(
-            StatusCode::NOT_IMPLEMENTED,
-            "approval callbacks are not handled by this version of session-manager",
-        ),
+/// The HTTP form of a [`ClickAnswer`].
+pub fn click_response(answer: ClickAnswer) -> Response {
+    match answer {
+        ClickAnswer::BadRequest(reason) => error_response(StatusCode::BAD_REQUEST, &reason),
+        ClickAnswer::Forbidden => error_response(StatusCode::FORBIDDEN, "invalid signature"),
+        ClickAnswer::Ok(body) => (StatusCode::OK, Json(body)).into_response(),
     }
 }
 

@@ -1,0 +1,746 @@
+//! The approval flow against the fake Mattermost (real cards, real clicks posting the real
+//! callback body to the real HTTP router), real storage, and a recording firewall.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use session_manager::agent::markers::Marker;
+use session_manager::approval::{
+    signing, AgentMailbox, AliasWriter, ApplyError, ApprovalConfig, Approvals, Approvers,
+};
+use session_manager::chat::mattermost::adapter::MattermostAdapter;
+use session_manager::chat::ChatOutbound;
+use session_manager::health::HealthRegistry;
+use session_manager::http::ratelimit::ClientRateLimiter;
+use session_manager::http::{router, AppState};
+use session_manager::session::MarkerHandler;
+use session_manager::store::*;
+use support::mattermost::{ClickOutcome, FakeMattermost};
+use support::TestDatabase;
+use tokio_util::sync::CancellationToken;
+
+/// Records alias additions; can be told to fail.
+#[derive(Default)]
+struct RecordingAlias {
+    added: Mutex<Vec<String>>,
+    calls: Mutex<usize>,
+    failing: Mutex<Option<ApplyError>>,
+}
+
+#[async_trait]
+impl AliasWriter for RecordingAlias {
+    async fn add(&self, domain: &str) -> Result<(), ApplyError> {
+        *self.calls.lock().expect("lock") += 1;
+        if let Some(e) = self.failing.lock().expect("lock").clone() {
+            return Err(e);
+        }
+        self.added.lock().expect("lock").push(domain.to_owned());
+        Ok(())
+    }
+}
+
+/// Records what the agents are told.
+#[derive(Default)]
+struct Mailbox(Mutex<Vec<(String, String)>>);
+
+#[async_trait]
+impl AgentMailbox for Mailbox {
+    async fn deliver(&self, session_id: &str, text: String) {
+        self.0
+            .lock()
+            .expect("lock")
+            .push((session_id.to_owned(), text));
+    }
+}
+
+impl Mailbox {
+    fn texts(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+}
+
+struct World {
+    fake: FakeMattermost,
+    _db: TestDatabase,
+    store: Store,
+    approvals: Arc<Approvals>,
+    alias: Arc<RecordingAlias>,
+    mailbox: Arc<Mailbox>,
+    session: Session,
+    alice: String,
+    bob: String,
+    callback: String,
+    cancel: CancellationToken,
+}
+
+const SECRET: &str = support::CALLBACK_SECRET;
+
+/// `only_alice`: SM_ALLOWED_APPROVERS lists alice alone; otherwise any channel member.
+async fn world(only_alice: bool, ttl: Duration) -> World {
+    let fake = FakeMattermost::start().await;
+    let alice = fake.add_user("alice");
+    let bob = fake.add_user("bob");
+    let channel = fake.create_channel(
+        "acme-widgets",
+        &[alice.as_str(), bob.as_str(), fake.bot_user_id().as_str()],
+    );
+    let db = TestDatabase::sqlite();
+    let store = db.store().await;
+    let adapter = Arc::new(
+        MattermostAdapter::connect(
+            session_manager::chat::mattermost::adapter::MattermostConfig {
+                url: url::Url::parse(&fake.url()).expect("url"),
+                token: secrecy::SecretString::from(fake.bot_token()),
+                team_id: fake.team_id(),
+                channel_category: "Claude Sessions".into(),
+                request_timeout: Duration::from_secs(10),
+                retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
+                websocket: Default::default(),
+            },
+            store.clone(),
+        )
+        .await
+        .expect("connect"),
+    );
+    let root = adapter
+        .post(&channel, None, "session anchor")
+        .await
+        .expect("root");
+    let session = store
+        .create_session(&NewSession {
+            id: new_session_id(),
+            platform: Platform::Mattermost,
+            channel_id: channel.clone(),
+            thread_id: root.post_id.clone(),
+            kind: SessionKind::Standard,
+            parent_id: None,
+            started_by: alice.clone(),
+            repo_host: "github.com".into(),
+            repo_org: "acme".into(),
+            repo_name: "widgets".into(),
+            branch: None,
+            worktree: None,
+        })
+        .await
+        .expect("session");
+
+    // The real HTTP router, so clicks go through the real /callback.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let callback = format!("http://{addr}/callback");
+    let alias = Arc::new(RecordingAlias::default());
+    let mailbox = Arc::new(Mailbox::default());
+    let approvals = Arc::new(Approvals::new(
+        store.clone(),
+        adapter.clone(),
+        alias.clone(),
+        ApprovalConfig {
+            callback_url: callback.clone(),
+            secret: secrecy::SecretString::from(SECRET.to_owned()),
+            ttl,
+            approvers: if only_alice {
+                Approvers::Only([alice.clone()].into_iter().collect())
+            } else {
+                Approvers::ChannelMembers
+            },
+            alias: "llm_approved_domains".into(),
+        },
+    ));
+    approvals.attach_mailbox(mailbox.clone());
+    let slot = Arc::new(std::sync::OnceLock::new());
+    let _ = slot.set(approvals.clone());
+    let (_, role) = tokio::sync::watch::channel(session_manager::leader::Role::Active);
+    let state = AppState {
+        store: store.clone(),
+        health: HealthRegistry::new(),
+        limiter: Arc::new(ClientRateLimiter::new(
+            NonZeroU32::new(1000).expect("n"),
+            NonZeroU32::new(1000).expect("n"),
+            vec![],
+        )),
+        metrics: session_manager::telemetry::Metrics::get(),
+        role,
+        approvals: slot,
+    };
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            router(state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    let cancel = CancellationToken::new();
+    tokio::spawn(approvals.clone().run_workers(cancel.clone()));
+    World {
+        fake,
+        _db: db,
+        store,
+        approvals,
+        alias,
+        mailbox,
+        session,
+        alice,
+        bob,
+        callback,
+        cancel,
+    }
+}
+
+impl World {
+    async fn request(&self, domain: &str) -> Vec<String> {
+        self.approvals
+            .on_marker(
+                &self.session,
+                Marker::NetworkRequest {
+                    domain: domain.into(),
+                },
+            )
+            .await
+    }
+
+    fn cards(&self) -> Vec<support::mattermost::Post> {
+        self.fake
+            .thread(&self.session.thread_id)
+            .into_iter()
+            .filter(|p| p.props.to_string().contains("attachments"))
+            .collect()
+    }
+
+    async fn wait_for(&self, what: &str, mut check: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; told: {:?}",
+                self.mailbox.texts()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn post_callback(&self, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(&self.callback)
+            .json(&body)
+            .send()
+            .await
+            .expect("post");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn pending(&self, domain: &str) -> ApprovalRequest {
+        let (r, _) = self
+            .store
+            .open_approval(&self.session.id, domain, now_ms(), now_ms() + 3_600_000)
+            .await
+            .expect("open");
+        r
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_puts_the_domain_in_the_alias_and_tells_the_agent() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    assert!(
+        w.request("PyPI.org").await.is_empty(),
+        "the agent waits for the decision"
+    );
+    let cards = w.cards();
+    assert_eq!(cards.len(), 1, "one card, its own reply in the thread");
+    let card = &cards[0];
+    assert_eq!(card.root_id, w.session.thread_id);
+    assert!(
+        card.props.to_string().contains("pypi.org"),
+        "normalised domain shown: {}",
+        card.props
+    );
+    // The card's buttons carry signed contexts (visible in the request the bot sent).
+    let sent = w
+        .fake
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r.method == "POST"
+                && r.path == "/api/v4/posts"
+                && r.body.to_string().contains("actions")
+        })
+        .expect("card request");
+    let action = &sent.body["props"]["attachments"][0]["actions"][0];
+    assert_eq!(action["id"], "approve");
+    assert!(action["id"]
+        .as_str()
+        .expect("id")
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(
+        action["integration"]["url"],
+        Value::String(w.callback.clone())
+    );
+    let ctx = &action["integration"]["context"];
+    assert!(signing::verify(
+        &secrecy::SecretString::from(SECRET.to_owned()),
+        ctx["request_id"].as_str().expect("id"),
+        "approve",
+        ctx["expires"].as_i64().expect("expires"),
+        ctx["signature"].as_str().expect("sig"),
+    ));
+
+    // A repeated marker posts no second card.
+    assert!(w.request("pypi.org").await.is_empty());
+    assert_eq!(w.cards().len(), 1);
+
+    let outcome = w.fake.click(&card.id, "approve", &w.alice).await;
+    let ClickOutcome::Ok { response } = outcome else {
+        panic!("click failed: {outcome:?}")
+    };
+    let update = response["update"]["props"].to_string();
+    assert!(
+        update.contains("Approving") && !update.contains("\"actions\":[{"),
+        "buttons gone at once: {update}"
+    );
+    w.wait_for("the agent is told", |w| {
+        w.mailbox
+            .texts()
+            .contains(&"[NETWORK_APPROVED: pypi.org]".to_owned())
+    })
+    .await;
+    assert_eq!(w.alias.added.lock().expect("lock").as_slice(), ["pypi.org"]);
+    let final_card = w.fake.post(&card.id).expect("card").props.to_string();
+    assert!(final_card.contains("Approved by @alice"), "{final_card}");
+    // Already approved: answered at once, no new card.
+    assert_eq!(
+        w.request("pypi.org").await,
+        vec!["[NETWORK_APPROVED: pypi.org]"]
+    );
+    assert_eq!(w.cards().len(), 1);
+    let audit: Vec<String> = w
+        .store
+        .audit_log(Some(&w.session.id), 50)
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|r| r.entry.action)
+        .collect();
+    assert_eq!(audit, vec!["requested", "approved", "firewall_applied"]);
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_tells_the_agent_and_never_touches_the_firewall() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    w.request("evil.example.com").await;
+    let card = w.cards().remove(0);
+    let ClickOutcome::Ok { .. } = w.fake.click(&card.id, "deny", &w.bob).await else {
+        panic!("click failed")
+    };
+    w.wait_for("denied", |w| {
+        w.mailbox
+            .texts()
+            .iter()
+            .any(|t| t.starts_with("[NETWORK_DENIED: evil.example.com]"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*w.alias.calls.lock().expect("lock"), 0, "no firewall call");
+    assert!(w
+        .fake
+        .post(&card.id)
+        .expect("card")
+        .props
+        .to_string()
+        .contains("Denied by @bob"));
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_altered_replayed_expired_and_cross_request_signatures_are_rejected() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    let secret = secrecy::SecretString::from(SECRET.to_owned());
+    let a = w.pending("a.example.com").await;
+    let b = w.pending("b.example.com").await;
+    let body = |request: &str, action: &str, expires: i64, signature: String| {
+        json!({"user_id": w.alice, "user_name": "alice", "post_id": "p", "context": {
+            "request_id": request, "action": action, "expires": expires, "signature": signature }})
+    };
+    let forged = w
+        .post_callback(body(&a.id, "approve", a.expires_at, "00".repeat(32)))
+        .await;
+    assert_eq!(forged.0, 403);
+    let deny_sig = signing::sign(&secret, &a.id, "deny", a.expires_at);
+    let altered = w
+        .post_callback(body(&a.id, "approve", a.expires_at, deny_sig))
+        .await;
+    assert_eq!(altered.0, 403, "the action is signed");
+    let later = w
+        .post_callback(body(
+            &a.id,
+            "approve",
+            a.expires_at + 1_000_000,
+            signing::sign(&secret, &a.id, "approve", a.expires_at),
+        ))
+        .await;
+    assert_eq!(later.0, 403, "the expiry is signed");
+    let cross = w
+        .post_callback(body(
+            &b.id,
+            "approve",
+            a.expires_at,
+            signing::sign(&secret, &a.id, "approve", a.expires_at),
+        ))
+        .await;
+    assert_eq!(cross.0, 403, "a signature is bound to its request");
+    let other_secret =
+        secrecy::SecretString::from("another-secret-0123456789abcdef0123".to_owned());
+    let wrong_key = w
+        .post_callback(body(
+            &a.id,
+            "approve",
+            a.expires_at,
+            signing::sign(&other_secret, &a.id, "approve", a.expires_at),
+        ))
+        .await;
+    assert_eq!(wrong_key.0, 403);
+    assert_eq!(
+        w.store
+            .approval(&a.id)
+            .await
+            .expect("read")
+            .expect("row")
+            .state,
+        ApprovalState::Pending,
+        "nothing changed"
+    );
+
+    let good = body(
+        &a.id,
+        "approve",
+        a.expires_at,
+        signing::sign(&secret, &a.id, "approve", a.expires_at),
+    );
+    assert_eq!(w.post_callback(good.clone()).await.0, 200);
+    let replay = w.post_callback(good).await;
+    assert_eq!(replay.0, 200);
+    assert!(
+        replay.1["ephemeral_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Already decided by @alice")),
+        "{}",
+        replay.1
+    );
+
+    // Expired: a request whose expiry is in the past.
+    let (c, _) = w
+        .store
+        .open_approval(
+            &w.session.id,
+            "c.example.com",
+            now_ms() - 10_000,
+            now_ms() - 1,
+        )
+        .await
+        .expect("open");
+    let expired = w
+        .post_callback(body(
+            &c.id,
+            "approve",
+            c.expires_at,
+            signing::sign(&secret, &c.id, "approve", c.expires_at),
+        ))
+        .await;
+    assert_eq!(expired.0, 200);
+    assert!(expired.1["ephemeral_text"]
+        .as_str()
+        .is_some_and(|t| t.contains("expired")));
+    assert_eq!(
+        w.store
+            .approval(&c.id)
+            .await
+            .expect("read")
+            .expect("row")
+            .state,
+        ApprovalState::Expired
+    );
+    w.wait_for("the expiry is told", |w| {
+        w.mailbox
+            .texts()
+            .iter()
+            .any(|t| t.starts_with("[NETWORK_DENIED: c.example.com]"))
+    })
+    .await;
+
+    for bad in [
+        "not json",
+        "{}",
+        r#"{"user_id":"u","post_id":"p","context":{"request_id":"x"}}"#,
+    ] {
+        let r = reqwest::Client::new()
+            .post(&w.callback)
+            .body(bad)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_approvers_click_changes_nothing() {
+    let w = world(true, Duration::from_secs(3600)).await;
+    w.request("pypi.org").await;
+    let card = w.cards().remove(0);
+    let before = w.fake.post(&card.id).expect("card").props.to_string();
+    let ClickOutcome::Ok { response } = w.fake.click(&card.id, "approve", &w.bob).await else {
+        panic!("click")
+    };
+    assert!(
+        response.get("update").is_none(),
+        "the card stays: {response}"
+    );
+    assert!(
+        response["ephemeral_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("not allowed")),
+        "{response}"
+    );
+    assert_eq!(
+        w.fake.post(&card.id).expect("card").props.to_string(),
+        before
+    );
+    let pending = w
+        .store
+        .approvals_due_for_firewall(i64::MAX)
+        .await
+        .expect("due");
+    assert!(pending.is_empty(), "bob's click decided nothing");
+    let ClickOutcome::Ok { response } = w.fake.click(&card.id, "approve", &w.alice).await else {
+        panic!("click")
+    };
+    assert!(response.get("update").is_some(), "alice may: {response}");
+    w.wait_for("approved", |w| {
+        w.mailbox
+            .texts()
+            .contains(&"[NETWORK_APPROVED: pypi.org]".to_owned())
+    })
+    .await;
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_racing_deny_decides_once() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    w.request("pypi.org").await;
+    let card = w.cards().remove(0);
+    // Race: approve and deny at the same time; exactly one decides.
+    let (a, b) = tokio::join!(
+        w.fake.click(&card.id, "approve", &w.alice),
+        w.fake.click(&card.id, "deny", &w.bob)
+    );
+    let answers: Vec<Value> = [a, b]
+        .into_iter()
+        .map(|o| match o {
+            ClickOutcome::Ok { response } => response,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let decided = answers.iter().filter(|r| r.get("update").is_some()).count();
+    let refused = answers
+        .iter()
+        .filter(|r| {
+            r["ephemeral_text"]
+                .as_str()
+                .is_some_and(|t| t.contains("Already decided"))
+        })
+        .count();
+    assert_eq!((decided, refused), (1, 1), "{answers:?}");
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_domains_are_refused_before_any_firewall_call() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    let mut corpus: Vec<String> = Vec::new();
+    for ip in [
+        "10.0.0.1",
+        "127.0.0.1",
+        "127.1",
+        "0x7f000001",
+        "2130706433",
+        "169.254.169.254",
+        "::1",
+        "[::1]",
+        "fe80::1",
+        "192.168.1.1.",
+        "1.2.3.4",
+    ] {
+        corpus.push(ip.into());
+    }
+    for base in [
+        "pypi.org",
+        "example.com",
+        "files.pythonhosted.org",
+        "registry.npmjs.org",
+    ] {
+        corpus.push(format!("*.{base}"));
+        corpus.push(format!("{base}:443"));
+        corpus.push(format!("https://{base}"));
+        corpus.push(format!("{base}/simple"));
+        corpus.push(format!("user@{base}"));
+        corpus.push(format!("{base};rm -rf /"));
+        corpus.push(format!("{base}\nevil.com"));
+        corpus.push(format!("{base} evil.com"));
+        corpus.push(format!("{base}?x=1"));
+        corpus.push(format!("{base}#frag"));
+        corpus.push(format!("$({base})"));
+        corpus.push(format!("`{base}`"));
+        corpus.push(format!("'{base}'"));
+        corpus.push(format!("{base}\t"));
+        corpus.push(format!("{base}\u{0}"));
+        corpus.push(format!("_{base}"));
+        corpus.push(format!("-{base}"));
+        corpus.push(format!("{base}.."));
+        corpus.push(format!("{}.{base}", "a".repeat(64)));
+        corpus.push(format!("{base}\u{202e}"));
+        corpus.push(format!("{base}\u{200b}"));
+    }
+    for homoglyph in [
+        "раураl.com",
+        "аpple.com",
+        "gοogle.com",
+        "xn--80ak6aa92e.com",
+        "раураl.com.",
+        "micrоsoft.com",
+        "ebаy.com",
+    ] {
+        corpus.push(homoglyph.into());
+    }
+    corpus.push(format!("{}.com", "a.".repeat(130)));
+    corpus.push("localhost".into());
+    corpus.push(String::new());
+    assert!(corpus.len() >= 100, "{} cases", corpus.len());
+    for bad in &corpus {
+        let answer = w.request(bad).await;
+        assert_eq!(answer.len(), 1, "{bad:?} answered once");
+        assert!(
+            answer[0].starts_with("[NETWORK_DENIED: "),
+            "{bad:?} -> {answer:?}"
+        );
+    }
+    assert!(w.cards().is_empty(), "no card for a bad domain");
+    assert_eq!(
+        *w.alias.calls.lock().expect("lock"),
+        0,
+        "nothing reached the firewall"
+    );
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewall_outage_is_retried_and_survives_a_restart() {
+    let w = world(false, Duration::from_secs(3600)).await;
+    *w.alias.failing.lock().expect("lock") = Some(ApplyError {
+        message: "connection refused".into(),
+        permanent: false,
+    });
+    w.request("pypi.org").await;
+    let card = w.cards().remove(0);
+    let ClickOutcome::Ok { .. } = w.fake.click(&card.id, "approve", &w.alice).await else {
+        panic!("click")
+    };
+    w.wait_for("a failed attempt", |w| {
+        *w.alias.calls.lock().expect("lock") >= 1
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let posts = w.fake.thread(&w.session.thread_id);
+        if posts.iter().any(|p| p.message.contains("keeps retrying")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the thread is told about the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = w
+        .store
+        .approvals_due_for_firewall(i64::MAX)
+        .await
+        .expect("due")
+        .remove(0);
+    assert_eq!(request.state, ApprovalState::Approved);
+    assert!(
+        request.applied_at.is_none() && request.apply_attempts >= 1,
+        "approved but not applied: {request:?}"
+    );
+
+    // "Restart": this instance stops; a new one over the same storage resumes the work.
+    w.cancel.cancel();
+    *w.alias.failing.lock().expect("lock") = None;
+    let next = Arc::new(Approvals::new(
+        w.store.clone(),
+        Arc::new(
+            MattermostAdapter::connect(
+                session_manager::chat::mattermost::adapter::MattermostConfig {
+                    url: url::Url::parse(&w.fake.url()).expect("url"),
+                    token: secrecy::SecretString::from(w.fake.bot_token()),
+                    team_id: w.fake.team_id(),
+                    channel_category: "Claude Sessions".into(),
+                    request_timeout: Duration::from_secs(10),
+                    retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
+                    websocket: Default::default(),
+                },
+                w.store.clone(),
+            )
+            .await
+            .expect("connect"),
+        ) as Arc<dyn ChatOutbound>,
+        w.alias.clone(),
+        ApprovalConfig {
+            callback_url: w.callback.clone(),
+            secret: secrecy::SecretString::from(SECRET.to_owned()),
+            ttl: Duration::from_secs(3600),
+            approvers: Approvers::ChannelMembers,
+            alias: "llm_approved_domains".into(),
+        },
+    ));
+    next.attach_mailbox(w.mailbox.clone());
+    // Make the retry due now rather than after its backoff.
+    let _ = w
+        .store
+        .record_approval_attempt_failed(&request.id, "connection refused", now_ms())
+        .await;
+    let cancel = CancellationToken::new();
+    tokio::spawn(next.clone().run_workers(cancel.clone()));
+    w.wait_for("applied after the restart", |w| {
+        w.mailbox
+            .texts()
+            .contains(&"[NETWORK_APPROVED: pypi.org]".to_owned())
+    })
+    .await;
+    assert_eq!(w.alias.added.lock().expect("lock").as_slice(), ["pypi.org"]);
+    let row = w
+        .store
+        .approval(&request.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert!(row.applied_at.is_some());
+    cancel.cancel();
+}
