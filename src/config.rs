@@ -361,6 +361,15 @@ pub struct SettingsArgs {
         value_name = "SECRET"
     )]
     pub callback_secret: Option<String>,
+    /// Seconds an approval request waits for a decision before it expires (denied to the agent).
+    #[arg(
+        long,
+        env = "SM_APPROVAL_TTL_SECS",
+        global = true,
+        default_value = "3600",
+        value_name = "SECS"
+    )]
+    pub approval_ttl_secs: Option<String>,
     /// URL chat servers POST button clicks to (this bot's /callback as they reach it).
     #[arg(
         long,
@@ -635,6 +644,8 @@ pub struct CallbackSettings {
     pub secret: SecretString,
     /// URL the chat server posts clicks to.
     pub url: Url,
+    /// How long an approval request waits for a decision.
+    pub approval_ttl: Duration,
 }
 
 /// The HTTP server.
@@ -1133,8 +1144,13 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             }
         });
         let url = p.with_default("SM_CALLBACK_URL", &a.callback_url, http_url);
-        match (secret, url) {
-            (Some(secret), Some(url)) => Some(CallbackSettings { secret, url }),
+        let ttl = p.with_default("SM_APPROVAL_TTL_SECS", &a.approval_ttl_secs, seconds);
+        match (secret, url, ttl) {
+            (Some(secret), Some(url), Some(approval_ttl)) => Some(CallbackSettings {
+                secret,
+                url,
+                approval_ttl,
+            }),
             _ => None,
         }
     };

@@ -2,17 +2,13 @@
 //!
 //! Each component reports its own status into a shared [`HealthRegistry`] (push, not poll), so
 //! `/health` answers from memory and never waits on a slow dependency. The database is the
-//! exception: `/health` pings it live, because readiness depends on it.
-//!
-//! Until a component has a client of its own that reports richer states, [`reachability_loop`]
-//! checks that its TCP endpoint accepts connections.
+//! exception: `/health` pings it live, because readiness depends on it. The chat adapter, the
+//! SSH pool and the firewall client each report their own component.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
 
 use crate::store::now_ms;
 use crate::telemetry::names;
@@ -88,50 +84,5 @@ impl HealthRegistry {
     /// A copy of every component's state.
     pub fn snapshot(&self) -> BTreeMap<String, ComponentHealth> {
         self.inner.read().map(|m| m.clone()).unwrap_or_default()
-    }
-}
-
-/// A TCP endpoint to check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Component name in `/health`, e.g. `mattermost`.
-    pub component: &'static str,
-    /// Host name or IP.
-    pub host: String,
-    /// Port.
-    pub port: u16,
-}
-
-/// Checks every endpoint now and then every `interval`, until `cancel` fires. Each check is
-/// bounded by `timeout`.
-pub async fn reachability_loop(
-    registry: HealthRegistry,
-    endpoints: Vec<Endpoint>,
-    interval: Duration,
-    timeout: Duration,
-    cancel: CancellationToken,
-) {
-    for e in &endpoints {
-        registry.register(e.component);
-    }
-    loop {
-        for e in &endpoints {
-            let target = format!("{}:{}", e.host, e.port);
-            let result =
-                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&target)).await;
-            let (status, detail) = match result {
-                Ok(Ok(_)) => (ComponentStatus::Up, format!("{target} accepts connections")),
-                Ok(Err(err)) => (ComponentStatus::Down, format!("{target}: {err}")),
-                Err(_) => (
-                    ComponentStatus::Down,
-                    format!("{target}: no answer within {timeout:?}"),
-                ),
-            };
-            registry.report(e.component, status, Some(detail));
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-        }
     }
 }

@@ -69,6 +69,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::approval::{ApprovalConfig, Approvals, Approvers};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
@@ -76,7 +77,8 @@ use crate::chat::render::CoalesceConfig;
 use crate::chat::ChatOutbound;
 use crate::config::Settings;
 use crate::dispatch::{Access, DispatchConfig, Dispatcher};
-use crate::health::{Endpoint, HealthRegistry};
+use crate::firewall::opnsense::OpnsenseClient;
+use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
 use crate::leader::Role;
@@ -84,7 +86,7 @@ use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
 use crate::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
-use crate::session::{NoApprovals, RuntimeConfig, SessionRuntime};
+use crate::session::{RuntimeConfig, SessionRuntime};
 use crate::store::Store;
 use crate::telemetry::{names, Metrics};
 
@@ -170,13 +172,6 @@ pub async fn serve(
     }
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(health::reachability_loop(
-        health.clone(),
-        endpoints(&settings),
-        REACHABILITY_INTERVAL,
-        Duration::from_secs(5),
-        shutdown.clone(),
-    ));
     {
         let limiter = Arc::clone(&limiter);
         let cancel = shutdown.clone();
@@ -194,6 +189,17 @@ pub async fn serve(
     }
 
     let ssh = Arc::new(ssh_pool(&settings).context("cannot prepare SSH to the VM")?);
+    let firewall = Arc::new(
+        OpnsenseClient::new((&settings.firewall).into())
+            .context("cannot prepare the OPNsense client")?,
+    );
+    tasks.spawn(firewall_health_loop(
+        Arc::clone(&firewall),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let approvals_slot: Arc<std::sync::OnceLock<Arc<Approvals>>> =
+        Arc::new(std::sync::OnceLock::new());
     tasks.spawn(vm_health_loop(
         Arc::clone(&ssh),
         health.clone(),
@@ -201,9 +207,13 @@ pub async fn serve(
     ));
     tasks.spawn(run_chat(
         settings.clone(),
-        store.clone(),
-        Arc::clone(&ssh),
-        health.clone(),
+        Shared {
+            store: store.clone(),
+            ssh: Arc::clone(&ssh),
+            firewall: Arc::clone(&firewall),
+            approvals_slot: Arc::clone(&approvals_slot),
+            health: health.clone(),
+        },
         role.clone(),
         shutdown.clone(),
     ));
@@ -214,7 +224,7 @@ pub async fn serve(
         limiter,
         metrics,
         role,
-        approvals: Arc::new(std::sync::OnceLock::new()),
+        approvals: approvals_slot,
     });
     let addr = listener.local_addr().context("listener has no address")?;
     info!(%addr, "HTTP server listening");
@@ -241,17 +251,31 @@ pub async fn serve(
     server.context("HTTP server failed")
 }
 
+/// What `serve` shares with the chat side.
+struct Shared {
+    store: Store,
+    ssh: Arc<SshPool>,
+    firewall: Arc<OpnsenseClient>,
+    approvals_slot: Arc<std::sync::OnceLock<Arc<Approvals>>>,
+    health: HealthRegistry,
+}
+
 /// Connects to Mattermost (retrying with backoff while it is unreachable, so the rest of the
 /// bot keeps serving), resolves `SM_ALLOWED_USERS`, then runs adapter and dispatcher until
 /// `cancel` fires.
 async fn run_chat(
     settings: Settings,
-    store: Store,
-    ssh: Arc<SshPool>,
-    health: HealthRegistry,
+    shared: Shared,
     mut role: tokio::sync::watch::Receiver<Role>,
     cancel: CancellationToken,
 ) {
+    let Shared {
+        store,
+        ssh,
+        firewall,
+        approvals_slot,
+        health,
+    } = shared;
     // Only the active instance talks to chat and runs sessions.
     tokio::select! {
         () = cancel.cancelled() => return,
@@ -287,13 +311,35 @@ async fn run_chat(
         }
     };
     let access = resolve_access(adapter.as_ref(), &settings.chat.allowed_users).await;
+    let approvers = match resolve_access(adapter.as_ref(), &settings.chat.allowed_approvers).await {
+        Access::Everyone => {
+            warn!("SM_ALLOWED_APPROVERS is empty: any member of a session's channel may approve or deny network access");
+            Approvers::ChannelMembers
+        }
+        Access::Only(ids) => Approvers::Only(ids),
+    };
+    let approvals = Arc::new(Approvals::new(
+        store.clone(),
+        adapter.clone(),
+        firewall,
+        ApprovalConfig {
+            callback_url: settings.callback.url.to_string(),
+            secret: settings.callback.secret.clone(),
+            ttl: settings.callback.approval_ttl,
+            approvers,
+            alias: settings.firewall.alias.clone(),
+        },
+    ));
     let runtime = SessionRuntime::new(
         Arc::clone(&ssh),
         store.clone(),
         adapter.clone(),
         runtime_config(&settings),
-        Arc::new(NoApprovals),
+        approvals.clone(),
     );
+    approvals.attach_mailbox(Arc::new(runtime.clone()));
+    let workers = tokio::spawn(approvals.clone().run_workers(cancel.clone()));
+    let _ = approvals_slot.set(approvals);
     runtime.recover().await;
     let dispatcher = Dispatcher::new(
         adapter.clone(),
@@ -316,6 +362,37 @@ async fn run_chat(
     dispatcher.run(events_rx, cancel).await;
     let _ = listening.await;
     runtime.detach_all().await;
+    let _ = workers.await;
+}
+
+/// Reports the firewall as component `firewall`: an API call (the alias lookup) every interval.
+async fn firewall_health_loop(
+    firewall: Arc<OpnsenseClient>,
+    health: HealthRegistry,
+    cancel: CancellationToken,
+) {
+    health.register("firewall");
+    loop {
+        match firewall.check().await {
+            Ok(()) => health.report(
+                "firewall",
+                health::ComponentStatus::Up,
+                Some(format!(
+                    "OPNsense answers; alias {} exists",
+                    firewall.alias()
+                )),
+            ),
+            Err(e) => health.report(
+                "firewall",
+                health::ComponentStatus::Down,
+                Some(e.to_string()),
+            ),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(REACHABILITY_INTERVAL) => {}
+        }
+    }
 }
 
 /// The session runtime's settings.
@@ -415,24 +492,6 @@ async fn resolve_access(chat: &dyn ChatOutbound, allowed: &[String]) -> Access {
         "only SM_ALLOWED_USERS may start, stop and drive sessions"
     );
     Access::Only(ids)
-}
-
-/// The external endpoints `/health` lists before their own clients report on them.
-fn endpoints(settings: &Settings) -> Vec<Endpoint> {
-    let mut out = Vec::new();
-    for (component, url) in [("firewall", &settings.firewall.url)] {
-        if let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) {
-            out.push(Endpoint {
-                component,
-                host: host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_owned(),
-                port,
-            });
-        }
-    }
-    out
 }
 
 /// Resolves when the process receives SIGTERM or SIGINT (Ctrl-C).

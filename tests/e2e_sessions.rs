@@ -31,6 +31,12 @@ const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 impl Stack {
     async fn start(script: ModelScript) -> Self {
+        Self::start_with(script, &[]).await
+    }
+
+    /// Like [`Stack::start`], with more settings; `{callback}` in a value is replaced by the
+    /// app's own /callback URL.
+    async fn start_with(script: ModelScript, extra: &[(&str, String)]) -> Self {
         let tb = Testbed::load();
         let fake = FakeMattermost::start().await;
         let alice = fake.add_user("alice");
@@ -52,7 +58,19 @@ impl Stack {
         })
         .expect("ssh");
         let store = db.store().await;
-        let app = TestApp::start(Self::settings(&tb, &fake, &model, &db, &vm_root)).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let callback = format!("http://{}/callback", listener.local_addr().expect("addr"));
+        let extra: Vec<(&str, String)> = extra
+            .iter()
+            .map(|(k, v)| (*k, v.replace("{callback}", &callback)))
+            .collect();
+        let app = TestApp::start_on(
+            listener,
+            Self::settings(&tb, &fake, &model, &db, &vm_root, &extra),
+        )
+        .await;
         // The bot listens once its WebSocket is up (town-square is not caught up on).
         let deadline = Instant::now() + Duration::from_secs(30);
         while fake.websocket_connections() == 0 {
@@ -81,32 +99,34 @@ impl Stack {
         model: &ModelServer,
         db: &TestDatabase,
         vm_root: &str,
+        extra: &[(&str, String)],
     ) -> session_manager::config::Settings {
         let env = format!(
             "ANTHROPIC_BASE_URL={},ANTHROPIC_API_KEY=test-key,CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
             model.url()
         );
-        let repos = format!("{vm_root}/repos");
-        let worktrees = format!("{vm_root}/worktrees");
-        settings(
-            &db.url,
-            &[
-                ("mattermost-url", &fake.url()),
-                ("mattermost-token", &fake.bot_token()),
-                ("mattermost-team-id", &fake.team_id()),
-                ("vm-host", &tb.get("SM_TEST_VM_HOST")),
-                ("vm-port", &tb.get("SM_TEST_VM_PORT")),
-                ("vm-user", &tb.get("SM_TEST_VM_USER")),
-                ("vm-ssh-key-path", &tb.get("SM_TEST_VM_KEY_PATH")),
-                ("vm-known-hosts", &tb.get("SM_TEST_VM_KNOWN_HOSTS")),
-                ("git-base-url", &tb.get("SM_TEST_GIT_BASE_URL")),
-                ("repos-base-path", &repos),
-                ("worktrees-path", &worktrees),
-                ("container-image", &tb.get("SM_TEST_SANDBOX_IMAGE")),
-                ("container-network", "host"),
-                ("container-env", &env),
-            ],
-        )
+        let owned: Vec<(&str, String)> = vec![
+            ("mattermost-url", fake.url()),
+            ("mattermost-token", fake.bot_token()),
+            ("mattermost-team-id", fake.team_id()),
+            ("vm-host", tb.get("SM_TEST_VM_HOST")),
+            ("vm-port", tb.get("SM_TEST_VM_PORT")),
+            ("vm-user", tb.get("SM_TEST_VM_USER")),
+            ("vm-ssh-key-path", tb.get("SM_TEST_VM_KEY_PATH")),
+            ("vm-known-hosts", tb.get("SM_TEST_VM_KNOWN_HOSTS")),
+            ("git-base-url", tb.get("SM_TEST_GIT_BASE_URL")),
+            ("repos-base-path", format!("{vm_root}/repos")),
+            ("worktrees-path", format!("{vm_root}/worktrees")),
+            ("container-image", tb.get("SM_TEST_SANDBOX_IMAGE")),
+            ("container-network", "host".into()),
+            ("container-env", env),
+        ];
+        let pairs: Vec<(&str, &str)> = owned
+            .iter()
+            .chain(extra.iter())
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        settings(&db.url, &pairs)
     }
 
     /// Waits until `check` finds something, or panics with `what` and the posts so far.

@@ -84,6 +84,19 @@ impl AgentMailbox for SessionRuntime {
     }
 }
 
+#[async_trait]
+impl AliasWriter for crate::firewall::opnsense::OpnsenseClient {
+    async fn add(&self, domain: &str) -> Result<(), ApplyError> {
+        self.ensure_domains(&[domain.to_owned()])
+            .await
+            .map(|_| ())
+            .map_err(|e| ApplyError {
+                permanent: e.is_permanent(),
+                message: e.to_string(),
+            })
+    }
+}
+
 /// Who may decide.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Approvers {

@@ -801,6 +801,7 @@ mod tests {
         for body in [
             "[]",
             "{}",
+            r#"{"alias":[]}"#,
             r#"{"alias":{"content":{"a":{"selected":0,"value":"a","description":""}}}}"#,
         ] {
             assert!(
@@ -808,7 +809,13 @@ mod tests {
                 "{body}"
             );
         }
-        for body in ["[1]", "\"x\"", "<html>", r#"{"alias":[]}"#] {
+        for body in [
+            "[1]",
+            "\"x\"",
+            "<html>",
+            r#"{"alias":"x"}"#,
+            r#"{"alias":{"name":"a"}}"#,
+        ] {
             assert!(
                 matches!(entries(body), Err(FirewallError::Decode(_))),
                 "{body}"

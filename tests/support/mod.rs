@@ -8,6 +8,7 @@
 
 pub mod mattermost;
 pub mod model_server;
+pub mod opnsense;
 pub mod testbed;
 
 use std::net::SocketAddr;
@@ -246,8 +247,14 @@ pub struct TestApp {
 impl TestApp {
     /// Starts [`session_manager::serve`] on a fresh 127.0.0.1 port.
     pub async fn start(settings: Settings) -> Self {
-        init_test_tracing();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener, settings).await
+    }
+
+    /// Starts [`session_manager::serve`] on a listener bound beforehand (when the settings
+    /// must know the address, e.g. `SM_CALLBACK_URL`).
+    pub async fn start_on(listener: TcpListener, settings: Settings) -> Self {
+        init_test_tracing();
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let serve = session_manager::serve(settings, listener, shutdown.clone());
