@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -88,6 +89,15 @@ const SECRET: &str = support::CALLBACK_SECRET;
 
 /// `only_alice`: SM_ALLOWED_APPROVERS lists alice alone; otherwise any channel member.
 async fn world(only_alice: bool, ttl: Duration) -> World {
+    world_with(only_alice, ttl, None).await
+}
+
+/// Like [`world`], with another firewall than the recording one.
+async fn world_with(
+    only_alice: bool,
+    ttl: Duration,
+    firewall: Option<Arc<dyn AliasWriter>>,
+) -> World {
     let fake = FakeMattermost::start().await;
     let alice = fake.add_user("alice");
     let bob = fake.add_user("bob");
@@ -146,7 +156,7 @@ async fn world(only_alice: bool, ttl: Duration) -> World {
     let approvals = Arc::new(Approvals::new(
         store.clone(),
         adapter.clone(),
-        alias.clone(),
+        firewall.unwrap_or_else(|| alias.clone() as Arc<dyn AliasWriter>),
         ApprovalConfig {
             callback_url: callback.clone(),
             secret: secrecy::SecretString::from(SECRET.to_owned()),
@@ -337,6 +347,29 @@ async fn approve_puts_the_domain_in_the_alias_and_tells_the_agent() {
         .map(|r| r.entry.action)
         .collect();
     assert_eq!(audit, vec!["requested", "approved", "firewall_applied"]);
+    let records = w
+        .store
+        .audit_log(Some(&w.session.id), 50)
+        .await
+        .expect("audit");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.entry.thread_id.as_deref() == Some(w.session.thread_id.as_str())),
+        "every entry names the thread"
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.entry.domain.as_deref() == Some("pypi.org")));
+    let decision = &records[1].entry;
+    assert_eq!(
+        (
+            decision.user_id.as_deref(),
+            decision.user_name.as_deref(),
+            decision.outcome.as_str()
+        ),
+        (Some(w.alice.as_str()), Some("alice"), "ok")
+    );
     w.cancel.cancel();
 }
 
@@ -650,23 +683,40 @@ async fn bad_domains_are_refused_before_any_firewall_call() {
     w.cancel.cancel();
 }
 
+fn opnsense_client(
+    opn: &support::opnsense::FakeOpnsense,
+) -> Arc<session_manager::firewall::opnsense::OpnsenseClient> {
+    use session_manager::firewall::opnsense::{OpnsenseClient, OpnsenseConfig};
+    Arc::new(
+        OpnsenseClient::new(OpnsenseConfig {
+            url: url::Url::parse(&opn.url()).expect("url"),
+            key: secrecy::SecretString::from("key".to_owned()),
+            secret: secrecy::SecretString::from("secret".to_owned()),
+            alias: support::opnsense::ALIAS.into(),
+            verify_tls: true,
+            timeout: Duration::from_secs(5),
+        })
+        .expect("client"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firewall_outage_is_retried_and_survives_a_restart() {
-    let w = world(false, Duration::from_secs(3600)).await;
-    *w.alias.failing.lock().expect("lock") = Some(ApplyError {
-        message: "connection refused".into(),
-        permanent: false,
-    });
+    use support::opnsense::{FakeOpnsense, ALIAS};
+    let opn = FakeOpnsense::start("key", "secret").await;
+    opn.set_down(true);
+    let w = world_with(
+        false,
+        Duration::from_secs(3600),
+        Some(opnsense_client(&opn)),
+    )
+    .await;
     w.request("pypi.org").await;
     let card = w.cards().remove(0);
     let ClickOutcome::Ok { .. } = w.fake.click(&card.id, "approve", &w.alice).await else {
         panic!("click")
     };
-    w.wait_for("a failed attempt", |w| {
-        *w.alias.calls.lock().expect("lock") >= 1
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let posts = w.fake.thread(&w.session.thread_id);
         if posts.iter().any(|p| p.message.contains("keeps retrying")) {
@@ -678,6 +728,15 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        w.fake
+            .post(&card.id)
+            .expect("card")
+            .props
+            .to_string()
+            .contains("not reachable yet"),
+        "the card says so"
+    );
     let request = w
         .store
         .approvals_due_for_firewall(i64::MAX)
@@ -689,10 +748,12 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         request.applied_at.is_none() && request.apply_attempts >= 1,
         "approved but not applied: {request:?}"
     );
+    assert!(!opn.alias_content(ALIAS).contains(&"pypi.org".to_owned()));
 
-    // "Restart": this instance stops; a new one over the same storage resumes the work.
+    // "Restart": this instance stops; the firewall comes back; a new instance over the same
+    // storage resumes the work.
     w.cancel.cancel();
-    *w.alias.failing.lock().expect("lock") = None;
+    opn.set_down(false);
     let next = Arc::new(Approvals::new(
         w.store.clone(),
         Arc::new(
@@ -711,13 +772,13 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
             .await
             .expect("connect"),
         ) as Arc<dyn ChatOutbound>,
-        w.alias.clone(),
+        opnsense_client(&opn),
         ApprovalConfig {
             callback_url: w.callback.clone(),
             secret: secrecy::SecretString::from(SECRET.to_owned()),
             ttl: Duration::from_secs(3600),
             approvers: Approvers::ChannelMembers,
-            alias: "llm_approved_domains".into(),
+            alias: ALIAS.into(),
         },
     ));
     next.attach_mailbox(w.mailbox.clone());
@@ -734,7 +795,11 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
             .contains(&"[NETWORK_APPROVED: pypi.org]".to_owned())
     })
     .await;
-    assert_eq!(w.alias.added.lock().expect("lock").as_slice(), ["pypi.org"]);
+    assert!(opn.alias_content(ALIAS).contains(&"pypi.org".to_owned()));
+    assert!(
+        opn.applied_content(ALIAS).contains(&"pypi.org".to_owned()),
+        "reconfigured"
+    );
     let row = w
         .store
         .approval(&request.id)
@@ -742,5 +807,146 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         .expect("read")
         .expect("row");
     assert!(row.applied_at.is_some());
+    assert!(w
+        .fake
+        .post(&card.id)
+        .expect("card")
+        .props
+        .to_string()
+        .contains("Approved by @alice"));
     cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() {
+    use session_manager::firewall::opnsense::{OpnsenseClient, OpnsenseConfig};
+    use support::opnsense::{FakeOpnsense, ALIAS, INITIAL_DOMAIN};
+
+    let opn = FakeOpnsense::start("key", "secret").await;
+    let client = || {
+        Arc::new(
+            OpnsenseClient::new(OpnsenseConfig {
+                url: url::Url::parse(&opn.url()).expect("url"),
+                key: secrecy::SecretString::from("key".to_owned()),
+                secret: secrecy::SecretString::from("secret".to_owned()),
+                alias: ALIAS.into(),
+                verify_tls: true,
+                timeout: Duration::from_secs(10),
+            })
+            .expect("client"),
+        )
+    };
+    // Two replicas sharing one PostgreSQL database, each with its own firewall client.
+    let db = TestDatabase::postgres().await;
+    let store = db.store().await;
+    let fake = FakeMattermost::start().await;
+    let alice = fake.add_user("alice");
+    let channel = fake.create_channel(
+        "acme-widgets",
+        &[alice.as_str(), fake.bot_user_id().as_str()],
+    );
+    let adapter = Arc::new(
+        MattermostAdapter::connect(
+            session_manager::chat::mattermost::adapter::MattermostConfig {
+                url: url::Url::parse(&fake.url()).expect("url"),
+                token: secrecy::SecretString::from(fake.bot_token()),
+                team_id: fake.team_id(),
+                channel_category: "Claude Sessions".into(),
+                request_timeout: Duration::from_secs(10),
+                retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
+                websocket: Default::default(),
+            },
+            store.clone(),
+        )
+        .await
+        .expect("connect"),
+    );
+    let root = adapter.post(&channel, None, "anchor").await.expect("root");
+    let session = store
+        .create_session(&NewSession {
+            id: new_session_id(),
+            platform: Platform::Mattermost,
+            channel_id: channel.clone(),
+            thread_id: root.post_id.clone(),
+            kind: SessionKind::Standard,
+            parent_id: None,
+            started_by: alice.clone(),
+            repo_host: "github.com".into(),
+            repo_org: "acme".into(),
+            repo_name: "widgets".into(),
+            branch: None,
+            worktree: None,
+        })
+        .await
+        .expect("session");
+    let mailbox = Arc::new(Mailbox::default());
+    let cancel = CancellationToken::new();
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let replica = Arc::new(Approvals::new(
+            store.clone(),
+            adapter.clone(),
+            client(),
+            ApprovalConfig {
+                callback_url: "http://127.0.0.1:9/callback".into(),
+                secret: secrecy::SecretString::from(SECRET.to_owned()),
+                ttl: Duration::from_secs(3600),
+                approvers: Approvers::ChannelMembers,
+                alias: ALIAS.into(),
+            },
+        ));
+        replica.attach_mailbox(mailbox.clone());
+        replicas.push(replica);
+    }
+    let domains: Vec<String> = (0..10).map(|i| format!("pkg{i}.example.org")).collect();
+    for domain in &domains {
+        let (request, _) = store
+            .open_approval(&session.id, domain, now_ms(), now_ms() + 3_600_000)
+            .await
+            .expect("open");
+        let outcome = store
+            .decide_approval(&request.id, Decision::Approve, &alice, "alice", now_ms())
+            .await
+            .expect("decide");
+        assert!(matches!(outcome, DecideOutcome::Decided(_)));
+    }
+    // Both replicas' workers race to apply them.
+    for replica in &replicas {
+        tokio::spawn(replica.clone().run_workers(cancel.clone()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let approved = mailbox
+            .texts()
+            .iter()
+            .filter(|t| t.starts_with("[NETWORK_APPROVED: "))
+            .count();
+        if approved == domains.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {approved} of {} applied",
+            domains.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cancel.cancel();
+    let content = opn.alias_content(ALIAS);
+    for domain in &domains {
+        assert!(content.contains(domain), "{domain} lost: {content:?}");
+    }
+    assert!(
+        content.contains(&INITIAL_DOMAIN.to_owned()),
+        "what was there stays"
+    );
+    let applied = opn.applied_content(ALIAS);
+    for domain in &domains {
+        assert!(
+            applied.contains(domain),
+            "{domain} saved but never reconfigured: {applied:?}"
+        );
+    }
+    let told: HashSet<String> = mailbox.texts().into_iter().collect();
+    assert_eq!(told.len(), domains.len(), "each agent answer exactly once");
 }

@@ -1064,3 +1064,126 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .await;
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told() {
+    use support::mattermost::ClickOutcome;
+    use support::opnsense::{FakeOpnsense, ALIAS};
+    let opn = FakeOpnsense::start("opn-key", "opn-secret").await;
+    let script = ModelScript::new()
+        .on_last_user(
+            "[NETWORK_APPROVED: pypi.org]",
+            Reply::text("Thanks, pypi.org works now."),
+        )
+        .on_last_user(
+            "[NETWORK_DENIED: registry.npmjs.org]",
+            Reply::text("Understood, no npm then."),
+        )
+        .on_last_user(
+            "install requests",
+            Reply::text("I need the package index first.\n[NETWORK_REQUEST: pypi.org]\n"),
+        )
+        .on_last_user(
+            "install left-pad",
+            Reply::text("That needs npm.\n[NETWORK_REQUEST: registry.npmjs.org]\n"),
+        )
+        .fallback(Reply::text("ok"));
+    let stack = Stack::start_with(
+        script,
+        &[
+            ("opnsense-url", opn.url()),
+            ("opnsense-key", "opn-key".into()),
+            ("opnsense-secret", "opn-secret".into()),
+            ("callback-url", "{callback}".into()),
+        ],
+    )
+    .await;
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "install requests")
+        .expect("post");
+    let card = stack
+        .wait_for("the approval card", Duration::from_secs(120), |s| {
+            s.fake.thread(&root).into_iter().find(|p| {
+                p.props.to_string().contains("pypi.org") && p.props.to_string().contains("Approve")
+            })
+        })
+        .await;
+    assert!(
+        !stack
+            .fake
+            .thread(&root)
+            .iter()
+            .any(|p| p.message.contains("[NETWORK_REQUEST")),
+        "the marker line is not shown as text"
+    );
+    let reconfigures = opn.reconfigure_count();
+    let ClickOutcome::Ok { .. } = stack.fake.click(&card.id, "approve", &stack.alice).await else {
+        panic!("the click failed")
+    };
+    stack
+        .wait_for(
+            "the agent's answer after approval",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "Thanks, pypi.org works now."),
+        )
+        .await;
+    assert!(
+        opn.alias_content(ALIAS).contains(&"pypi.org".to_owned()),
+        "saved in the alias"
+    );
+    assert!(
+        opn.applied_content(ALIAS).contains(&"pypi.org".to_owned()),
+        "and reconfigured"
+    );
+    assert!(opn.reconfigure_count() > reconfigures);
+    assert!(
+        stack
+            .model
+            .requests()
+            .iter()
+            .any(|r| r.last_user_text.contains("[NETWORK_APPROVED: pypi.org]")),
+        "the agent's next turn received the approval"
+    );
+
+    // Deny: the agent hears it, the firewall hears nothing.
+    let calls_before = opn.requests().len();
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "install left-pad")
+        .expect("post");
+    let card = stack
+        .wait_for("the second card", Duration::from_secs(120), |s| {
+            s.fake.thread(&root).into_iter().find(|p| {
+                p.props.to_string().contains("registry.npmjs.org")
+                    && p.props.to_string().contains("Deny")
+            })
+        })
+        .await;
+    let ClickOutcome::Ok { .. } = stack.fake.click(&card.id, "deny", &stack.alice).await else {
+        panic!("the click failed")
+    };
+    stack
+        .wait_for(
+            "the agent's answer after denial",
+            Duration::from_secs(120),
+            |s| s.bot_post(Some(&root), "Understood, no npm then."),
+        )
+        .await;
+    let new_calls: Vec<_> = opn
+        .requests()
+        .into_iter()
+        .skip(calls_before)
+        .filter(|(method, _, _)| method == "POST")
+        .collect();
+    assert!(
+        new_calls.is_empty(),
+        "no firewall change on deny: {new_calls:?}"
+    );
+    assert!(!opn
+        .alias_content(ALIAS)
+        .contains(&"registry.npmjs.org".to_owned()));
+    stack.finish().await;
+}

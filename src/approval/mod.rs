@@ -207,10 +207,20 @@ impl Approvals {
         outcome: &str,
         detail: Option<String>,
     ) {
+        let thread = match thread {
+            Some(thread) => Some(thread.to_owned()),
+            None => self
+                .store
+                .session(&request.session_id)
+                .await
+                .ok()
+                .flatten()
+                .map(|s| s.thread_id),
+        };
         let entry = AuditEntry {
             at: now_ms(),
             session_id: Some(request.session_id.clone()),
-            thread_id: thread.map(str::to_owned),
+            thread_id: thread,
             domain: Some(request.domain.clone()),
             action: action.to_owned(),
             user_id: user.map(|u| u.0.to_owned()),
