@@ -228,7 +228,7 @@ impl Actor {
         let mut seen_tools: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut resumes: Vec<tokio::time::Instant> = Vec::new();
         if let Some(next) = queue.pop_front() {
-            busy = self.send_turn(&mut agent, &next).await;
+            busy = self.send_turn(&mut agent, &mut queue, next).await;
         }
         let end: Option<(EndReason, Option<String>)> = loop {
             let step = tokio::select! {
@@ -244,7 +244,7 @@ impl Actor {
                             let _ = reply.send(Delivery::Queued { position: queue.len() });
                         } else {
                             let _ = reply.send(Delivery::Delivered);
-                            busy = self.send_turn(&mut agent, &text).await;
+                            busy = self.send_turn(&mut agent, &mut queue, text).await;
                         }
                         Step::Continue
                     }
@@ -253,7 +253,7 @@ impl Actor {
                         if busy || !queue.is_empty() {
                             queue.push_back("/compact".into());
                         } else {
-                            busy = self.send_turn(&mut agent, "/compact").await;
+                            busy = self.send_turn(&mut agent, &mut queue, "/compact".to_owned()).await;
                         }
                         Step::Continue
                     }
@@ -358,7 +358,7 @@ impl Actor {
             }
             if !busy {
                 if let Some(next) = queue.pop_front() {
-                    busy = self.send_turn(&mut agent, &next).await;
+                    busy = self.send_turn(&mut agent, &mut queue, next).await;
                 }
             }
         };
@@ -416,13 +416,20 @@ impl Actor {
     }
 
     /// Writes a user turn. Returns whether a turn is now running.
-    async fn send_turn(&self, agent: &mut Agent, text: &str) -> bool {
-        let line = stream_json::user_turn(text);
+    /// Writes a user turn. Returns whether a turn is now running. When the agent's input is
+    /// closed (its process or SSH channel died), the message goes back to the front of `queue`:
+    /// the end of the agent's output follows, the conversation is resumed in a new process, and
+    /// the queue delivers it there. Nothing is dropped.
+    async fn send_turn(
+        &self,
+        agent: &mut Agent,
+        queue: &mut VecDeque<String>,
+        text: String,
+    ) -> bool {
+        let line = stream_json::user_turn(&text);
         if let Err(e) = agent.write(&line).await {
-            warn!(session = %self.plan.session.id, error = %e, "cannot write to the agent");
-            self.manager
-                .say(&self.plan.session, "⚠️ Your message could not be handed to Claude (its input is closed). Please try `!restart`.")
-                .await;
+            warn!(session = %self.plan.session.id, error = %e, "cannot write to the agent; the message waits for the agent to be resumed");
+            queue.push_front(text);
             return false;
         }
         let usage = UsageDelta {
