@@ -215,6 +215,15 @@ pub struct SettingsArgs {
     )]
     pub orchestrator_compact_threshold: Option<String>,
 
+    /// Most sessions one orchestrator may run at once.
+    #[arg(
+        long,
+        env = "SM_MAX_CHILD_SESSIONS",
+        global = true,
+        default_value = "8",
+        value_name = "N"
+    )]
+    pub max_child_sessions: Option<String>,
     /// Where repositories are cloned from: `<base>/<org>/<repo>.git`.
     #[arg(
         long,
@@ -543,6 +552,8 @@ pub struct ContainerSettings {
     pub devcontainer_timeout: Duration,
     /// Orchestrator auto-compaction interval in messages; 0 disables it.
     pub orchestrator_compact_threshold: u32,
+    /// `SM_MAX_CHILD_SESSIONS`.
+    pub max_child_sessions: usize,
 }
 
 /// Where repositories live on the VM.
@@ -981,7 +992,19 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
             &a.orchestrator_compact_threshold,
             |v| number::<u32>(v, 0, 1_000_000, "a whole number of messages (0 = never)"),
         );
-        match (runtime, network, image, command, dc_timeout, threshold, env) {
+        let max_children = p.with_default("SM_MAX_CHILD_SESSIONS", &a.max_child_sessions, |v| {
+            number::<usize>(v, 1, 1000, "a whole number of sessions, at least 1")
+        });
+        match (
+            runtime,
+            network,
+            image,
+            command,
+            dc_timeout,
+            threshold,
+            env,
+            max_children,
+        ) {
             (
                 Some(runtime),
                 Some(network),
@@ -990,12 +1013,14 @@ fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
                 Some(devcontainer_timeout),
                 Some(orchestrator_compact_threshold),
                 Some(env),
+                Some(max_child_sessions),
             ) => Some(ContainerSettings {
                 runtime,
                 network,
                 image,
                 claude_command,
                 env,
+                max_child_sessions,
                 devcontainer_timeout,
                 orchestrator_compact_threshold,
             }),

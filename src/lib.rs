@@ -32,6 +32,7 @@
 //! - [`runtime`]: the VM side: quoted remote scripts and the multiplexed SSH pool.
 //! - [`session`]: the session runtime: one actor per session owning its agent, lifecycle,
 //!   cleanup and recovery after a restart.
+//! - [`orchestrator`]: orchestrator sessions spawning workers and reviewers through markers.
 //! - [`leader`]: only one instance acts at a time (a PostgreSQL advisory lock); others stand by.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
@@ -53,6 +54,7 @@ pub mod firewall;
 pub mod health;
 pub mod http;
 pub mod leader;
+pub mod orchestrator;
 pub mod runtime;
 pub mod session;
 pub mod store;
@@ -82,6 +84,7 @@ use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
 use crate::leader::Role;
+use crate::orchestrator::{MarkerRouter, Orchestrator, OrchestratorConfig};
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
@@ -330,14 +333,34 @@ async fn run_chat(
             alias: settings.firewall.alias.clone(),
         },
     ));
+    let config = runtime_config(&settings);
+    let orchestrator = Arc::new(Orchestrator::new(
+        store.clone(),
+        adapter.clone(),
+        OrchestratorConfig {
+            max_children: settings.container.max_child_sessions,
+            git: config.git.clone(),
+            default_org: settings.repos.default_org.clone(),
+            repo_host: settings
+                .repos
+                .git_base_url
+                .host_str()
+                .unwrap_or("local")
+                .to_owned(),
+        },
+    ));
     let runtime = SessionRuntime::new(
         Arc::clone(&ssh),
         store.clone(),
         adapter.clone(),
-        runtime_config(&settings),
-        approvals.clone(),
+        config,
+        Arc::new(MarkerRouter {
+            network: approvals.clone(),
+            orchestrator: orchestrator.clone(),
+        }),
     );
     approvals.attach_mailbox(Arc::new(runtime.clone()));
+    orchestrator.attach_runtime(runtime.clone());
     let workers = tokio::spawn(approvals.clone().run_workers(cancel.clone()));
     let _ = approvals_slot.set(approvals);
     runtime.recover().await;
@@ -416,6 +439,7 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
         coalesce: CoalesceConfig::default(),
+        orchestrator_compact_threshold: settings.container.orchestrator_compact_threshold,
     }
 }
 

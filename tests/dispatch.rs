@@ -133,6 +133,9 @@ impl ChatOutbound for RecordingChat {
             .push((user_id.into(), root.post_id.clone()));
         Ok(())
     }
+    fn permalink(&self, post_id: &str) -> String {
+        format!("https://chat.test/_redirect/pl/{post_id}")
+    }
     async fn resolve_user(&self, id_or_username: &str) -> Result<ChatUser, ChatError> {
         Ok(ChatUser {
             id: id_or_username.into(),

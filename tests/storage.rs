@@ -47,6 +47,7 @@ on_both_backends!(
     containers_and_their_users,
     unknown_stored_values_are_errors_not_panics,
     inbound_posts_are_claimed_once_and_keep_a_cursor,
+    spawns_are_claimed_once_within_the_window,
 );
 
 fn new_session(thread: &str) -> NewSession {
@@ -931,4 +932,48 @@ async fn inbound_posts_are_claimed_once_and_keep_a_cursor(db: &TestDatabase) {
             .expect("cursor"),
         Some(200)
     );
+}
+
+async fn spawns_are_claimed_once_within_the_window(db: &TestDatabase) {
+    let store = db.store().await;
+    let mut orch = new_session("orch");
+    orch.kind = SessionKind::Orchestrator;
+    let orch = store.create_session(&orch).await.expect("create");
+    let key = "worker|acme/widgets|main|implement the parser";
+    assert!(store
+        .claim_spawn(&orch.id, key, 1_000, 600_000)
+        .await
+        .expect("claim"));
+    assert!(
+        !store
+            .claim_spawn(&orch.id, key, 2_000, 600_000)
+            .await
+            .expect("again"),
+        "a repeat within the window"
+    );
+    assert!(store
+        .claim_spawn(&orch.id, "reviewer|acme/widgets|main|x", 2_000, 600_000)
+        .await
+        .expect("other key"));
+    assert!(store
+        .claim_spawn(&orch.id, key, 700_000, 600_000)
+        .await
+        .expect("after the window"));
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        let id = orch.id.clone();
+        handles.push(tokio::spawn(async move {
+            store.claim_spawn(&id, "raced", 5, 600_000).await
+        }));
+    }
+    let mut won = 0;
+    for h in handles {
+        won += usize::from(h.await.expect("join").expect("claim"));
+    }
+    assert_eq!(won, 1, "concurrent repeats spawn once");
+    store
+        .set_spawn_child(&orch.id, key, "child-1")
+        .await
+        .expect("record");
 }

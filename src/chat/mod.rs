@@ -238,6 +238,9 @@ pub trait ChatOutbound: Send + Sync + 'static {
     /// [`ChatError`].
     async fn follow_thread(&self, user_id: &str, root: &PostRef) -> Result<(), ChatError>;
 
+    /// A link to a post that opens it in the chat client.
+    fn permalink(&self, post_id: &str) -> String;
+
     /// Looks a user up by id or username.
     ///
     /// # Errors

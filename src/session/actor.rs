@@ -150,6 +150,8 @@ pub(super) struct Actor {
     pub(super) injected: std::sync::Mutex<Vec<String>>,
     /// The agent process's running `total_cost_usd`, to turn it into per-turn amounts.
     pub(super) last_total_cost: std::sync::Mutex<f64>,
+    /// Orchestrators: when to compact (see [`super::AutoCompact`]).
+    pub(super) auto_compact: std::sync::Mutex<super::AutoCompact>,
 }
 
 enum Step {
@@ -356,6 +358,18 @@ impl Actor {
             if let Ok(mut injected) = self.injected.lock() {
                 queue.extend(injected.drain(..));
             }
+            // An orchestrator compacts between turns, before its next message.
+            if !busy && self.plan.session.kind == SessionKind::Orchestrator {
+                let due = self
+                    .auto_compact
+                    .lock()
+                    .map(|mut p| p.due(tokio::time::Instant::now()))
+                    .unwrap_or(false);
+                if due {
+                    info!(session = %self.plan.session.id, "auto-compacting the orchestrator");
+                    queue.push_front("/compact".to_owned());
+                }
+            }
             if !busy {
                 if let Some(next) = queue.pop_front() {
                     busy = self.send_turn(&mut agent, &mut queue, next).await;
@@ -427,10 +441,16 @@ impl Actor {
         text: String,
     ) -> bool {
         let line = stream_json::user_turn(&text);
+        let is_compact = text == "/compact";
         if let Err(e) = agent.write(&line).await {
             warn!(session = %self.plan.session.id, error = %e, "cannot write to the agent; the message waits for the agent to be resumed");
             queue.push_front(text);
             return false;
+        }
+        if !is_compact {
+            if let Ok(mut policy) = self.auto_compact.lock() {
+                policy.on_message();
+            }
         }
         let usage = UsageDelta {
             messages: 1,

@@ -63,6 +63,56 @@ pub struct RuntimeConfig {
     pub git_timeout: Duration,
     /// Output coalescing.
     pub coalesce: CoalesceConfig,
+    /// `SM_ORCHESTRATOR_COMPACT_THRESHOLD`: compact an orchestrator every N of its messages
+    /// (0 = never).
+    pub orchestrator_compact_threshold: u32,
+}
+
+/// The least time between two automatic compactions of an orchestrator.
+pub const AUTO_COMPACT_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// When an orchestrator compacts itself (`SM_ORCHESTRATOR_COMPACT_THRESHOLD`): after every
+/// `threshold` user messages (a `/compact` is not one), checked only between turns, and never
+/// again within `cooldown` of the last one, so a compaction cannot trigger another.
+#[derive(Debug, Clone)]
+pub struct AutoCompact {
+    threshold: u32,
+    cooldown: Duration,
+    since: u32,
+    last: Option<tokio::time::Instant>,
+}
+
+impl AutoCompact {
+    /// `threshold` 0 never compacts.
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold,
+            cooldown,
+            since: 0,
+            last: None,
+        }
+    }
+
+    /// A user message was delivered.
+    pub fn on_message(&mut self) {
+        self.since = self.since.saturating_add(1);
+    }
+
+    /// Between turns: whether to compact now (and if so, the count starts over).
+    pub fn due(&mut self, now: tokio::time::Instant) -> bool {
+        if self.threshold == 0 || self.since < self.threshold {
+            return false;
+        }
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < self.cooldown)
+        {
+            return false;
+        }
+        self.since = 0;
+        self.last = Some(now);
+        true
+    }
 }
 
 /// What the agent's markers lead to. Approvals and orchestration implement it; a reply is a
@@ -241,6 +291,10 @@ impl SessionRuntime {
             progress,
             injected: std::sync::Mutex::new(Vec::new()),
             last_total_cost: std::sync::Mutex::new(0.0),
+            auto_compact: std::sync::Mutex::new(AutoCompact::new(
+                self.manager.config.orchestrator_compact_threshold,
+                AUTO_COMPACT_COOLDOWN,
+            )),
         };
         tokio::spawn(actor.run(rx));
         handle
@@ -346,6 +400,9 @@ impl Manager {
         if let Ok(mut actors) = self.actors.lock() {
             actors.remove(&session.id);
         }
+        if session.kind == SessionKind::Orchestrator {
+            self.stop_children(&session).await;
+        }
         let mut problems = Vec::new();
         let runtime = &self.config.containers.runtime;
         if let Some(container) = &session.container_id {
@@ -415,6 +472,70 @@ impl Manager {
         }
         self.say(&session, &text).await;
         info!(session = %session.id, %reason, "session ended");
+        if let Some(parent_id) = &session.parent_id {
+            self.tell_parent(parent_id, &session, reason, detail.as_deref())
+                .await;
+        }
+    }
+
+    /// Stops every running child of an orchestrator that is ending (each told in its thread).
+    async fn stop_children(&self, parent: &Session) {
+        let children = self.store.children(&parent.id).await.unwrap_or_default();
+        for child in children.into_iter().filter(|c| c.state.is_active()) {
+            if let Ok(Some(claimed)) = self.store.claim_stop(&child.id).await {
+                let handle = self
+                    .actors
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.get(&child.id).cloned());
+                if let Some(handle) = handle {
+                    let _ = handle.shutdown().await;
+                }
+                Box::pin(self.cleanup(
+                    claimed,
+                    EndReason::ParentEnded,
+                    Some(format!(
+                        "its orchestrator `{}` stopped",
+                        short_id(&parent.id)
+                    )),
+                ))
+                .await;
+            }
+        }
+    }
+
+    /// Tells an orchestrator that one of its children ended (once: only the cleanup that won
+    /// the claim gets here).
+    async fn tell_parent(
+        &self,
+        parent_id: &str,
+        child: &Session,
+        reason: EndReason,
+        detail: Option<&str>,
+    ) {
+        let Ok(Some(parent)) = self.store.session(parent_id).await else {
+            return;
+        };
+        if !parent.state.is_active() {
+            return; // the parent is ending too
+        }
+        let kind: &'static str = child.kind.into();
+        let why = detail.map_or_else(|| reason.to_string(), |d| format!("{reason}: {d}"));
+        self.say(
+            &parent,
+            &format!("⏹️ {kind} `{}` ended ({why})", short_id(&child.id)),
+        )
+        .await;
+        let handle = self
+            .actors
+            .lock()
+            .ok()
+            .and_then(|a| a.get(parent_id).cloned());
+        if let Some(handle) = handle {
+            let _ = handle
+                .message(format!("[SESSION_ENDED: {}] {why}", child.id))
+                .await;
+        }
     }
 
     /// Clone (or worktree) and container, or, when resuming, the existing container. On
@@ -603,7 +724,14 @@ impl Manager {
         args.push(if resume { "--resume" } else { "--session-id" }.into());
         args.push(conversation.to_owned());
         args.push("--append-system-prompt".into());
-        args.push(NETWORK_PROMPT.to_owned());
+        args.push(if session.kind == SessionKind::Orchestrator {
+            format!(
+                "{NETWORK_PROMPT}\n\n{}",
+                crate::orchestrator::ORCHESTRATOR_PROMPT
+            )
+        } else {
+            NETWORK_PROMPT.to_owned()
+        });
         if session.kind == SessionKind::Reviewer {
             args.push("--permission-mode".into());
             args.push("plan".into());
@@ -618,5 +746,39 @@ impl Manager {
             .map_err(|e| e.to_string())?
             .raw("exec \"$@\"");
         Ok(script)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_compaction_fires_at_the_threshold_and_not_again_during_the_cooldown() {
+        let start = tokio::time::Instant::now();
+        let mut policy = AutoCompact::new(3, Duration::from_secs(60));
+        for _ in 0..2 {
+            policy.on_message();
+        }
+        assert!(!policy.due(start), "below the threshold");
+        policy.on_message();
+        assert!(policy.due(start), "at the threshold");
+        assert!(!policy.due(start), "the count starts over");
+        for _ in 0..5 {
+            policy.on_message();
+        }
+        assert!(
+            !policy.due(start + Duration::from_secs(30)),
+            "within the cooldown"
+        );
+        assert!(
+            policy.due(start + Duration::from_secs(61)),
+            "after the cooldown"
+        );
+        let mut never = AutoCompact::new(0, Duration::ZERO);
+        for _ in 0..100 {
+            never.on_message();
+        }
+        assert!(!never.due(start), "0 = never");
     }
 }

@@ -896,6 +896,56 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    // ----- orchestrator spawns ---------------------------------------------------------
+
+    /// Claims a spawn for `parent_id`: `true` when no equal request (same key) was claimed
+    /// within `window_ms` before `now`, atomically, so a repeated marker spawns one child.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn claim_spawn(
+        &self,
+        parent_id: &str,
+        spawn_key: &str,
+        now: i64,
+        window_ms: i64,
+    ) -> StoreResult<bool> {
+        let claimed: Option<String> = sqlx::query_scalar(
+            "INSERT INTO spawn_requests (parent_id, spawn_key, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (parent_id, spawn_key) DO UPDATE SET created_at = excluded.created_at, child_id = NULL
+             WHERE spawn_requests.created_at < $4
+             RETURNING parent_id",
+        )
+        .bind(parent_id)
+        .bind(spawn_key)
+        .bind(now)
+        .bind(now - window_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(claimed.is_some())
+    }
+
+    /// Records the child a claimed spawn created.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn set_spawn_child(
+        &self,
+        parent_id: &str,
+        spawn_key: &str,
+        child_id: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE spawn_requests SET child_id = $3 WHERE parent_id = $1 AND spawn_key = $2",
+        )
+        .bind(parent_id)
+        .bind(spawn_key)
+        .bind(child_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     // ----- containers ---------------------------------------------------------------------
 
     /// Records a container the bot started (again, if it was marked removed).

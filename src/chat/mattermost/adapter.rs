@@ -533,6 +533,14 @@ impl ChatOutbound for MattermostAdapter {
             .await
     }
 
+    /// `<server>/_redirect/pl/<post id>`: Mattermost's permalink that needs no team name.
+    fn permalink(&self, post_id: &str) -> String {
+        format!(
+            "{}/_redirect/pl/{post_id}",
+            self.config.url.as_str().trim_end_matches('/')
+        )
+    }
+
     async fn resolve_user(&self, id_or_username: &str) -> Result<ChatUser, ChatError> {
         let wanted = id_or_username.trim().trim_start_matches('@');
         let looks_like_id = wanted.len() == 26
