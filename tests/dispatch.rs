@@ -763,3 +763,57 @@ async fn progress_is_edited_in_place_and_ends_with_what_to_do() {
         .expect("update");
     assert_eq!(last.1, "✅ Cloning\n🟢 Ready: say hello in this thread");
 }
+
+#[tokio::test]
+async fn status_shows_orchestrators_with_their_children_indented() {
+    let w = world(Access::Everyone, false).await;
+    let orch = w.start("@claude orchestrate acme/widgets").await;
+    let mut child = session_manager::store::NewSession {
+        id: session_manager::store::new_session_id(),
+        platform: Platform::Mattermost,
+        channel_id: orch.channel_id.clone(),
+        thread_id: "childthread000000000000001".into(),
+        kind: SessionKind::Worker,
+        parent_id: Some(orch.id.clone()),
+        started_by: ALICE.into(),
+        repo_host: "github.com".into(),
+        repo_org: "acme".into(),
+        repo_name: "widgets".into(),
+        branch: None,
+        worktree: Some("widgets-x".into()),
+    };
+    let worker = w.store.create_session(&child).await.expect("child");
+    child.id = session_manager::store::new_session_id();
+    child.thread_id = "childthread000000000000002".into();
+    child.kind = SessionKind::Reviewer;
+    let reviewer = w.store.create_session(&child).await.expect("child");
+    let standalone = w.start("@claude start acme/gadgets").await;
+    let text =
+        session_manager::dispatch::status_text(&w.store.active_sessions().await.expect("list"), 0);
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |id: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(&id[..8]))
+            .expect("listed")
+    };
+    let (o, wk, rv, st) = (
+        at(&orch.id),
+        at(&worker.id),
+        at(&reviewer.id),
+        at(&standalone.id),
+    );
+    assert!(
+        !lines[o].starts_with(' ') && !lines[st].starts_with(' '),
+        "top level: {text}"
+    );
+    assert!(
+        lines[wk].starts_with("    -") && lines[rv].starts_with("    -"),
+        "children indented: {text}"
+    );
+    assert!(
+        o < wk && o < rv,
+        "children under their orchestrator: {text}"
+    );
+    assert!(lines[wk].contains("worker") && lines[rv].contains("reviewer"));
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use session_manager::runtime::shell::Script;
 use session_manager::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
-use session_manager::store::{EndReason, SessionState, Store};
+use session_manager::store::{EndReason, SessionKind, SessionState, Store};
 use support::mattermost::FakeMattermost;
 use support::model_server::{ModelServer, Reply, Script as ModelScript};
 use support::testbed::Testbed;
@@ -1185,5 +1185,401 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
     assert!(!opn
         .alias_content(ALIAS)
         .contains(&"registry.npmjs.org".to_owned()));
+    stack.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
+    let stack = Stack::start_with(
+        ModelScript::new().fallback(Reply::text("ok")),
+        &[("max-child-sessions", "2".into())],
+    )
+    .await;
+    // A session of someone else's, which the orchestrator must not be able to stop.
+    let (foreign_channel, foreign_root) = stack
+        .start_session("@claude start acme/with-devcontainer")
+        .await;
+    let foreign = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &foreign_channel,
+            &foreign_root,
+        )
+        .await
+        .expect("read")
+        .expect("foreign session");
+    let plan = format!(
+        "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[STOP_SESSION: {}]\n",
+        &foreign.id[..8]
+    );
+    stack.model.set_script(
+        ModelScript::new()
+            .on_last_user("implement the parser", Reply::text("working on the parser"))
+            .on_last_user("review the parser", Reply::text("reviewing the parser"))
+            .on_last_user("plan the work", Reply::text(plan))
+            .on_last_user(
+                "status please",
+                Reply::text("[SESSION_STATUS]\n\n[CREATE_SESSION: acme/widgets] a third task\n"),
+            )
+            // Re-emitting the first spawn in a later turn creates nothing either.
+            .on_last_user(
+                "[SESSION_CREATED:",
+                Reply::text("noted\n[CREATE_SESSION: acme/widgets] implement the parser\n"),
+            )
+            .fallback(Reply::text("ok")),
+    );
+    let (channel, orch_root) = stack
+        .start_session("@claude orchestrate acme/widgets")
+        .await;
+    let orch = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &orch_root,
+        )
+        .await
+        .expect("read")
+        .expect("orchestrator");
+    assert_eq!(orch.kind, SessionKind::Orchestrator);
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "plan the work")
+        .expect("post");
+
+    // Both children come up in their own threads and get their task as first message.
+    let children = {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let children = stack.store.children(&orch.id).await.expect("children");
+            let answered = children.iter().filter(|c| {
+                let needle = if c.kind == SessionKind::Worker {
+                    "working on the parser"
+                } else {
+                    "reviewing the parser"
+                };
+                stack.bot_post(Some(&c.thread_id), needle).is_some()
+            });
+            if children.len() == 2 && answered.count() == 2 {
+                break children;
+            }
+            assert!(Instant::now() < deadline, "children: {children:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let worker = children
+        .iter()
+        .find(|c| c.kind == SessionKind::Worker)
+        .expect("worker")
+        .clone();
+    let reviewer = children
+        .iter()
+        .find(|c| c.kind == SessionKind::Reviewer)
+        .expect("reviewer")
+        .clone();
+    for child in [&worker, &reviewer] {
+        assert_eq!(child.parent_id.as_deref(), Some(orch.id.as_str()));
+        assert_eq!(
+            child.channel_id, channel,
+            "children live in the project channel"
+        );
+        let path = child.workspace_path.clone().expect("workspace");
+        assert_eq!(
+            path,
+            format!(
+                "{}/worktrees/acme/widgets/widgets-{}",
+                stack.vm_root,
+                &child.id[..8]
+            ),
+            "own worktree"
+        );
+        let root = stack.fake.post(&child.thread_id).expect("child root");
+        assert!(
+            root.message.contains(&orch.thread_id),
+            "links to the orchestrator's thread: {}",
+            root.message
+        );
+    }
+    // The reviewer's agent runs in plan mode.
+    let mut top = Script::new();
+    top.command(
+        "podman",
+        &[
+            "top",
+            reviewer.container_id.as_deref().expect("container"),
+            "args",
+        ],
+    )
+    .expect("q");
+    assert!(
+        stack
+            .vm_run(&top)
+            .await
+            .stdout
+            .contains("--permission-mode plan"),
+        "reviewer in plan mode"
+    );
+
+    // The orchestrator was told, with the right fields; duplicates and errors too.
+    stack
+        .wait_for("the replies", Duration::from_secs(120), |s| {
+            let texts: Vec<String> = s
+                .model
+                .requests()
+                .iter()
+                .map(|r| r.last_user_text.clone())
+                .collect();
+            (texts
+                .iter()
+                .filter(|t| t.contains("[SESSION_ERROR:"))
+                .count()
+                >= 2)
+                .then_some(())
+        })
+        .await;
+    let told: Vec<String> = stack
+        .model
+        .requests()
+        .iter()
+        .map(|r| r.last_user_text.clone())
+        .collect();
+    let expected = format!(
+        "[SESSION_CREATED: {} worker {} {}]",
+        worker.id,
+        worker.workspace_path.as_deref().unwrap_or_default(),
+        worker.thread_id
+    );
+    assert!(
+        told.iter().any(|t| t.contains(&expected)),
+        "{expected} in {told:?}"
+    );
+    assert!(told
+        .iter()
+        .any(|t| t.contains(&format!("[SESSION_CREATED: {} reviewer", reviewer.id))));
+    assert!(
+        told.iter()
+            .any(|t| t.contains("[SESSION_ERROR:") && t.contains("not a repo")),
+        "malformed marker"
+    );
+    assert!(
+        told.iter().any(|t| t.contains("[SESSION_ERROR: refused")),
+        "foreign stop refused"
+    );
+    assert!(
+        foreign_is_running(&stack, &foreign.id).await,
+        "the foreign session still runs"
+    );
+    assert_eq!(
+        stack
+            .store
+            .children(&orch.id)
+            .await
+            .expect("children")
+            .len(),
+        2,
+        "repeated markers made one worker"
+    );
+    assert!(
+        stack.bot_post(Some(&orch_root), "Spawned worker").is_some(),
+        "a notice per spawn in its thread"
+    );
+
+    // Status: valid JSON describing both; a third child is over the limit.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "status please")
+        .expect("post");
+    let sessions = stack
+        .wait_for("[SESSIONS: …]", Duration::from_secs(120), |s| {
+            s.model.requests().into_iter().find_map(|r| {
+                let start = r.last_user_text.find("[SESSIONS: ")? + "[SESSIONS: ".len();
+                let end = r.last_user_text.rfind(']')?;
+                serde_json::from_str::<serde_json::Value>(&r.last_user_text[start..end]).ok()
+            })
+        })
+        .await;
+    let list = sessions.as_array().expect("an array");
+    assert_eq!(list.len(), 2);
+    for entry in list {
+        for field in [
+            "id",
+            "type",
+            "repo",
+            "branch",
+            "worktree",
+            "thread_id",
+            "state",
+            "message_count",
+            "compaction_count",
+            "idle_seconds",
+        ] {
+            assert!(entry.get(field).is_some(), "{field} missing in {entry}");
+        }
+    }
+    assert!(list
+        .iter()
+        .any(|e| e["id"] == serde_json::Value::String(worker.id.clone()) && e["type"] == "worker"));
+    stack
+        .wait_for("the limit error", Duration::from_secs(120), |s| {
+            s.model
+                .requests()
+                .iter()
+                .any(|r| r.last_user_text.contains("[SESSION_ERROR: limit"))
+                .then_some(())
+        })
+        .await;
+
+    // STOP_SESSION stops the worker; the orchestrator hears it ended.
+    stack.model.set_script(
+        ModelScript::new()
+            .on_last_user(
+                "stop the worker",
+                Reply::text(format!("[STOP_SESSION: {}]\n", &worker.id[..8])),
+            )
+            .fallback(Reply::text("ok")),
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "stop the worker")
+        .expect("post");
+    stack
+        .wait_for_state(&worker.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    stack
+        .wait_for("[SESSION_ENDED: worker]", Duration::from_secs(120), |s| {
+            s.model
+                .requests()
+                .iter()
+                .any(|r| {
+                    r.last_user_text
+                        .contains(&format!("[SESSION_ENDED: {}]", worker.id))
+                })
+                .then_some(())
+        })
+        .await;
+
+    // Stopping the orchestrator stops the reviewer.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&orch.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    let reviewer_row = stack
+        .wait_for_state(&reviewer.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        reviewer_row.end.expect("ended").reason,
+        EndReason::ParentEnded
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &foreign_channel, Some(&foreign_root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&foreign.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
+    stack.finish().await;
+}
+
+async fn foreign_is_running(stack: &Stack, id: &str) -> bool {
+    stack
+        .store
+        .session(id)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.state.is_active())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cooldown() {
+    let stack = Stack::start_with(
+        ModelScript::new().fallback(Reply::text("ok")),
+        &[("orchestrator-compact-threshold", "2".into())],
+    )
+    .await;
+    let (channel, root) = stack
+        .start_session("@claude orchestrate acme/widgets")
+        .await;
+    let orch = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &root,
+        )
+        .await
+        .expect("read")
+        .expect("orchestrator");
+    let compactions = |stack: &Stack| {
+        let store = stack.store.clone();
+        let id = orch.id.clone();
+        async move {
+            store
+                .session(&id)
+                .await
+                .expect("read")
+                .expect("row")
+                .stats
+                .compaction_count
+        }
+    };
+    for text in ["first", "second"] {
+        stack
+            .fake
+            .post_as(&stack.alice, &channel, Some(&root), text)
+            .expect("post");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stack
+            .model
+            .requests()
+            .iter()
+            .all(|r| !r.last_user_text.contains(text))
+        {
+            assert!(Instant::now() < deadline, "{text} never reached the model");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while compactions(&stack).await < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no compaction after the threshold"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Two more messages reach the threshold again, but within the cooldown: no second one.
+    for text in ["third", "fourth"] {
+        stack
+            .fake
+            .post_as(&stack.alice, &channel, Some(&root), text)
+            .expect("post");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stack
+            .model
+            .requests()
+            .iter()
+            .all(|r| !r.last_user_text.contains(text))
+        {
+            assert!(Instant::now() < deadline, "{text} never reached the model");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        compactions(&stack).await,
+        1,
+        "no compaction during the cooldown"
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&orch.id, SessionState::Ended, Duration::from_secs(60))
+        .await;
     stack.finish().await;
 }
