@@ -122,6 +122,25 @@ impl Orchestrator {
                 self.config.max_children
             );
         }
+        match runtime
+            .repo_exists(repo.org().as_str(), repo.repo().as_str())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                return format!(
+                    "[SESSION_ERROR: unknown repository {}: it does not exist or cannot be read]",
+                    repo.slug()
+                )
+            }
+            Err(e) => {
+                return format!(
+                    "[SESSION_ERROR: cannot check the repository {}: {}]",
+                    repo.slug(),
+                    one_line(&e)
+                )
+            }
+        }
         let kind_name: &'static str = kind.into();
         let key = format!(
             "{kind_name}|{}|{}|{}",

@@ -1210,7 +1210,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         .expect("read")
         .expect("foreign session");
     let plan = format!(
-        "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[STOP_SESSION: {}]\n",
+        "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/does-not-exist] anything\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[STOP_SESSION: {}]\n",
         &foreign.id[..8]
     );
     stack.model.set_script(
@@ -1334,7 +1334,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
                 .iter()
                 .filter(|t| t.contains("[SESSION_ERROR:"))
                 .count()
-                >= 2)
+                >= 3)
                 .then_some(())
         })
         .await;
@@ -1365,6 +1365,11 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
     assert!(
         told.iter().any(|t| t.contains("[SESSION_ERROR: refused")),
         "foreign stop refused"
+    );
+    assert!(
+        told.iter()
+            .any(|t| t.contains("[SESSION_ERROR: unknown repository acme/does-not-exist")),
+        "an unknown repository"
     );
     assert!(
         foreign_is_running(&stack, &foreign.id).await,

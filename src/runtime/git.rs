@@ -119,6 +119,26 @@ pub async fn ensure_clone(
     Ok(path)
 }
 
+/// Whether `org/repo` exists and can be read (`git ls-remote`, with `GH_TOKEN` as for clones).
+///
+/// # Errors
+/// [`GitError`] when the check itself cannot run.
+pub async fn repo_exists(
+    pool: &SshPool,
+    layout: &GitLayout,
+    org: &str,
+    repo: &str,
+    timeout: Duration,
+) -> Result<bool, GitError> {
+    let mut s = Script::new();
+    s.raw("export GIT_TERMINAL_PROMPT=0")
+        .raw(GIT_AUTH)
+        .set("url", &layout.clone_url(org, repo))?
+        .raw(r#"if git_auth ls-remote -- "$url" HEAD >/dev/null 2>&1; then echo exists; else echo missing; fi"#);
+    let out = pool.run_with_timeout(&s, timeout).await?;
+    Ok(out.stdout.trim() == "exists")
+}
+
 /// Creates (or reuses) the worktree `name` of the main clone, on a branch named `name` made
 /// from `branch` (or the clone's current branch). Returns its path.
 ///

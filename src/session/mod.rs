@@ -219,6 +219,22 @@ impl SessionRuntime {
         handle.message(text).await
     }
 
+    /// Whether `org/repo` exists at `SM_GIT_BASE_URL` and the VM can read it.
+    ///
+    /// # Errors
+    /// A message when the check cannot run (SSH down, for example).
+    pub async fn repo_exists(&self, org: &str, repo: &str) -> Result<bool, String> {
+        git::repo_exists(
+            &self.manager.ssh,
+            &self.manager.config.git,
+            org,
+            repo,
+            self.manager.config.git_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// Brings back every session that was not ended when the bot stopped.
     pub async fn recover(&self) {
         let sessions = match self.manager.store.unended_sessions().await {
