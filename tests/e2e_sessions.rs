@@ -1588,3 +1588,96 @@ async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cool
         .await;
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
+    let tb = Testbed::load();
+    let script = ModelScript::new()
+        .on_last_user("build it", Reply::text("working"))
+        .on_last_user(
+            "plan the work",
+            Reply::text("[CREATE_SESSION: acme/widgets] build it\n"),
+        )
+        .fallback(Reply::text("ok"));
+    let mut stack = Stack::start(script).await;
+    if let Some(app) = stack.app.take() {
+        app.stop().await;
+    }
+    let bot = BotProcess::start(&stack, &tb);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stack.fake.websocket_connections() == 0 {
+        assert!(Instant::now() < deadline, "the bot process never connected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (channel, root) = stack
+        .start_session("@claude orchestrate acme/widgets")
+        .await;
+    let orch = stack
+        .store
+        .session_by_thread(
+            session_manager::store::Platform::Mattermost,
+            &channel,
+            &root,
+        )
+        .await
+        .expect("read")
+        .expect("orchestrator");
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "plan the work")
+        .expect("post");
+    let worker = {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let children = stack.store.children(&orch.id).await.expect("children");
+            if let Some(w) = children
+                .iter()
+                .find(|c| stack.bot_post(Some(&c.thread_id), "working").is_some())
+            {
+                break w.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no worker answered: {children:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+
+    bot.kill();
+    let _bot = BotProcess::start(&stack, &tb);
+    for thread in [&root, &worker.thread_id] {
+        stack
+            .wait_for("the resume notice", Duration::from_secs(120), |s| {
+                s.bot_post(Some(thread), "continues where it was")
+            })
+            .await;
+    }
+    let after = stack
+        .store
+        .session(&worker.id)
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(
+        after.parent_id.as_deref(),
+        Some(orch.id.as_str()),
+        "the parent link survived"
+    );
+    assert!(after.state.is_active());
+
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "!stop")
+        .expect("post");
+    let ended = stack
+        .wait_for_state(&worker.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        ended.end.expect("ended").reason,
+        EndReason::ParentEnded,
+        "stopping the resumed orchestrator stops its resumed worker"
+    );
+    drop(_bot);
+    stack.finish().await;
+}
