@@ -87,6 +87,24 @@ struct World {
 
 const SECRET: &str = support::CALLBACK_SECRET;
 
+/// The real Mattermost adapter, connected to the fake.
+async fn connect_adapter(fake: &FakeMattermost, store: &Store) -> MattermostAdapter {
+    MattermostAdapter::connect(
+        session_manager::chat::mattermost::adapter::MattermostConfig {
+            url: url::Url::parse(&fake.url()).expect("url"),
+            token: secrecy::SecretString::from(fake.bot_token()),
+            team_id: fake.team_id(),
+            channel_category: "Claude Sessions".into(),
+            request_timeout: Duration::from_secs(10),
+            retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
+            websocket: Default::default(),
+        },
+        store.clone(),
+    )
+    .await
+    .expect("connect")
+}
+
 /// `only_alice`: SM_ALLOWED_APPROVERS lists alice alone; otherwise any channel member.
 async fn world(only_alice: bool, ttl: Duration) -> World {
     world_with(only_alice, ttl, None).await
@@ -107,22 +125,7 @@ async fn world_with(
     );
     let db = TestDatabase::sqlite();
     let store = db.store().await;
-    let adapter = Arc::new(
-        MattermostAdapter::connect(
-            session_manager::chat::mattermost::adapter::MattermostConfig {
-                url: url::Url::parse(&fake.url()).expect("url"),
-                token: secrecy::SecretString::from(fake.bot_token()),
-                team_id: fake.team_id(),
-                channel_category: "Claude Sessions".into(),
-                request_timeout: Duration::from_secs(10),
-                retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
-                websocket: Default::default(),
-            },
-            store.clone(),
-        )
-        .await
-        .expect("connect"),
-    );
+    let adapter = Arc::new(connect_adapter(&fake, &store).await);
     let root = adapter
         .post(&channel, None, "session anchor")
         .await
@@ -756,22 +759,7 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
     opn.set_down(false);
     let next = Arc::new(Approvals::new(
         w.store.clone(),
-        Arc::new(
-            MattermostAdapter::connect(
-                session_manager::chat::mattermost::adapter::MattermostConfig {
-                    url: url::Url::parse(&w.fake.url()).expect("url"),
-                    token: secrecy::SecretString::from(w.fake.bot_token()),
-                    team_id: w.fake.team_id(),
-                    channel_category: "Claude Sessions".into(),
-                    request_timeout: Duration::from_secs(10),
-                    retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
-                    websocket: Default::default(),
-                },
-                w.store.clone(),
-            )
-            .await
-            .expect("connect"),
-        ) as Arc<dyn ChatOutbound>,
+        Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
         opnsense_client(&opn),
         ApprovalConfig {
             callback_url: w.callback.clone(),
@@ -845,22 +833,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
         "acme-widgets",
         &[alice.as_str(), fake.bot_user_id().as_str()],
     );
-    let adapter = Arc::new(
-        MattermostAdapter::connect(
-            session_manager::chat::mattermost::adapter::MattermostConfig {
-                url: url::Url::parse(&fake.url()).expect("url"),
-                token: secrecy::SecretString::from(fake.bot_token()),
-                team_id: fake.team_id(),
-                channel_category: "Claude Sessions".into(),
-                request_timeout: Duration::from_secs(10),
-                retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
-                websocket: Default::default(),
-            },
-            store.clone(),
-        )
-        .await
-        .expect("connect"),
-    );
+    let adapter = Arc::new(connect_adapter(&fake, &store).await);
     let root = adapter.post(&channel, None, "anchor").await.expect("root");
     let session = store
         .create_session(&NewSession {

@@ -193,6 +193,30 @@ impl Stack {
         (root.channel_id, root.id)
     }
 
+    /// The session anchored at a thread.
+    async fn session_at(&self, channel: &str, root: &str) -> session_manager::store::Session {
+        self.store
+            .session_by_thread(session_manager::store::Platform::Mattermost, channel, root)
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("no session anchored at {root}"))
+    }
+
+    /// Stops the in-process bot and runs the real binary instead (to kill it like a pod),
+    /// waiting until it listens to chat.
+    async fn switch_to_process(&mut self, tb: &Testbed) -> BotProcess {
+        if let Some(app) = self.app.take() {
+            app.stop().await;
+        }
+        let bot = BotProcess::start(self, tb);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.fake.websocket_connections() == 0 {
+            assert!(Instant::now() < deadline, "the bot process never connected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bot
+    }
+
     /// Waits until a session reaches `state`.
     async fn wait_for_state(
         &self,
@@ -253,16 +277,7 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         .fallback(Reply::text("ok"));
     let stack = Stack::start(script).await;
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
-    let session = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &root,
-        )
-        .await
-        .expect("read")
-        .expect("session recorded");
+    let session = stack.session_at(&channel, &root).await;
     assert_eq!(session.state, SessionState::Idle);
     let container = session.container_id.clone().expect("container recorded");
 
@@ -521,16 +536,7 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
         .await;
 
     bot.kill();
-    let session = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &root,
-        )
-        .await
-        .expect("read")
-        .expect("session");
+    let session = stack.session_at(&channel, &root).await;
     assert!(
         session.state.is_active(),
         "a killed bot ends nothing: {:?}",
@@ -600,15 +606,7 @@ async fn a_killed_ssh_master_is_replaced_and_no_queued_message_is_lost() {
         .on_last_user("first message", Reply::text("Answer to the first message."))
         .fallback(Reply::text("ok"));
     let mut stack = Stack::start(script).await;
-    if let Some(app) = stack.app.take() {
-        app.stop().await;
-    }
-    let bot = BotProcess::start(&stack, &tb);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stack.fake.websocket_connections() == 0 {
-        assert!(Instant::now() < deadline, "the bot process never connected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let bot = stack.switch_to_process(&tb).await;
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
     stack
         .fake
@@ -653,16 +651,7 @@ async fn worktrees_the_clone_lock_and_parallel_sessions() {
         .fallback(Reply::text("ok"));
     let stack = Stack::start(script).await;
     let (channel, main_root) = stack.start_session("@claude start acme/widgets").await;
-    let main = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &main_root,
-        )
-        .await
-        .expect("read")
-        .expect("session");
+    let main = stack.session_at(&channel, &main_root).await;
     assert_eq!(main.worktree, None);
     assert_eq!(
         stack
@@ -720,16 +709,7 @@ async fn worktrees_the_clone_lock_and_parallel_sessions() {
             s.bot_post(Some(&wt_root.id), "Ready")
         })
         .await;
-    let wt = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &wt_root.id,
-        )
-        .await
-        .expect("read")
-        .expect("session");
+    let wt = stack.session_at(&channel, &wt_root.id).await;
     let wt_path = wt.workspace_path.clone().expect("workspace");
     assert_eq!(
         wt_path,
@@ -868,16 +848,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
     let (channel, root) = stack
         .start_session("@claude start acme/with-devcontainer")
         .await;
-    let session = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &root,
-        )
-        .await
-        .expect("read")
-        .expect("session");
+    let session = stack.session_at(&channel, &root).await;
     let mut config_dir = Script::new();
     config_dir
         .command(
@@ -1199,16 +1170,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
     let (foreign_channel, foreign_root) = stack
         .start_session("@claude start acme/with-devcontainer")
         .await;
-    let foreign = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &foreign_channel,
-            &foreign_root,
-        )
-        .await
-        .expect("read")
-        .expect("foreign session");
+    let foreign = stack.session_at(&foreign_channel, &foreign_root).await;
     let plan = format!(
         "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/does-not-exist] anything\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[STOP_SESSION: {}]\n",
         &foreign.id[..8]
@@ -1232,16 +1194,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
     let (channel, orch_root) = stack
         .start_session("@claude orchestrate acme/widgets")
         .await;
-    let orch = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &orch_root,
-        )
-        .await
-        .expect("read")
-        .expect("orchestrator");
+    let orch = stack.session_at(&channel, &orch_root).await;
     assert_eq!(orch.kind, SessionKind::Orchestrator);
     stack
         .fake
@@ -1509,16 +1462,7 @@ async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cool
     let (channel, root) = stack
         .start_session("@claude orchestrate acme/widgets")
         .await;
-    let orch = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &root,
-        )
-        .await
-        .expect("read")
-        .expect("orchestrator");
+    let orch = stack.session_at(&channel, &root).await;
     let compactions = |stack: &Stack| {
         let store = stack.store.clone();
         let id = orch.id.clone();
@@ -1600,28 +1544,11 @@ async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
         )
         .fallback(Reply::text("ok"));
     let mut stack = Stack::start(script).await;
-    if let Some(app) = stack.app.take() {
-        app.stop().await;
-    }
-    let bot = BotProcess::start(&stack, &tb);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stack.fake.websocket_connections() == 0 {
-        assert!(Instant::now() < deadline, "the bot process never connected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let bot = stack.switch_to_process(&tb).await;
     let (channel, root) = stack
         .start_session("@claude orchestrate acme/widgets")
         .await;
-    let orch = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &channel,
-            &root,
-        )
-        .await
-        .expect("read")
-        .expect("orchestrator");
+    let orch = stack.session_at(&channel, &root).await;
     stack
         .fake
         .post_as(&stack.alice, &channel, Some(&root), "plan the work")
