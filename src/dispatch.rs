@@ -798,36 +798,3 @@ pub fn context_text(s: &Session, now: i64) -> String {
         human_duration(now - s.last_activity_at),
     )
 }
-
-/// The session runtime used while none is configured: every request is refused with a
-/// message that says so, so users are told rather than ignored.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoSessionRuntime;
-
-#[async_trait]
-impl SessionControl for NoSessionRuntime {
-    async fn start(&self, _session: Session, _progress: PostRef) -> Result<(), SessionError> {
-        Err(SessionError::Refused(
-            "this bot has no session runtime configured, so sessions cannot run yet".into(),
-        ))
-    }
-    async fn send(
-        &self,
-        session: &Session,
-        _message: &InboundMessage,
-    ) -> Result<Delivery, SessionError> {
-        Err(SessionError::NotRunning(short_id(&session.id).to_owned()))
-    }
-    async fn stop(&self, session: &Session, _requested_by: &str) -> Result<(), SessionError> {
-        Err(SessionError::NotRunning(short_id(&session.id).to_owned()))
-    }
-    async fn compact(&self, session: &Session) -> Result<(), SessionError> {
-        Err(SessionError::NotRunning(short_id(&session.id).to_owned()))
-    }
-    async fn clear(&self, session: &Session) -> Result<(), SessionError> {
-        Err(SessionError::NotRunning(short_id(&session.id).to_owned()))
-    }
-    async fn restart(&self, session: &Session) -> Result<(), SessionError> {
-        Err(SessionError::NotRunning(short_id(&session.id).to_owned()))
-    }
-}

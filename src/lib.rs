@@ -95,6 +95,12 @@ use crate::telemetry::{names, Metrics};
 
 /// How often external endpoints are probed for `/health`.
 const REACHABILITY_INTERVAL: Duration = Duration::from_secs(15);
+/// How often old de-duplication records of inbound posts are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long inbound posts are remembered for de-duplication (each channel's newest is kept
+/// regardless: it is the catch-up cursor).
+const INBOUND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// How often idle rate-limit buckets are dropped and metrics upkeep runs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -191,6 +197,25 @@ pub async fn serve(
         });
     }
 
+    {
+        let store = store.clone();
+        let cancel = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                let before = store::now_ms()
+                    - i64::try_from(INBOUND_RETENTION.as_millis()).unwrap_or(i64::MAX / 2);
+                match store.prune_inbound_posts(before).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(pruned = n, "forgot old inbound-post records"),
+                    Err(e) => warn!(error = %e, "cannot prune inbound-post records"),
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(PRUNE_INTERVAL) => {}
+                }
+            }
+        });
+    }
     let ssh = Arc::new(ssh_pool(&settings).context("cannot prepare SSH to the VM")?);
     let firewall = Arc::new(
         OpnsenseClient::new((&settings.firewall).into())

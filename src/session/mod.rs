@@ -123,25 +123,6 @@ pub trait MarkerHandler: Send + Sync + 'static {
     async fn on_marker(&self, session: &Session, marker: Marker) -> Vec<String>;
 }
 
-/// The handler used while network approvals are not configured: each request is denied at
-/// once, and the thread is told why.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoApprovals;
-
-#[async_trait]
-impl MarkerHandler for NoApprovals {
-    async fn on_marker(&self, _session: &Session, marker: Marker) -> Vec<String> {
-        match marker {
-            Marker::NetworkRequest { domain } => {
-                vec![format!(
-                    "[NETWORK_DENIED: {domain}] network approvals are not configured on this bot"
-                )]
-            }
-            _ => Vec::new(),
-        }
-    }
-}
-
 /// The container an agent runs in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AgentContainer {
