@@ -269,6 +269,9 @@ pub async fn serve(
             error!(error = %e, "background task failed");
         }
     }
+    // Explicitly: the session runtime and the marker handlers refer to each other, so the pool
+    // would not be dropped, and its ssh master processes (daemonized) would outlive the bot.
+    ssh.close().await;
     store.close().await;
     info!("stopped");
     if lost.load(std::sync::atomic::Ordering::SeqCst) {

@@ -252,16 +252,40 @@ impl Stack {
         if let Some(app) = self.app.take() {
             app.stop().await;
         }
-        // Remove what sessions left on the VM (tests that stop sessions leave nothing).
-        let mut cleanup = Script::new();
-        cleanup.set("root", &self.vm_root).expect("q");
-        cleanup.raw(r#"for id in $(podman ps -aq --filter label=session-manager.managed=true --filter "label=session-manager.workspace" --no-trunc); do if podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id" | grep -q "^$root"; then podman rm -f "$id" >/dev/null; fi; done"#);
-        cleanup.raw(r#"rm -rf "$root""#);
-        let _ = self.vm.run(&cleanup).await;
-        self.vm.close().await;
-        self.model.stop().await;
-        self.fake.stop().await;
-        drop(self.db);
+        // The VM is cleaned in Drop (also when a test fails before it gets here).
+    }
+}
+
+impl Drop for Stack {
+    /// Removes what the test's sessions left on the VM (containers of its workspaces, its
+    /// directory), even when the test failed; a passing test's stops left nothing.
+    fn drop(&mut self) {
+        let root = self.vm_root.clone();
+        let tb = Testbed::load();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                let Ok(vm) = SshPool::new(SshConfig {
+                    host: tb.get("SM_TEST_VM_HOST"),
+                    port: tb.port(),
+                    user: tb.get("SM_TEST_VM_USER"),
+                    key: SshKey::Path(tb.get("SM_TEST_VM_KEY_PATH").into()),
+                    host_key: HostKeyPolicy::Pinned(tb.known_hosts()),
+                    timeout: Duration::from_secs(60),
+                    max_channels_per_master: 4,
+                }) else {
+                    return;
+                };
+                let mut cleanup = Script::new();
+                if cleanup.set("root", &root).is_ok() {
+                    cleanup.raw(r#"for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) podman rm -f "$id" >/dev/null ;; esac; done"#);
+                    cleanup.raw(r#"rm -rf "$root""#);
+                    let _ = vm.run(&cleanup).await;
+                }
+                vm.close().await;
+            });
+        })
+        .join();
     }
 }
 
@@ -1606,5 +1630,48 @@ async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
         "stopping the resumed orchestrator stops its resumed worker"
     );
     drop(_bot);
+    stack.finish().await;
+}
+
+/// `ssh` master processes whose control files live under `dir`.
+fn ssh_masters_under(dir: &std::path::Path) -> usize {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.starts_with("ssh ") && c.contains(&dir))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bot_stopped_with_sigterm_leaves_no_ssh_master_behind() {
+    let tb = Testbed::load();
+    let mut stack = Stack::start(ModelScript::new().fallback(Reply::text("ok"))).await;
+    let mut bot = stack.switch_to_process(&tb).await;
+    // The VM health check opens a master at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ssh_masters_under(bot.tmp.path()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the bot never connected to the VM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = i32::try_from(bot.child.id()).expect("pid");
+    // SAFETY: signalling the bot process this test started, by its pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = bot.child.wait().expect("wait");
+    assert!(status.success(), "graceful exit: {status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ssh_masters_under(bot.tmp.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "ssh master processes outlived the bot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(bot);
     stack.finish().await;
 }
