@@ -164,6 +164,18 @@ impl Stack {
         })
     }
 
+    /// Waits (up to 120 s) for the bot's post containing `needle`, in `root`'s thread when
+    /// given; panics with `what` and the posts so far.
+    async fn wait_for_bot_post(
+        &self,
+        what: &str,
+        root: Option<&str>,
+        needle: &str,
+    ) -> support::mattermost::Post {
+        self.wait_for(what, Duration::from_secs(120), |s| s.bot_post(root, needle))
+            .await
+    }
+
     /// Starts a session from town-square and waits until it is ready. Returns its thread root.
     async fn start_session(&self, command: &str) -> (String, String) {
         self.fake
@@ -310,10 +322,10 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         .post_as(&stack.alice, &channel, Some(&root), "hello there")
         .expect("post");
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the model's answer in the thread",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "Hi from the scripted model."),
+            Some(&root),
+            "Hi from the scripted model.",
         )
         .await;
     let first = stack.model.requests();
@@ -335,10 +347,10 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         .post_as(&stack.alice, &channel, Some(&root), "make the marker file")
         .expect("post");
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the answer after the tool ran",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "The marker file is made."),
+            Some(&root),
+            "The marker file is made.",
         )
         .await;
     assert!(
@@ -554,9 +566,11 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
         )
         .expect("post");
     stack
-        .wait_for("the first answer", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&root), "Noted, I will remember it.")
-        })
+        .wait_for_bot_post(
+            "the first answer",
+            Some(&root),
+            "Noted, I will remember it.",
+        )
         .await;
 
     bot.kill();
@@ -573,9 +587,7 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
 
     let _bot = BotProcess::start(&stack, &tb);
     stack
-        .wait_for("the resume notice", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&root), "continues where it was")
-        })
+        .wait_for_bot_post("the resume notice", Some(&root), "continues where it was")
         .await;
     stack
         .fake
@@ -587,10 +599,10 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
         )
         .expect("post");
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the answer after the restart",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "You told me: zebra."),
+            Some(&root),
+            "You told me: zebra.",
         )
         .await;
     let last = stack
@@ -637,9 +649,11 @@ async fn a_killed_ssh_master_is_replaced_and_no_queued_message_is_lost() {
         .post_as(&stack.alice, &channel, Some(&root), "first message")
         .expect("post");
     stack
-        .wait_for("the first answer", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&root), "Answer to the first message.")
-        })
+        .wait_for_bot_post(
+            "the first answer",
+            Some(&root),
+            "Answer to the first message.",
+        )
         .await;
 
     let killed = kill_ssh_masters_under(bot.tmp.path());
@@ -649,15 +663,17 @@ async fn a_killed_ssh_master_is_replaced_and_no_queued_message_is_lost() {
         .post_as(&stack.alice, &channel, Some(&root), "second message")
         .expect("post");
     stack
-        .wait_for("the recovery notice", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&root), "connection to Claude was lost")
-        })
+        .wait_for_bot_post(
+            "the recovery notice",
+            Some(&root),
+            "connection to Claude was lost",
+        )
         .await;
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the answer to the message sent during the outage",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "Answer to the second message."),
+            Some(&root),
+            "Answer to the second message.",
         )
         .await;
     drop(bot);
@@ -766,14 +782,10 @@ async fn worktrees_the_clone_lock_and_parallel_sessions() {
         .post_as(&stack.alice, &channel, Some(&wt_root.id), "ping-three")
         .expect("post");
     stack
-        .wait_for("pong-one", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&main_root), "pong-one")
-        })
+        .wait_for_bot_post("pong-one", Some(&main_root), "pong-one")
         .await;
     stack
-        .wait_for("pong-three", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&wt_root.id), "pong-three")
-        })
+        .wait_for_bot_post("pong-three", Some(&wt_root.id), "pong-three")
         .await;
     assert!(
         stack.bot_post(Some(&main_root), "pong-three").is_none(),
@@ -897,9 +909,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, Some(&root), "show the marker")
         .expect("post");
     stack
-        .wait_for("the tool answer", Duration::from_secs(120), |s| {
-            s.bot_post(Some(&root), "I saw the marker.")
-        })
+        .wait_for_bot_post("the tool answer", Some(&root), "I saw the marker.")
         .await;
     let saw = stack
         .model
@@ -973,9 +983,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, t, "!clear")
         .expect("post");
     stack
-        .wait_for("the clear notice", Duration::from_secs(120), |s| {
-            s.bot_post(t, "fresh conversation")
-        })
+        .wait_for_bot_post("the clear notice", t, "fresh conversation")
         .await;
     let cleared = stack
         .store
@@ -993,9 +1001,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, t, "after clear")
         .expect("post");
     stack
-        .wait_for("answer after clear", Duration::from_secs(120), |s| {
-            s.bot_post(t, "answer after clear")
-        })
+        .wait_for_bot_post("answer after clear", t, "answer after clear")
         .await;
     let req = stack
         .model
@@ -1014,9 +1020,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, t, "!restart")
         .expect("post");
     stack
-        .wait_for("the restart notice", Duration::from_secs(120), |s| {
-            s.bot_post(t, "conversation continues")
-        })
+        .wait_for_bot_post("the restart notice", t, "conversation continues")
         .await;
     assert_eq!(
         stack
@@ -1034,9 +1038,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, t, "after restart")
         .expect("post");
     stack
-        .wait_for("answer after restart", Duration::from_secs(120), |s| {
-            s.bot_post(t, "answer after restart")
-        })
+        .wait_for_bot_post("answer after restart", t, "answer after restart")
         .await;
     let req = stack
         .model
@@ -1119,10 +1121,10 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
         panic!("the click failed")
     };
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the agent's answer after approval",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "Thanks, pypi.org works now."),
+            Some(&root),
+            "Thanks, pypi.org works now.",
         )
         .await;
     assert!(
@@ -1161,10 +1163,10 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
         panic!("the click failed")
     };
     stack
-        .wait_for(
+        .wait_for_bot_post(
             "the agent's answer after denial",
-            Duration::from_secs(120),
-            |s| s.bot_post(Some(&root), "Understood, no npm then."),
+            Some(&root),
+            "Understood, no npm then.",
         )
         .await;
     let new_calls: Vec<_> = opn
@@ -1599,9 +1601,7 @@ async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
     let _bot = BotProcess::start(&stack, &tb);
     for thread in [&root, &worker.thread_id] {
         stack
-            .wait_for("the resume notice", Duration::from_secs(120), |s| {
-                s.bot_post(Some(thread), "continues where it was")
-            })
+            .wait_for_bot_post("the resume notice", Some(thread), "continues where it was")
             .await;
     }
     let after = stack
