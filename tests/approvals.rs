@@ -88,6 +88,32 @@ struct World {
 const SECRET: &str = support::CALLBACK_SECRET;
 
 /// The real Mattermost adapter, connected to the fake.
+/// Stores a standard session on `acme/widgets` whose thread is `thread` in `channel`.
+async fn create_widgets_session(
+    store: &Store,
+    channel: &str,
+    thread: &str,
+    started_by: &str,
+) -> Session {
+    store
+        .create_session(&NewSession {
+            id: new_session_id(),
+            platform: Platform::Mattermost,
+            channel_id: channel.to_owned(),
+            thread_id: thread.to_owned(),
+            kind: SessionKind::Standard,
+            parent_id: None,
+            started_by: started_by.to_owned(),
+            repo_host: "github.com".into(),
+            repo_org: "acme".into(),
+            repo_name: "widgets".into(),
+            branch: None,
+            worktree: None,
+        })
+        .await
+        .expect("session")
+}
+
 async fn connect_adapter(fake: &FakeMattermost, store: &Store) -> MattermostAdapter {
     MattermostAdapter::connect(
         session_manager::chat::mattermost::adapter::MattermostConfig {
@@ -130,23 +156,7 @@ async fn world_with(
         .post(&channel, None, "session anchor")
         .await
         .expect("root");
-    let session = store
-        .create_session(&NewSession {
-            id: new_session_id(),
-            platform: Platform::Mattermost,
-            channel_id: channel.clone(),
-            thread_id: root.post_id.clone(),
-            kind: SessionKind::Standard,
-            parent_id: None,
-            started_by: alice.clone(),
-            repo_host: "github.com".into(),
-            repo_org: "acme".into(),
-            repo_name: "widgets".into(),
-            branch: None,
-            worktree: None,
-        })
-        .await
-        .expect("session");
+    let session = create_widgets_session(&store, &channel, &root.post_id, &alice).await;
 
     // The real HTTP router, so clicks go through the real /callback.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -835,23 +845,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
     );
     let adapter = Arc::new(connect_adapter(&fake, &store).await);
     let root = adapter.post(&channel, None, "anchor").await.expect("root");
-    let session = store
-        .create_session(&NewSession {
-            id: new_session_id(),
-            platform: Platform::Mattermost,
-            channel_id: channel.clone(),
-            thread_id: root.post_id.clone(),
-            kind: SessionKind::Standard,
-            parent_id: None,
-            started_by: alice.clone(),
-            repo_host: "github.com".into(),
-            repo_org: "acme".into(),
-            repo_name: "widgets".into(),
-            branch: None,
-            worktree: None,
-        })
-        .await
-        .expect("session");
+    let session = create_widgets_session(&store, &channel, &root.post_id, &alice).await;
     let mailbox = Arc::new(Mailbox::default());
     let cancel = CancellationToken::new();
     let mut replicas = Vec::new();

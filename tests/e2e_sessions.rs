@@ -607,10 +607,7 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
         .await;
     let last = stack
         .model
-        .requests()
-        .into_iter()
-        .rev()
-        .find(|r| r.last_user_text.contains("which animal"))
+        .last_request_with("which animal")
         .expect("request after the restart");
     assert!(
         last.all_messages_text().contains("remember the word zebra"),
@@ -1005,10 +1002,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .await;
     let req = stack
         .model
-        .requests()
-        .into_iter()
-        .rev()
-        .find(|r| r.last_user_text.contains("after clear"))
+        .last_request_with("after clear")
         .expect("request");
     assert!(
         !req.all_messages_text().contains("show the marker"),
@@ -1042,10 +1036,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .await;
     let req = stack
         .model
-        .requests()
-        .into_iter()
-        .rev()
-        .find(|r| r.last_user_text.contains("after restart"))
+        .last_request_with("after restart")
         .expect("request");
     assert!(
         req.all_messages_text().contains("after clear"),

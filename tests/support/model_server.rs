@@ -670,6 +670,17 @@ impl ModelServer {
         self.shared.lock().requests.clone()
     }
 
+    /// The newest streamed request whose last user text contains `needle`, if any.
+    pub fn last_request_with(&self, needle: &str) -> Option<ModelRequest> {
+        let inner = self.shared.lock();
+        inner
+            .requests
+            .iter()
+            .rev()
+            .find(|r| r.last_user_text.contains(needle))
+            .cloned()
+    }
+
     /// Every other request so far, in arrival order.
     pub fn side_requests(&self) -> Vec<SideRequest> {
         self.shared.lock().side.clone()
