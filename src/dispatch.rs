@@ -16,97 +16,27 @@
 //!
 //! Who may start, stop and drive sessions is [`Access`]; others get a polite refusal.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
-use crate::chat::{ChatEvent, ChatOutbound, InboundMessage, PostRef};
+use crate::chat::{ChatEvent, ChatOutbound, InboundMessage};
 use crate::command::{self, Command, ParseContext, RepoRef, WorktreeChoice};
-use crate::store::{
-    new_session_id, now_ms, NewSession, ProjectChannel, Session, SessionKind, Store,
-};
+use crate::session::{launch, short_id, Delivery, Launch, LaunchError, Launched, SessionControl};
+use crate::store::{now_ms, Session, SessionKind, Store};
+use crate::workers::OrderedWorkers;
 
 /// Messages a thread's worker holds before the dispatcher waits.
 const WORKER_QUEUE: usize = 256;
 /// A worker with nothing to do for this long exits.
 const WORKER_IDLE: Duration = Duration::from_secs(60);
 
-/// Errors from the session side, shown to the user as they are.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SessionError {
-    /// The session is not running (ended, stopping, or not started).
-    #[error("the session is not running: {0}")]
-    NotRunning(String),
-    /// A request that cannot be met (e.g. the main clone is in use).
-    #[error("{0}")]
-    Refused(String),
-    /// Something failed; the message says what.
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// How a message reached a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// The agent has it now.
-    Delivered,
-    /// The agent is busy; it gets the message when the current turn ends.
-    Queued {
-        /// Messages ahead of it, including this one (1 = next).
-        position: usize,
-    },
-}
-
-/// What the dispatcher asks of the session runtime.
-#[async_trait]
-pub trait SessionControl: Send + Sync + 'static {
-    /// Brings up a session whose row exists (state `starting`) and whose thread is open.
-    /// Progress is shown by editing `progress`.
-    ///
-    /// # Errors
-    /// [`SessionError`] when it cannot even begin.
-    async fn start(&self, session: Session, progress: PostRef) -> Result<(), SessionError>;
-
-    /// Delivers a user's message to the session's agent, queueing it during a turn.
-    ///
-    /// # Errors
-    /// [`SessionError`].
-    async fn send(
-        &self,
-        session: &Session,
-        message: &InboundMessage,
-    ) -> Result<Delivery, SessionError>;
-
-    /// Stops the session and cleans up after it.
-    ///
-    /// # Errors
-    /// [`SessionError`].
-    async fn stop(&self, session: &Session, requested_by: &str) -> Result<(), SessionError>;
-
-    /// Compacts the agent's context (`/compact`).
-    ///
-    /// # Errors
-    /// [`SessionError`].
-    async fn compact(&self, session: &Session) -> Result<(), SessionError>;
-
-    /// Restarts the agent with a new conversation.
-    ///
-    /// # Errors
-    /// [`SessionError`].
-    async fn clear(&self, session: &Session) -> Result<(), SessionError>;
-
-    /// Restarts the agent, resuming its conversation.
-    ///
-    /// # Errors
-    /// [`SessionError`].
-    async fn restart(&self, session: &Session) -> Result<(), SessionError>;
-}
+/// What the dispatcher answers when storage does not answer.
+const STORAGE_DOWN: &str = "Sorry, I cannot reach my database right now, so this message was not delivered. Please send it again in a minute.";
 
 /// Who may start, stop and drive sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,11 +91,6 @@ struct WorkerKey {
     root_id: Option<String>,
 }
 
-struct Worker {
-    tx: mpsc::Sender<InboundMessage>,
-    handle: JoinHandle<()>,
-}
-
 impl Dispatcher {
     /// A dispatcher over a chat platform, storage and the session runtime.
     pub fn new(
@@ -187,7 +112,11 @@ impl Dispatcher {
     /// Handles events until `events` closes or `cancel` fires, then waits for the workers to
     /// finish what they hold.
     pub async fn run(self, mut events: mpsc::Receiver<ChatEvent>, cancel: CancellationToken) {
-        let mut workers: HashMap<WorkerKey, Worker> = HashMap::new();
+        let this = self.clone();
+        let mut workers = OrderedWorkers::new(WORKER_QUEUE, WORKER_IDLE, move |message| {
+            let this = this.clone();
+            async move { this.handle_guarded(message).await }
+        });
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -200,56 +129,9 @@ impl Dispatcher {
                 channel_id: message.channel_id.clone(),
                 root_id: message.root_id.clone(),
             };
-            let mut message = Some(message);
-            while let Some(m) = message.take() {
-                let worker = match workers.remove(&key) {
-                    Some(worker) => worker,
-                    None => self.spawn_worker(None),
-                };
-                match worker.tx.send(m).await {
-                    Ok(()) => {
-                        workers.insert(key.clone(), worker);
-                    }
-                    // The worker went idle and closed: start its successor after it.
-                    Err(mpsc::error::SendError(m)) => {
-                        let successor = self.spawn_worker(Some(worker.handle));
-                        workers.insert(key.clone(), successor);
-                        message = Some(m);
-                    }
-                }
-            }
-            workers.retain(|_, w| !w.handle.is_finished());
+            workers.send(key, message).await;
         }
-        for (_, worker) in workers.drain() {
-            drop(worker.tx);
-            let _ = worker.handle.await;
-        }
-    }
-
-    fn spawn_worker(&self, predecessor: Option<JoinHandle<()>>) -> Worker {
-        let (tx, mut rx) = mpsc::channel::<InboundMessage>(WORKER_QUEUE);
-        let this = self.clone();
-        let handle = tokio::spawn(async move {
-            if let Some(previous) = predecessor {
-                let _ = previous.await;
-            }
-            loop {
-                let message = match tokio::time::timeout(WORKER_IDLE, rx.recv()).await {
-                    Ok(Some(message)) => message,
-                    Ok(None) => return,
-                    Err(_) => {
-                        // Idle: refuse new messages, then finish what was already queued.
-                        rx.close();
-                        while let Some(message) = rx.recv().await {
-                            this.handle_guarded(message).await;
-                        }
-                        return;
-                    }
-                };
-                this.handle_guarded(message).await;
-            }
-        });
-        Worker { tx, handle }
+        workers.shutdown().await;
     }
 
     /// Handles one message; a panic inside becomes an error reply, not a dead worker.
@@ -276,7 +158,7 @@ impl Dispatcher {
                 Ok(session) => session,
                 Err(e) => {
                     error!(error = %e, "cannot look up the thread's session");
-                    self.reply(&message, "Sorry, I cannot reach my database right now, so this message was not delivered. Please send it again in a minute.").await;
+                    self.reply(&message, STORAGE_DOWN).await;
                     return;
                 }
             },
@@ -311,7 +193,7 @@ impl Dispatcher {
             Ok(None) => return, // not a channel the bot serves
             Err(e) => {
                 error!(error = %e, "cannot look up the channel");
-                self.reply(message, "Sorry, I cannot reach my database right now, so this message was not delivered. Please send it again in a minute.").await;
+                self.reply(message, STORAGE_DOWN).await;
                 return;
             }
         };
@@ -326,7 +208,7 @@ impl Dispatcher {
                 .collect(),
             Err(e) => {
                 error!(error = %e, "cannot list the channel's sessions");
-                return self.reply(message, "Sorry, I cannot reach my database right now, so this message was not delivered. Please send it again in a minute.").await;
+                return self.reply(message, STORAGE_DOWN).await;
             }
         };
         let trigger = &inner.config.trigger;
@@ -361,10 +243,9 @@ impl Dispatcher {
         if !self.inner.config.access.allows(&message.user_id) {
             return self.refuse(message).await;
         }
-        if !session.state.is_active() {
+        if !session.state().is_active() {
             let why = session
-                .end
-                .as_ref()
+                .end()
                 .map(|e| format!(" ({})", e.reason))
                 .unwrap_or_default();
             return self
@@ -511,7 +392,7 @@ impl Dispatcher {
                 }
             },
         };
-        if !session.state.is_active() {
+        if !session.state().is_active() {
             return self
                 .reply(
                     message,
@@ -546,40 +427,6 @@ impl Dispatcher {
         kind: SessionKind,
     ) {
         let inner = &self.inner;
-        let chat = &inner.chat;
-        let slug = repo.slug();
-        let channel = match chat
-            .ensure_project_channel(&slug, &[message.user_id.as_str()])
-            .await
-        {
-            Ok(channel) => channel,
-            Err(e) => {
-                warn!(error = %e, repo = %slug, "cannot prepare the project channel");
-                return self
-                    .reply(
-                        message,
-                        &format!("Could not prepare the channel for `{slug}`: {e}"),
-                    )
-                    .await;
-            }
-        };
-        let record = ProjectChannel {
-            platform: chat.platform(),
-            repo_slug: slug.clone(),
-            team_id: channel.team_id.clone(),
-            channel_id: channel.channel_id.clone(),
-            channel_name: channel.name.clone(),
-            created_at: now_ms(),
-        };
-        if let Err(e) = inner.store.upsert_project_channel(&record).await {
-            error!(error = %e, repo = %slug, "cannot record the project channel");
-            return self
-                .reply(
-                    message,
-                    "Could not record the project channel; please try again.",
-                )
-                .await;
-        }
         let starter = message
             .user_name
             .as_deref()
@@ -593,89 +440,59 @@ impl Dispatcher {
             Some(WorktreeChoice::Auto) => " (own worktree)".to_owned(),
             None => String::new(),
         };
-        let anchor_text = format!(
-            "**{what} for `{repo}`**{worktree_label}, started by {starter}.\nReply in this thread to talk to Claude. Commands: `!help`."
-        );
-        let root = match chat.post(&channel.channel_id, None, &anchor_text).await {
-            Ok(root) => root,
-            Err(e) => {
-                return self
-                    .reply(message, &format!("Could not open the session thread: {e}"))
-                    .await
-            }
-        };
-        if let Err(e) = chat.follow_thread(&message.user_id, &root).await {
-            warn!(error = %e, "cannot make the starter follow the thread");
-        }
-        let id = new_session_id();
-        let worktree_name = match worktree {
-            None => None,
-            Some(WorktreeChoice::Named(name)) => Some(name.as_str().to_owned()),
-            Some(WorktreeChoice::Auto) => Some(auto_worktree_name(repo.repo().as_str(), &id)),
-        };
-        let new = NewSession {
-            id,
-            platform: chat.platform(),
-            channel_id: channel.channel_id.clone(),
-            thread_id: root.post_id.clone(),
+        let request = Launch {
+            repo,
             kind,
-            parent_id: None,
-            started_by: message.user_id.clone(),
-            repo_host: inner.config.repo_host.clone(),
-            repo_org: repo.org().as_str().to_owned(),
-            repo_name: repo.repo().as_str().to_owned(),
-            branch: repo.branch().map(|b| b.as_str().to_owned()),
-            worktree: worktree_name,
+            worktree,
+            parent: None,
+            started_by: &message.user_id,
+            follow: true,
+            anchor: format!(
+                "**{what} for `{repo}`**{worktree_label}, started by {starter}.\nReply in this thread to talk to Claude. Commands: `!help`."
+            ),
+            repo_host: &inner.config.repo_host,
         };
-        let session = match inner.store.create_session(&new).await {
-            Ok(session) => session,
+        let slug = repo.slug();
+        let launched = launch(
+            inner.chat.as_ref(),
+            &inner.store,
+            inner.sessions.as_ref(),
+            request,
+        )
+        .await;
+        let Launched {
+            session, channel, ..
+        } = match launched {
+            Ok(launched) => launched,
             Err(e) => {
-                error!(error = %e, "cannot record the session");
-                let _ = chat
-                    .post(
-                        &channel.channel_id,
-                        Some(&root.post_id),
-                        "Could not record this session, so it was not started. Please try again.",
-                    )
-                    .await;
-                return self
-                    .reply(message, "Could not record the session; please try again.")
-                    .await;
+                let text = match &e {
+                    LaunchError::Channel(e) => {
+                        warn!(error = %e, repo = %slug, "cannot prepare the project channel");
+                        format!("Could not prepare the channel for `{slug}`: {e}")
+                    }
+                    LaunchError::RecordChannel(e) => {
+                        error!(error = %e, repo = %slug, "cannot record the project channel");
+                        "Could not record the project channel; please try again.".to_owned()
+                    }
+                    LaunchError::Thread(e) => format!("Could not open the session thread: {e}"),
+                    LaunchError::RecordSession(e) => {
+                        error!(error = %e, "cannot record the session");
+                        "Could not record the session; please try again.".to_owned()
+                    }
+                    LaunchError::Start(e) => format!("The session could not start: {e}"),
+                };
+                return self.reply(message, &text).await;
             }
         };
-        let progress = match chat
-            .post(
-                &channel.channel_id,
-                Some(&root.post_id),
-                "⏳ Starting: preparing the repository…",
-            )
-            .await
-        {
-            Ok(progress) => progress,
-            Err(e) => {
-                warn!(error = %e, "cannot post the progress message");
-                root.clone()
-            }
-        };
-        info!(session = %session.id, repo = %repo, "starting a session");
-        let id = short_id(&session.id).to_owned();
-        if let Err(e) = inner.sessions.start(session, progress).await {
-            let _ = chat
-                .post(
-                    &channel.channel_id,
-                    Some(&root.post_id),
-                    &format!("❌ The session could not start: {e}"),
-                )
-                .await;
-            return self
-                .reply(message, &format!("Session `{id}` could not start: {e}"))
-                .await;
-        }
         // Tell the starter where it is, unless they wrote in that very channel's thread.
         if message.channel_id != channel.channel_id || message.root_id.is_some() {
             self.reply(
                 message,
-                &format!("Started session `{id}` for `{repo}` in ~{}.", channel.name),
+                &format!(
+                    "Started session `{}` for `{repo}` in ~{}.",
+                    short_id(&session.id),
+                    channel.name
+                ),
             )
             .await;
         }
@@ -719,16 +536,6 @@ impl Dispatcher {
     }
 }
 
-/// The automatic worktree name: `<repo>-<first 8 of the session id>`.
-pub fn auto_worktree_name(repo: &str, session_id: &str) -> String {
-    format!("{repo}-{}", short_id(session_id))
-}
-
-/// The first 8 characters of an id (what people type after `stop`).
-pub fn short_id(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
-}
-
 fn repo_label(s: &Session) -> String {
     match &s.branch {
         Some(branch) => format!("{}@{branch}", s.repo_slug()),
@@ -759,7 +566,7 @@ pub fn status_text(sessions: &[Session], now: i64) -> String {
             short_id(&s.id),
             s.kind,
             repo_label(s),
-            s.state,
+            s.state(),
             s.stats.message_count,
             human_duration(now - s.last_activity_at)
         )

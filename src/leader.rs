@@ -37,20 +37,18 @@ pub enum Role {
     Lost,
 }
 
-/// Decides this instance's role until `cancel` fires, publishing it on the returned channel.
-pub fn spawn(url: DatabaseUrl, cancel: CancellationToken) -> watch::Receiver<Role> {
-    let (tx, rx) = watch::channel(Role::Standby);
+/// Decides this instance's role until `cancel` fires, publishing it on `role`. The caller owns
+/// the task this runs in.
+pub async fn run(url: DatabaseUrl, role: watch::Sender<Role>, cancel: CancellationToken) {
     if url.backend() == DatabaseBackend::Sqlite {
-        let _ = tx.send(Role::Active);
-        return rx;
+        let _ = role.send(Role::Active);
+        cancel.cancelled().await;
+        return;
     }
-    tokio::spawn(async move {
-        tokio::select! {
-            () = cancel.cancelled() => {}
-            () = hold(url, tx) => {}
-        }
-    });
-    rx
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        () = hold(url, role) => {}
+    }
 }
 
 async fn hold(url: DatabaseUrl, tx: watch::Sender<Role>) {

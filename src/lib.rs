@@ -25,18 +25,24 @@
 //! - [`agent`]: what the agent prints: the control-marker scanner.
 //! - [`firewall`]: domain validation before anything reaches OPNsense.
 //! - [`dispatch`]: routing of chat messages to commands and sessions, one ordered worker per
-//!   thread.
+//!   thread ([`workers`]).
 //! - [`config`]: one validated [`config::Settings`] from `SM_*` variables and flags (clap).
 //! - [`store`]: storage API over PostgreSQL or embedded SQLite (sqlx), migrations in `sql/`.
 //! - [`http`]: axum server: `/health`, `/metrics`, `/callback`, per-client rate limiting.
 //! - [`runtime`]: the VM side: quoted remote scripts and the multiplexed SSH pool.
-//! - [`session`]: the session runtime: one actor per session owning its agent, lifecycle,
-//!   cleanup and recovery after a restart.
+//! - [`session`]: the session API and runtime: one actor per session owning its agent, the
+//!   one way to start a session, lifecycle, cleanup, recovery after a restart, and markers as
+//!   events.
 //! - [`orchestrator`]: orchestrator sessions spawning workers and reviewers through markers.
 //! - [`leader`]: only one instance acts at a time (a PostgreSQL advisory lock); others stand by.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
+//! - [`workers`]: one ordered worker per key (threads for the dispatcher, sessions for the
+//!   marker router).
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
+//!
+//! `docs/architecture.md` draws the module map and the task tree (who spawns and who awaits
+//! what).
 //!
 //! Outside `src/`: `sql/` (migrations per backend), `tests/` (integration tests and their
 //! fakes in `tests/support/`), `scripts/test` (the whole test suite), `deploy/k8s/` and
@@ -59,14 +65,17 @@ pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -75,8 +84,7 @@ use crate::approval::{ApprovalConfig, Approvals, Approvers};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
-use crate::chat::render::CoalesceConfig;
-use crate::chat::ChatOutbound;
+use crate::chat::{ChatOutbound, ClickHandlers};
 use crate::config::Settings;
 use crate::dispatch::{Access, DispatchConfig, Dispatcher};
 use crate::firewall::opnsense::OpnsenseClient;
@@ -84,14 +92,23 @@ use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
 use crate::leader::Role;
-use crate::orchestrator::{MarkerRouter, Orchestrator, OrchestratorConfig};
+use crate::orchestrator::{Orchestrator, OrchestratorConfig};
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
 use crate::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
-use crate::session::{RuntimeConfig, SessionRuntime};
+use crate::session::{MarkerHandlers, RuntimeConfig, SessionRuntime};
 use crate::store::Store;
 use crate::telemetry::{names, Metrics};
+
+/// How long a shutdown waits for the sessions' actors (and cleanups under way) to finish.
+/// The Kubernetes deployment gives the pod 60 s (`terminationGracePeriodSeconds`).
+pub const SESSION_GRACE: Duration = Duration::from_secs(20);
+/// How long a shutdown waits for every task `serve` started, the sessions included; what is
+/// still running then is aborted.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(40);
+/// Markers the agents' actors may hand over before the router takes them.
+const MARKER_QUEUE: usize = 256;
 
 /// How often external endpoints are probed for `/health`.
 const REACHABILITY_INTERVAL: Duration = Duration::from_secs(15);
@@ -156,16 +173,25 @@ pub async fn serve(
         warn!("{warning}");
     }
     let store = open_store(&settings).await?;
-    let role = leader::spawn(settings.database.url.clone(), shutdown.clone());
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    let (role_tx, role) = watch::channel(Role::Standby);
+    tasks.spawn(leader::run(
+        settings.database.url.clone(),
+        role_tx,
+        shutdown.clone(),
+    ));
+    let lost = Arc::new(AtomicBool::new(false));
     {
         let mut role = role.clone();
         let shutdown = shutdown.clone();
         let lost = Arc::clone(&lost);
-        tokio::spawn(async move {
-            if role.wait_for(|r| *r == Role::Lost).await.is_ok() {
-                lost.store(true, std::sync::atomic::Ordering::SeqCst);
-                shutdown.cancel();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                changed = role.wait_for(|r| *r == Role::Lost) => if changed.is_ok() {
+                    lost.store(true, Ordering::SeqCst);
+                    shutdown.cancel();
+                },
             }
         });
     }
@@ -180,7 +206,6 @@ pub async fn serve(
         info!("SM_TRUSTED_PROXIES is empty: X-Forwarded-For is ignored and the socket peer is the client");
     }
 
-    let mut tasks = JoinSet::new();
     {
         let limiter = Arc::clone(&limiter);
         let cancel = shutdown.clone();
@@ -226,8 +251,7 @@ pub async fn serve(
         health.clone(),
         shutdown.clone(),
     ));
-    let approvals_slot: Arc<std::sync::OnceLock<Arc<Approvals>>> =
-        Arc::new(std::sync::OnceLock::new());
+    let clicks = ClickHandlers::new();
     tasks.spawn(vm_health_loop(
         Arc::clone(&ssh),
         health.clone(),
@@ -239,7 +263,7 @@ pub async fn serve(
             store: store.clone(),
             ssh: Arc::clone(&ssh),
             firewall: Arc::clone(&firewall),
-            approvals_slot: Arc::clone(&approvals_slot),
+            clicks: clicks.clone(),
             health: health.clone(),
         },
         role.clone(),
@@ -252,7 +276,7 @@ pub async fn serve(
         limiter,
         metrics,
         role,
-        approvals: approvals_slot,
+        clicks,
     });
     let addr = listener.local_addr().context("listener has no address")?;
     info!(%addr, "HTTP server listening");
@@ -264,17 +288,26 @@ pub async fn serve(
     .await;
 
     shutdown.cancel();
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            error!(error = %e, "background task failed");
+    let joined = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = joined {
+                error!(error = %e, "background task failed");
+            }
         }
+    })
+    .await;
+    if joined.is_err() {
+        warn!(
+            left = tasks.len(),
+            "tasks still running after the shutdown grace period are aborted"
+        );
+        tasks.shutdown().await;
     }
-    // Explicitly: the session runtime and the marker handlers refer to each other, so the pool
-    // would not be dropped, and its ssh master processes (daemonized) would outlive the bot.
+    // The ssh master processes are daemonized: close them, or they outlive the bot.
     ssh.close().await;
     store.close().await;
     info!("stopped");
-    if lost.load(std::sync::atomic::Ordering::SeqCst) {
+    if lost.load(Ordering::SeqCst) {
         anyhow::bail!(
             "stopped because the instance lock was lost (another instance may be active)"
         );
@@ -287,7 +320,7 @@ struct Shared {
     store: Store,
     ssh: Arc<SshPool>,
     firewall: Arc<OpnsenseClient>,
-    approvals_slot: Arc<std::sync::OnceLock<Arc<Approvals>>>,
+    clicks: ClickHandlers,
     health: HealthRegistry,
 }
 
@@ -304,7 +337,7 @@ async fn run_chat(
         store,
         ssh,
         firewall,
-        approvals_slot,
+        clicks,
         health,
     } = shared;
     // Only the active instance talks to chat and runs sessions.
@@ -349,10 +382,21 @@ async fn run_chat(
         }
         Access::Only(ids) => Approvers::Only(ids),
     };
+    // Ownership is a tree: the runtime knows only where markers go; the approval flow, the
+    // orchestrator and the marker router hold the runtime.
+    let (markers_tx, markers_rx) = mpsc::channel(MARKER_QUEUE);
+    let runtime = SessionRuntime::new(
+        Arc::clone(&ssh),
+        store.clone(),
+        adapter.clone(),
+        runtime_config(&settings),
+        markers_tx,
+    );
     let approvals = Arc::new(Approvals::new(
         store.clone(),
         adapter.clone(),
         firewall,
+        Arc::new(runtime.clone()),
         ApprovalConfig {
             callback_url: settings.callback.url.to_string(),
             secret: settings.callback.secret.clone(),
@@ -361,36 +405,35 @@ async fn run_chat(
             alias: settings.firewall.alias.clone(),
         },
     ));
-    let config = runtime_config(&settings);
+    let repo_host = settings
+        .repos
+        .git_base_url
+        .host_str()
+        .unwrap_or("local")
+        .to_owned();
     let orchestrator = Arc::new(Orchestrator::new(
         store.clone(),
         adapter.clone(),
+        runtime.clone(),
         OrchestratorConfig {
             max_children: settings.container.max_child_sessions,
-            git: config.git.clone(),
+            git: runtime_config(&settings).git,
             default_org: settings.repos.default_org.clone(),
-            repo_host: settings
-                .repos
-                .git_base_url
-                .host_str()
-                .unwrap_or("local")
-                .to_owned(),
+            repo_host: repo_host.clone(),
         },
     ));
-    let runtime = SessionRuntime::new(
-        Arc::clone(&ssh),
-        store.clone(),
-        adapter.clone(),
-        config,
-        Arc::new(MarkerRouter {
+    let markers_stop = CancellationToken::new();
+    let router = tokio::spawn(session::markers::route(
+        markers_rx,
+        MarkerHandlers {
             network: approvals.clone(),
-            orchestrator: orchestrator.clone(),
-        }),
-    );
-    approvals.attach_mailbox(Arc::new(runtime.clone()));
-    orchestrator.attach_runtime(runtime.clone());
+            orchestrator,
+        },
+        runtime.clone(),
+        markers_stop.clone(),
+    ));
     let workers = tokio::spawn(approvals.clone().run_workers(cancel.clone()));
-    let _ = approvals_slot.set(approvals);
+    clicks.set(approvals);
     runtime.recover().await;
     let dispatcher = Dispatcher::new(
         adapter.clone(),
@@ -399,20 +442,17 @@ async fn run_chat(
         DispatchConfig {
             trigger: settings.chat.bot_trigger.clone(),
             default_org: settings.repos.default_org.clone(),
-            repo_host: settings
-                .repos
-                .git_base_url
-                .host_str()
-                .unwrap_or("local")
-                .to_owned(),
+            repo_host,
             access,
         },
     );
-    let (events_tx, events_rx) = tokio::sync::mpsc::channel(256);
+    let (events_tx, events_rx) = mpsc::channel(256);
     let listening = tokio::spawn(adapter.run(events_tx, health, cancel.clone()));
     dispatcher.run(events_rx, cancel).await;
     let _ = listening.await;
-    runtime.detach_all().await;
+    runtime.detach_all(SESSION_GRACE).await;
+    markers_stop.cancel();
+    let _ = router.await;
     let _ = workers.await;
 }
 
@@ -466,7 +506,6 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
         container_env: settings.container.env.clone(),
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
-        coalesce: CoalesceConfig::default(),
         orchestrator_compact_threshold: settings.container.orchestrator_compact_threshold,
     }
 }

@@ -69,11 +69,13 @@ fn main() -> ExitCode {
                 })?;
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
-                tokio::spawn(async move {
+                let signals = tokio::spawn(async move {
                     session_manager::shutdown_signal().await;
                     signal.cancel();
                 });
-                session_manager::serve(settings, listener, shutdown).await
+                let result = session_manager::serve(settings, listener, shutdown).await;
+                signals.abort();
+                result
             }
         }
     });

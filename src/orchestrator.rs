@@ -16,7 +16,7 @@
 //! [`SPAWN_WINDOW`] creates one child. A child's end is told to its parent exactly once (by the
 //! cleanup that wins the claim); stopping the orchestrator stops its children.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,13 +25,13 @@ use tracing::{info, warn};
 
 use crate::agent::markers::Marker;
 use crate::chat::ChatOutbound;
-use crate::command::{IdPrefix, RepoRef};
-use crate::dispatch::{auto_worktree_name, short_id, SessionControl};
-use crate::runtime::git::GitLayout;
-use crate::session::{MarkerHandler, SessionRuntime};
-use crate::store::{
-    new_session_id, now_ms, NewSession, ProjectChannel, Session, SessionKind, Store,
+use crate::command::{CommandError, IdPrefix, RepoRef, WorktreeChoice};
+use crate::runtime::git::{GitError, GitLayout};
+use crate::session::{
+    auto_worktree_name, launch, short_id, Launch, LaunchError, MarkerHandler, SessionControl,
+    SessionError, SessionRuntime,
 };
+use crate::store::{now_ms, Session, SessionKind, Store, StoreError};
 
 /// A repeated spawn marker within this window creates no second child.
 pub const SPAWN_WINDOW: Duration = Duration::from_secs(600);
@@ -61,8 +61,8 @@ pub struct OrchestratorConfig {
 pub struct Orchestrator {
     store: Store,
     chat: Arc<dyn ChatOutbound>,
+    runtime: SessionRuntime,
     config: OrchestratorConfig,
-    runtime: OnceLock<SessionRuntime>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -71,20 +71,125 @@ impl std::fmt::Debug for Orchestrator {
     }
 }
 
+/// Why a marker could not be carried out; the orchestrator receives it as
+/// `[SESSION_ERROR: <message>]` ([`SpawnError::marker`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The target is not `org/repo[@branch]`.
+    #[error("{target:?} is not org/repo[@branch]: {}", one_line(&.source.to_string()))]
+    BadTarget {
+        /// The target as printed.
+        target: String,
+        /// What is wrong with it.
+        source: CommandError,
+    },
+    /// The id prefix of a stop is malformed.
+    #[error("{prefix:?} is not a session id prefix: {}", one_line(&.source.to_string()))]
+    BadPrefix {
+        /// The prefix as printed.
+        prefix: String,
+        /// What is wrong with it.
+        source: CommandError,
+    },
+    /// The orchestrator runs `SM_MAX_CHILD_SESSIONS` sessions already.
+    #[error("limit reached: {active} of {max} sessions are running; stop one first")]
+    Limit {
+        /// Running children.
+        active: usize,
+        /// `SM_MAX_CHILD_SESSIONS`.
+        max: usize,
+    },
+    /// The repository does not exist or cannot be read.
+    #[error("unknown repository {0}: it does not exist or cannot be read")]
+    UnknownRepository(String),
+    /// The repository could not be checked.
+    #[error("cannot check the repository {slug}: {}", one_line(&.source.to_string()))]
+    CheckRepository {
+        /// `org/repo`.
+        slug: String,
+        /// Why.
+        source: GitError,
+    },
+    /// Storage failed while listing sessions.
+    #[error("cannot list your sessions: {0}")]
+    ListSessions(#[source] StoreError),
+    /// Storage failed while looking sessions up.
+    #[error("cannot look sessions up: {0}")]
+    LookUp(#[source] StoreError),
+    /// Storage failed while recording the request.
+    #[error("cannot record the request: {0}")]
+    RecordRequest(#[source] StoreError),
+    /// Launching the child failed.
+    #[error("{}", launch_message(.slug, .source))]
+    Launch {
+        /// `org/repo`.
+        slug: String,
+        /// Why.
+        source: LaunchError,
+    },
+    /// The stop was refused by the runtime.
+    #[error("cannot stop {id}: {source}")]
+    Stop {
+        /// The child's id.
+        id: String,
+        /// Why.
+        source: SessionError,
+    },
+    /// A stop named a session of someone else.
+    #[error("refused: {0} is not one of your sessions")]
+    NotYours(String),
+    /// A stop named no running child.
+    #[error("none of your running sessions has an id starting with {0}")]
+    NoMatch(String),
+    /// A stop's prefix matches several children.
+    #[error("{0} matches several of your sessions; give more of the id")]
+    Ambiguous(String),
+    /// A marker that does not parse.
+    #[error("malformed marker {:?}: {reason}", one_line(.line))]
+    Malformed {
+        /// The line as printed.
+        line: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl SpawnError {
+    /// The reply the orchestrator receives.
+    pub fn marker(&self) -> String {
+        format!("[SESSION_ERROR: {self}]")
+    }
+}
+
+fn launch_message(slug: &str, e: &LaunchError) -> String {
+    match e {
+        LaunchError::Channel(e) => format!(
+            "cannot prepare the channel for {slug}: {}",
+            one_line(&e.to_string())
+        ),
+        LaunchError::Thread(e) => format!(
+            "cannot open the session thread: {}",
+            one_line(&e.to_string())
+        ),
+        other => one_line(&other.to_string()),
+    }
+}
+
 impl Orchestrator {
-    /// The orchestrator over storage and a chat platform.
-    pub fn new(store: Store, chat: Arc<dyn ChatOutbound>, config: OrchestratorConfig) -> Self {
+    /// The orchestrator over storage, a chat platform and the session runtime that starts and
+    /// stops the children.
+    pub fn new(
+        store: Store,
+        chat: Arc<dyn ChatOutbound>,
+        runtime: SessionRuntime,
+        config: OrchestratorConfig,
+    ) -> Self {
         Self {
             store,
             chat,
+            runtime,
             config,
-            runtime: OnceLock::new(),
         }
-    }
-
-    /// Connects the session runtime that starts and stops the children.
-    pub fn attach_runtime(&self, runtime: SessionRuntime) {
-        let _ = self.runtime.set(runtime);
     }
 
     async fn notice(&self, parent: &Session, text: &str) {
@@ -97,97 +202,61 @@ impl Orchestrator {
         }
     }
 
-    async fn spawn(&self, parent: &Session, target: &str, task: &str, kind: SessionKind) -> String {
-        let Some(runtime) = self.runtime.get() else {
-            return "[SESSION_ERROR: the session runtime is not ready]".into();
-        };
-        let repo = match RepoRef::parse_with_default_org(target, self.config.default_org.as_deref())
-        {
-            Ok(repo) => repo,
-            Err(e) => {
-                return format!(
-                    "[SESSION_ERROR: {:?} is not org/repo[@branch]: {}]",
-                    target,
-                    one_line(&e.to_string())
-                )
-            }
-        };
-        let active = match self.store.children(&parent.id).await {
-            Ok(children) => children.into_iter().filter(|c| c.state.is_active()).count(),
-            Err(e) => return format!("[SESSION_ERROR: cannot list your sessions: {e}]"),
-        };
+    /// `[CREATE_SESSION: …]` / `[CREATE_REVIEWER: …]`: the reply, or `None` for a repeated
+    /// marker within [`SPAWN_WINDOW`].
+    async fn spawn(
+        &self,
+        parent: &Session,
+        target: &str,
+        task: &str,
+        kind: SessionKind,
+    ) -> Result<Option<String>, SpawnError> {
+        let repo = RepoRef::parse_with_default_org(target, self.config.default_org.as_deref())
+            .map_err(|source| SpawnError::BadTarget {
+                target: target.to_owned(),
+                source,
+            })?;
+        let active = self
+            .store
+            .children(&parent.id)
+            .await
+            .map_err(SpawnError::ListSessions)?
+            .into_iter()
+            .filter(|c| c.state().is_active())
+            .count();
         if active >= self.config.max_children {
-            return format!(
-                "[SESSION_ERROR: limit reached: {active} of {} sessions are running; stop one first]",
-                self.config.max_children
-            );
+            return Err(SpawnError::Limit {
+                active,
+                max: self.config.max_children,
+            });
         }
-        match runtime
+        let slug = repo.slug();
+        match self
+            .runtime
             .repo_exists(repo.org().as_str(), repo.repo().as_str())
             .await
         {
             Ok(true) => {}
-            Ok(false) => {
-                return format!(
-                    "[SESSION_ERROR: unknown repository {}: it does not exist or cannot be read]",
-                    repo.slug()
-                )
-            }
-            Err(e) => {
-                return format!(
-                    "[SESSION_ERROR: cannot check the repository {}: {}]",
-                    repo.slug(),
-                    one_line(&e)
-                )
-            }
+            Ok(false) => return Err(SpawnError::UnknownRepository(slug)),
+            Err(source) => return Err(SpawnError::CheckRepository { slug, source }),
         }
         let kind_name: &'static str = kind.into();
         let key = format!(
             "{kind_name}|{}|{}|{}",
-            repo.slug().to_ascii_lowercase(),
+            slug.to_ascii_lowercase(),
             repo.branch().map(|b| b.as_str()).unwrap_or_default(),
             task.split_whitespace().collect::<Vec<_>>().join(" ")
         );
         let window = i64::try_from(SPAWN_WINDOW.as_millis()).unwrap_or(i64::MAX / 2);
-        match self
+        if !self
             .store
             .claim_spawn(&parent.id, &key, now_ms(), window)
             .await
+            .map_err(SpawnError::RecordRequest)?
         {
-            Ok(true) => {}
-            Ok(false) => {
-                info!(parent = %parent.id, "repeated spawn marker ignored");
-                return String::new();
-            }
-            Err(e) => return format!("[SESSION_ERROR: cannot record the request: {e}]"),
+            info!(parent = %parent.id, "repeated spawn marker ignored");
+            return Ok(None);
         }
-        let slug = repo.slug();
-        let channel = match self
-            .chat
-            .ensure_project_channel(&slug, &[parent.started_by.as_str()])
-            .await
-        {
-            Ok(channel) => channel,
-            Err(e) => {
-                return format!(
-                    "[SESSION_ERROR: cannot prepare the channel for {slug}: {}]",
-                    one_line(&e.to_string())
-                )
-            }
-        };
-        let _ = self
-            .store
-            .upsert_project_channel(&ProjectChannel {
-                platform: self.chat.platform(),
-                repo_slug: slug.clone(),
-                team_id: channel.team_id.clone(),
-                channel_id: channel.channel_id.clone(),
-                channel_name: channel.name.clone(),
-                created_at: now_ms(),
-            })
-            .await;
-        let id = new_session_id();
-        let worktree = auto_worktree_name(repo.repo().as_str(), &id);
         let anchor = format!(
             "**{} session for `{repo}`**, spawned by orchestrator `{}` ([its thread]({})).\n**Task:** {}",
             if kind == SessionKind::Reviewer { "Reviewer" } else { "Worker" },
@@ -195,83 +264,68 @@ impl Orchestrator {
             self.chat.permalink(&parent.thread_id),
             if task.is_empty() { "(none given)" } else { task },
         );
-        let root = match self.chat.post(&channel.channel_id, None, &anchor).await {
-            Ok(root) => root,
-            Err(e) => {
-                return format!(
-                    "[SESSION_ERROR: cannot open the session thread: {}]",
-                    one_line(&e.to_string())
-                )
-            }
-        };
-        let child = match self
-            .store
-            .create_session(&NewSession {
-                id: id.clone(),
-                platform: self.chat.platform(),
-                channel_id: channel.channel_id.clone(),
-                thread_id: root.post_id.clone(),
+        let launched = launch(
+            self.chat.as_ref(),
+            &self.store,
+            &self.runtime,
+            Launch {
+                repo: &repo,
                 kind,
-                parent_id: Some(parent.id.clone()),
-                started_by: parent.started_by.clone(),
-                repo_host: self.config.repo_host.clone(),
-                repo_org: repo.org().as_str().to_owned(),
-                repo_name: repo.repo().as_str().to_owned(),
-                branch: repo.branch().map(|b| b.as_str().to_owned()),
-                worktree: Some(worktree.clone()),
-            })
-            .await
-        {
-            Ok(child) => child,
-            Err(e) => return format!("[SESSION_ERROR: cannot record the session: {e}]"),
-        };
-        let _ = self
+                worktree: Some(WorktreeChoice::Auto),
+                parent: Some(parent),
+                started_by: &parent.started_by,
+                follow: false,
+                anchor,
+                repo_host: &self.config.repo_host,
+            },
+        )
+        .await
+        .map_err(|source| SpawnError::Launch {
+            slug: slug.clone(),
+            source,
+        })?;
+        let child = &launched.session;
+        if let Err(e) = self
             .store
             .set_spawn_child(&parent.id, &key, &child.id)
-            .await;
-        let progress = match self
-            .chat
-            .post(
-                &channel.channel_id,
-                Some(&root.post_id),
-                "⏳ Starting: preparing the repository…",
-            )
             .await
         {
-            Ok(p) => p,
-            Err(_) => root.clone(),
-        };
-        if let Err(e) = runtime.start(child.clone(), progress).await {
-            return format!("[SESSION_ERROR: the session could not start: {e}]");
+            warn!(error = %e, "cannot record the spawned session with its request");
         }
         if !task.is_empty() {
             // Queued by the child's actor until it is ready: its first message.
-            let _ = runtime.inject(&child.id, task.to_owned()).await;
+            let _ = self.runtime.inject(&child.id, task.to_owned()).await;
         }
         self.notice(
             parent,
             &format!(
                 "🧩 Spawned {kind_name} `{}` for `{repo}`: [thread]({})",
                 short_id(&child.id),
-                self.chat.permalink(&root.post_id)
+                self.chat.permalink(&launched.root.post_id)
             ),
         )
         .await;
+        let worktree = child
+            .worktree
+            .clone()
+            .unwrap_or_else(|| auto_worktree_name(repo.repo().as_str(), &child.id));
         let path =
             self.config
                 .git
                 .worktree_path(repo.org().as_str(), repo.repo().as_str(), &worktree);
-        format!(
+        Ok(Some(format!(
             "[SESSION_CREATED: {} {kind_name} {path} {}]",
-            child.id, root.post_id
-        )
+            child.id, launched.root.post_id
+        )))
     }
 
-    async fn status(&self, parent: &Session) -> String {
-        let children = match self.store.children(&parent.id).await {
-            Ok(children) => children,
-            Err(e) => return format!("[SESSION_ERROR: cannot list your sessions: {e}]"),
-        };
+    /// `[SESSION_STATUS]`.
+    async fn status(&self, parent: &Session) -> Result<String, SpawnError> {
+        let children = self
+            .store
+            .children(&parent.id)
+            .await
+            .map_err(SpawnError::ListSessions)?;
         let now = now_ms();
         let list: Vec<serde_json::Value> = children
             .iter()
@@ -283,57 +337,44 @@ impl Orchestrator {
                     "branch": c.branch,
                     "worktree": c.worktree,
                     "thread_id": c.thread_id,
-                    "state": c.state,
+                    "state": c.state(),
                     "message_count": c.stats.message_count,
                     "compaction_count": c.stats.compaction_count,
                     "idle_seconds": (now - c.last_activity_at).max(0) / 1000,
                 })
             })
             .collect();
-        format!("[SESSIONS: {}]", serde_json::Value::Array(list))
+        Ok(format!("[SESSIONS: {}]", serde_json::Value::Array(list)))
     }
 
-    async fn stop(&self, parent: &Session, prefix: &str) -> String {
-        let Some(runtime) = self.runtime.get() else {
-            return "[SESSION_ERROR: the session runtime is not ready]".into();
-        };
-        let prefix = match IdPrefix::parse(prefix) {
-            Ok(prefix) => prefix,
-            Err(e) => {
-                return format!(
-                    "[SESSION_ERROR: {:?} is not a session id prefix: {}]",
-                    prefix,
-                    one_line(&e.to_string())
-                )
-            }
-        };
-        let matching = match self.store.active_sessions_by_prefix(prefix.as_str()).await {
-            Ok(found) => found,
-            Err(e) => return format!("[SESSION_ERROR: cannot look sessions up: {e}]"),
-        };
+    /// `[STOP_SESSION: …]`: nothing now (`[SESSION_ENDED: …]` follows when it has ended).
+    async fn stop(&self, parent: &Session, prefix: &str) -> Result<Option<String>, SpawnError> {
+        let prefix = IdPrefix::parse(prefix).map_err(|source| SpawnError::BadPrefix {
+            prefix: prefix.to_owned(),
+            source,
+        })?;
+        let matching = self
+            .store
+            .active_sessions_by_prefix(prefix.as_str())
+            .await
+            .map_err(SpawnError::LookUp)?;
         let (own, foreign): (Vec<Session>, Vec<Session>) = matching
             .into_iter()
             .partition(|s| s.parent_id.as_deref() == Some(parent.id.as_str()));
+        let prefix = prefix.as_str().to_owned();
         match own.as_slice() {
-            [child] => match runtime
+            [child] => self
+                .runtime
                 .stop(child, &format!("orchestrator {}", short_id(&parent.id)))
                 .await
-            {
-                Ok(()) => String::new(), // [SESSION_ENDED: …] follows when it has ended
-                Err(e) => format!("[SESSION_ERROR: cannot stop {}: {e}]", child.id),
-            },
-            [] if !foreign.is_empty() => format!(
-                "[SESSION_ERROR: refused: {} is not one of your sessions]",
-                prefix.as_str()
-            ),
-            [] => format!(
-                "[SESSION_ERROR: none of your running sessions has an id starting with {}]",
-                prefix.as_str()
-            ),
-            _ => format!(
-                "[SESSION_ERROR: {} matches several of your sessions; give more of the id]",
-                prefix.as_str()
-            ),
+                .map(|()| None)
+                .map_err(|source| SpawnError::Stop {
+                    id: child.id.clone(),
+                    source,
+                }),
+            [] if !foreign.is_empty() => Err(SpawnError::NotYours(prefix)),
+            [] => Err(SpawnError::NoMatch(prefix)),
+            _ => Err(SpawnError::Ambiguous(prefix)),
         }
     }
 }
@@ -353,36 +394,15 @@ impl MarkerHandler for Orchestrator {
                 self.spawn(session, &target, &task, SessionKind::Reviewer)
                     .await
             }
-            Marker::SessionStatus => self.status(session).await,
+            Marker::SessionStatus => self.status(session).await.map(Some),
             Marker::StopSession { id_prefix } => self.stop(session, &id_prefix).await,
-            Marker::Malformed { line, reason } => format!(
-                "[SESSION_ERROR: malformed marker {:?}: {reason}]",
-                one_line(&line)
-            ),
-            Marker::NetworkRequest { .. } => String::new(),
+            Marker::Malformed { line, reason } => Err(SpawnError::Malformed { line, reason }),
+            Marker::NetworkRequest { .. } => Ok(None),
         };
-        if reply.is_empty() {
-            Vec::new()
-        } else {
-            vec![reply]
-        }
-    }
-}
-
-/// Network requests to the approval flow, the rest to the orchestrator.
-pub struct MarkerRouter {
-    /// `[NETWORK_REQUEST: …]`.
-    pub network: Arc<dyn MarkerHandler>,
-    /// Orchestrator markers.
-    pub orchestrator: Arc<dyn MarkerHandler>,
-}
-
-#[async_trait]
-impl MarkerHandler for MarkerRouter {
-    async fn on_marker(&self, session: &Session, marker: Marker) -> Vec<String> {
-        match marker {
-            Marker::NetworkRequest { .. } => self.network.on_marker(session, marker).await,
-            other => self.orchestrator.on_marker(session, other).await,
+        match reply {
+            Ok(Some(reply)) => vec![reply],
+            Ok(None) => Vec::new(),
+            Err(e) => vec![e.marker()],
         }
     }
 }

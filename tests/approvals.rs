@@ -170,6 +170,7 @@ async fn world_with(
         store.clone(),
         adapter.clone(),
         firewall.unwrap_or_else(|| alias.clone() as Arc<dyn AliasWriter>),
+        mailbox.clone(),
         ApprovalConfig {
             callback_url: callback.clone(),
             secret: secrecy::SecretString::from(SECRET.to_owned()),
@@ -182,9 +183,8 @@ async fn world_with(
             alias: "llm_approved_domains".into(),
         },
     ));
-    approvals.attach_mailbox(mailbox.clone());
-    let slot = Arc::new(std::sync::OnceLock::new());
-    let _ = slot.set(approvals.clone());
+    let clicks = session_manager::chat::ClickHandlers::new();
+    clicks.set(approvals.clone());
     let (_, role) = tokio::sync::watch::channel(session_manager::leader::Role::Active);
     let state = AppState {
         store: store.clone(),
@@ -196,7 +196,7 @@ async fn world_with(
         )),
         metrics: session_manager::telemetry::Metrics::get(),
         role,
-        approvals: slot,
+        clicks,
     };
     tokio::spawn(async move {
         let _ = axum::serve(
@@ -771,6 +771,7 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         w.store.clone(),
         Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
         opnsense_client(&opn),
+        w.mailbox.clone(),
         ApprovalConfig {
             callback_url: w.callback.clone(),
             secret: secrecy::SecretString::from(SECRET.to_owned()),
@@ -779,7 +780,6 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
             alias: ALIAS.into(),
         },
     ));
-    next.attach_mailbox(w.mailbox.clone());
     // Make the retry due now rather than after its backoff.
     let _ = w
         .store
@@ -854,6 +854,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
             store.clone(),
             adapter.clone(),
             client(),
+            mailbox.clone(),
             ApprovalConfig {
                 callback_url: "http://127.0.0.1:9/callback".into(),
                 secret: secrecy::SecretString::from(SECRET.to_owned()),
@@ -862,7 +863,6 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
                 alias: ALIAS.into(),
             },
         ));
-        replica.attach_mailbox(mailbox.clone());
         replicas.push(replica);
     }
     let domains: Vec<String> = (0..10).map(|i| format!("pkg{i}.example.org")).collect();

@@ -11,9 +11,8 @@ use async_trait::async_trait;
 use session_manager::chat::{
     ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
-use session_manager::dispatch::{
-    Access, Delivery, DispatchConfig, Dispatcher, SessionControl, SessionError,
-};
+use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
+use session_manager::session::{Delivery, SessionControl, SessionError};
 use session_manager::store::{EndReason, Platform, Session, SessionKind, SessionState, Store};
 use support::TestDatabase;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +55,9 @@ impl RecordingChat {
 impl ChatOutbound for RecordingChat {
     fn platform(&self) -> Platform {
         Platform::Mattermost
+    }
+    fn max_post_chars(&self) -> usize {
+        session_manager::chat::mattermost::MAX_POST_CHARS
     }
     fn bot_user_id(&self) -> &str {
         "bot00000000000000000000000"
@@ -174,7 +176,7 @@ impl SessionControl for RecordingSessions {
         self.store
             .set_session_state(&session.id, SessionState::Idle)
             .await
-            .map_err(|e| SessionError::Failed(e.to_string()))?;
+            .map_err(|_| SessionError::StorageUnavailable)?;
         self.calls
             .lock()
             .expect("lock")

@@ -244,13 +244,13 @@ impl Stack {
                 .await
                 .expect("read")
                 .expect("session");
-            if session.state == state {
+            if session.state() == state {
                 return session;
             }
             assert!(
                 Instant::now() < deadline,
                 "session {id} stayed {:?}, wanted {state:?}",
-                session.state
+                session.state()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -314,7 +314,7 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
     let stack = Stack::start(script).await;
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
     let session = stack.session_at(&channel, &root).await;
-    assert_eq!(session.state, SessionState::Idle);
+    assert_eq!(session.state(), SessionState::Idle);
     let container = session.container_id.clone().expect("container recorded");
 
     stack
@@ -400,7 +400,7 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         .await
         .expect("read")
         .expect("row");
-    assert_eq!(row.end.expect("ended").reason, EndReason::UserRequested);
+    assert_eq!(row.end().expect("ended").reason, EndReason::UserRequested);
     let mut inspect = Script::new();
     inspect
         .raw_then("podman container exists", &[container.as_str()])
@@ -576,9 +576,9 @@ async fn a_killed_bot_comes_back_and_the_thread_continues_the_same_conversation(
     bot.kill();
     let session = stack.session_at(&channel, &root).await;
     assert!(
-        session.state.is_active(),
+        session.state().is_active(),
         "a killed bot ends nothing: {:?}",
-        session.state
+        session.state()
     );
     let conversation = session
         .agent_session_id
@@ -1446,7 +1446,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         .wait_for_state(&reviewer.id, SessionState::Ended, Duration::from_secs(120))
         .await;
     assert_eq!(
-        reviewer_row.end.expect("ended").reason,
+        reviewer_row.end().expect("ended").reason,
         EndReason::ParentEnded
     );
     stack
@@ -1466,7 +1466,7 @@ async fn foreign_is_running(stack: &Stack, id: &str) -> bool {
         .await
         .ok()
         .flatten()
-        .is_some_and(|s| s.state.is_active())
+        .is_some_and(|s| s.state().is_active())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1606,7 +1606,7 @@ async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
         Some(orch.id.as_str()),
         "the parent link survived"
     );
-    assert!(after.state.is_active());
+    assert!(after.state().is_active());
 
     stack
         .fake
@@ -1616,7 +1616,7 @@ async fn an_orchestrator_and_its_worker_survive_a_killed_bot() {
         .wait_for_state(&worker.id, SessionState::Ended, Duration::from_secs(120))
         .await;
     assert_eq!(
-        ended.end.expect("ended").reason,
+        ended.end().expect("ended").reason,
         EndReason::ParentEnded,
         "stopping the resumed orchestrator stops its resumed worker"
     );

@@ -12,15 +12,15 @@ use serde_json::{json, Value};
 use session_manager::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use session_manager::chat::mattermost::rest::RetryPolicy;
 use session_manager::chat::mattermost::websocket::WsSettings;
-use session_manager::chat::render::{CoalesceConfig, MATTERMOST_MAX_POST_CHARS};
+use session_manager::chat::mattermost::MAX_POST_CHARS as MATTERMOST_MAX_POST_CHARS;
+use session_manager::chat::render::CoalesceConfig;
 use session_manager::chat::stream::{spawn_thread_output, TurnInput};
 use session_manager::chat::{
     ActionCard, CardAction, ChatEvent, ChatOutbound, InboundMessage, PostRef,
 };
-use session_manager::dispatch::{
-    Access, Delivery, DispatchConfig, Dispatcher, SessionControl, SessionError,
-};
+use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
 use session_manager::health::HealthRegistry;
+use session_manager::session::{Delivery, SessionControl, SessionError};
 use session_manager::store::{Platform, ProjectChannel, Session, Store};
 use support::mattermost::FakeMattermost;
 use support::TestDatabase;
@@ -481,7 +481,7 @@ async fn a_100_kb_answer_becomes_posts_under_the_limit_with_balanced_fences() {
     }
     let config = CoalesceConfig {
         min_edit_interval: Duration::from_millis(50),
-        ..CoalesceConfig::default()
+        ..CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS)
     };
     let (tx, task) = spawn_thread_output(
         w.adapter.clone(),

@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
+use session_manager::chat::mattermost::MAX_POST_CHARS as MATTERMOST_MAX_POST_CHARS;
 use session_manager::chat::render::{
-    split_message, tool_use_line, CoalesceConfig, PostOp, TurnRenderer, MATTERMOST_MAX_POST_CHARS,
-    MIN_SPLIT_CHARS, TOOL_ARG_MAX_CHARS,
+    split_message, tool_use_line, CoalesceConfig, PostOp, TurnRenderer, MIN_SPLIT_CHARS,
+    TOOL_ARG_MAX_CHARS,
 };
 
 // ---------------------------------------------------------------------------
@@ -491,7 +492,7 @@ fn pathological_fence_like_line_still_gives_full_parts() {
     assert_eq!(parts.concat(), text);
 
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     let mut ops = r.push(&text, t0);
     ops.extend(r.finish(t0));
     assert!(ops.len() <= 4, "{} ops", ops.len());
@@ -555,9 +556,9 @@ fn finals(ops: &[PostOp]) -> Vec<String> {
 
 #[test]
 fn default_config_values() {
-    let c = CoalesceConfig::default();
+    let c = CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS);
     assert_eq!(c.max_post_chars, 16_383);
-    assert_eq!(c.soft_limit_chars, 15_000);
+    assert_eq!(c.soft_limit_chars, 15_015, "11/12 of the limit");
     assert_eq!(c.min_edit_interval, Duration::from_secs(1));
     assert_eq!(c.max_edits_per_post, 30);
     let n = cfg(10, 5000, 0).normalized();
@@ -570,7 +571,7 @@ fn default_config_values() {
 #[test]
 fn first_push_creates_immediately() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     assert_eq!(r.next_deadline(), None);
     assert_eq!(r.push("Hello", t0), vec![create(0, "Hello")]);
     assert_eq!(r.next_deadline(), None, "nothing pending");
@@ -579,7 +580,7 @@ fn first_push_creates_immediately() {
 #[test]
 fn whitespace_waits_for_real_text() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     assert!(r.push("\n", t0).is_empty());
     assert!(r.push("  ", ms(t0, 10)).is_empty());
     assert_eq!(r.next_deadline(), None);
@@ -589,7 +590,7 @@ fn whitespace_waits_for_real_text() {
 #[test]
 fn whitespace_only_turn_posts_nothing() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     assert!(r.push(" \n\n", t0).is_empty());
     assert!(r.finish(ms(t0, 5000)).is_empty());
 }
@@ -597,7 +598,7 @@ fn whitespace_only_turn_posts_nothing() {
 #[test]
 fn pushes_within_interval_are_coalesced_until_poll() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     assert_eq!(r.push("Hello", t0).len(), 1);
     assert!(r.push(", wor", ms(t0, 100)).is_empty());
     assert!(r.push("ld", ms(t0, 400)).is_empty());
@@ -615,7 +616,7 @@ fn pushes_within_interval_are_coalesced_until_poll() {
 #[test]
 fn finish_flushes_ignoring_the_interval() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     r.push("Hello", t0);
     assert!(r.push(" world", ms(t0, 10)).is_empty());
     assert_eq!(r.finish(ms(t0, 20)), vec![update(0, "Hello world")]);
@@ -626,7 +627,7 @@ fn finish_flushes_ignoring_the_interval() {
 #[test]
 fn finish_without_pending_text_does_nothing() {
     let t0 = Instant::now();
-    let mut r = TurnRenderer::new(CoalesceConfig::default());
+    let mut r = TurnRenderer::new(CoalesceConfig::for_post_limit(MATTERMOST_MAX_POST_CHARS));
     assert!(r.finish(t0).is_empty());
     r.push("Done.", t0);
     assert!(r.finish(ms(t0, 1)).is_empty());

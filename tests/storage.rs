@@ -90,8 +90,8 @@ async fn session_lifecycle(db: &TestDatabase) {
         .create_session(&new_session("t1"))
         .await
         .expect("create");
-    assert_eq!(s.state, SessionState::Starting);
-    assert!(s.end.is_none());
+    assert_eq!(s.state(), SessionState::Starting);
+    assert!(s.end().is_none());
     assert_eq!(s.id.len(), 36);
     assert_eq!(s.repo_slug(), "acme/widgets");
     assert_eq!(s.stats, SessionStats::default());
@@ -162,7 +162,7 @@ async fn session_lifecycle(db: &TestDatabase) {
         .await
         .expect("usage");
     let s2 = store.session(&s.id).await.expect("read").expect("found");
-    assert_eq!(s2.state, SessionState::Running);
+    assert_eq!(s2.state(), SessionState::Running);
     assert_eq!(s2.container_id.as_deref(), Some("c0ffee"));
     assert_eq!(s2.agent_session_id.as_deref(), Some("conv-1"));
     assert_eq!(
@@ -180,7 +180,7 @@ async fn session_lifecycle(db: &TestDatabase) {
     assert_eq!(store.active_sessions().await.expect("list").len(), 1);
 
     let claimed = store.claim_stop(&s.id).await.expect("claim").expect("won");
-    assert_eq!(claimed.state, SessionState::Stopping);
+    assert_eq!(claimed.state(), SessionState::Stopping);
     assert!(store.active_sessions().await.expect("list").is_empty());
     assert_eq!(
         store.unended_sessions().await.expect("list").len(),
@@ -208,8 +208,8 @@ async fn session_lifecycle(db: &TestDatabase) {
         .await
         .expect("read")
         .expect("rows are never deleted");
-    assert_eq!(ended.state, SessionState::Ended);
-    let end = ended.end.expect("end recorded");
+    assert_eq!(ended.state(), SessionState::Ended);
+    let end = ended.end().expect("end recorded");
     assert_eq!(
         end.reason,
         EndReason::UserRequested,

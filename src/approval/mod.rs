@@ -6,10 +6,11 @@
 //!    an already approved-and-applied one `[NETWORK_APPROVED: …]`. Otherwise a pending request
 //!    is opened (one per session and domain: a repeated marker posts no second card) and a card
 //!    is posted as its own thread reply, each button signed ([`signing`]).
-//! 2. A click ([`Approvals::handle_click`]): parsed, signature verified in constant time,
-//!    expiry checked, the clicker checked against `SM_ALLOWED_APPROVERS`, then decided
-//!    atomically in storage: the first decision wins. The answer (within Mattermost's 30 s)
-//!    replaces the card's buttons at once; the firewall work happens in the background.
+//! 2. A click (a [`CardClick`] the chat adapter parsed, [`CardClickHandler::on_click`]):
+//!    signature verified in constant time, expiry checked, the clicker checked against
+//!    `SM_ALLOWED_APPROVERS`, then decided atomically in storage: the first decision wins. The
+//!    answer (within Mattermost's 30 s) replaces the card's buttons at once; the firewall work,
+//!    telling the agent and expiring stale requests happen in the background.
 //! 3. The firewall worker ([`Approvals::run_workers`]) applies approved requests one at a time
 //!    (serialised in this process and, through a storage lock, across instances), retries
 //!    failures with backoff, and tells the agent `[NETWORK_APPROVED: …]` once applied. The
@@ -19,7 +20,7 @@
 pub mod signing;
 
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,15 +28,19 @@ use secrecy::SecretString;
 use serde_json::{json, Map, Value};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::agent::markers::Marker;
-use crate::chat::{ActionCard, CardAction, ChatOutbound, PostRef};
-use crate::dispatch::short_id;
+use crate::chat::{
+    ActionCard, CardAction, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply,
+    PostRef,
+};
 use crate::firewall::domain::parse_domain;
-use crate::session::{MarkerHandler, SessionRuntime};
+use crate::session::{short_id, MarkerHandler, SessionRuntime};
 use crate::store::{
     now_ms, ApprovalRequest, AuditEntry, DecideOutcome, Decision, LockOutcome, Session, Store,
+    StoreError,
 };
 
 /// Storage lock that serialises alias changes across instances.
@@ -121,43 +126,20 @@ pub struct ApprovalConfig {
     pub alias: String,
 }
 
-/// A button click as the chat server delivers it (Mattermost's
-/// `PostActionIntegrationRequest`, `server/public/model/integration_action.go`).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Click {
-    /// Clicking user's id.
-    pub user_id: String,
-    /// Clicking user's name.
-    #[serde(default)]
-    pub user_name: String,
-    /// Post holding the button.
-    pub post_id: String,
-    /// The button's context.
-    #[serde(default)]
-    pub context: Map<String, Value>,
-}
-
-/// What to answer the chat server with.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ClickAnswer {
-    /// 400: the body is not a click the bot made.
-    BadRequest(String),
-    /// 403: the signature does not match.
-    Forbidden,
-    /// 200 with this JSON (`update` and/or `ephemeral_text`).
-    Ok(Value),
-}
-
 /// The approval flow. Share it in an [`Arc`].
 pub struct Approvals {
     store: Store,
     chat: Arc<dyn ChatOutbound>,
     firewall: Arc<dyn AliasWriter>,
+    mailbox: Arc<dyn AgentMailbox>,
     config: ApprovalConfig,
-    mailbox: OnceLock<Arc<dyn AgentMailbox>>,
+    /// Wakes the workers (a decision to apply, an expired click).
     wake: Notify,
     apply_lock: Mutex<()>,
     instance: String,
+    /// Background work started by clicks (telling an agent it was denied); awaited by
+    /// [`Approvals::run_workers`] when it stops.
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -167,35 +149,30 @@ impl std::fmt::Debug for Approvals {
 }
 
 impl Approvals {
-    /// The flow over storage, a chat platform and the firewall.
+    /// The flow over storage, a chat platform, the firewall, and the mailbox that reaches the
+    /// agents (the session runtime).
     pub fn new(
         store: Store,
         chat: Arc<dyn ChatOutbound>,
         firewall: Arc<dyn AliasWriter>,
+        mailbox: Arc<dyn AgentMailbox>,
         config: ApprovalConfig,
     ) -> Self {
         Self {
             store,
             chat,
             firewall,
+            mailbox,
             config,
-            mailbox: OnceLock::new(),
             wake: Notify::new(),
             apply_lock: Mutex::new(()),
             instance: uuid::Uuid::new_v4().to_string(),
+            tasks: TaskTracker::new(),
         }
-    }
-
-    /// Connects where answers reach the agents (the session runtime).
-    pub fn attach_mailbox(&self, mailbox: Arc<dyn AgentMailbox>) {
-        let _ = self.mailbox.set(mailbox);
     }
 
     async fn tell_agent(&self, session_id: &str, text: String) {
-        match self.mailbox.get() {
-            Some(mailbox) => mailbox.deliver(session_id, text).await,
-            None => warn!("approval answer dropped: no session runtime attached"),
-        }
+        self.mailbox.deliver(session_id, text).await;
     }
 
     async fn audit(
@@ -311,13 +288,8 @@ impl Approvals {
         }
     }
 
-    /// Handles a click (see the module documentation for the order of checks).
-    pub async fn handle_click(self: &Arc<Self>, body: &[u8]) -> ClickAnswer {
-        let mut json = serde_json::Deserializer::from_slice(body);
-        let click: Click = match serde_path_to_error::deserialize(&mut json) {
-            Ok(click) => click,
-            Err(e) => return ClickAnswer::BadRequest(format!("invalid callback body: {e}")),
-        };
+    /// Decides a click (see the module documentation for the order of checks).
+    async fn decide(&self, click: CardClick) -> Result<ClickReply, ClickError> {
         let field = |k: &str| click.context.get(k);
         let (Some(request_id), Some(action), Some(expires), Some(signature)) = (
             field("request_id").and_then(Value::as_str),
@@ -325,27 +297,26 @@ impl Approvals {
             field("expires").and_then(Value::as_i64),
             field("signature").and_then(Value::as_str),
         ) else {
-            return ClickAnswer::BadRequest(
+            return Err(ClickError::BadRequest(
                 "context must carry request_id, action, expires and signature".into(),
-            );
+            ));
         };
         if !signing::verify(&self.config.secret, request_id, action, expires, signature) {
             warn!(request = request_id, user = %click.user_id, "refused a callback with a bad signature");
-            return ClickAnswer::Forbidden;
+            return Err(ClickError::Forbidden);
         }
         let decision = match action {
             "approve" => Decision::Approve,
             "deny" => Decision::Deny,
-            other => return ClickAnswer::BadRequest(format!("unknown action {other:?}")),
+            other => return Err(ClickError::BadRequest(format!("unknown action {other:?}"))),
         };
         let now = now_ms();
         if now >= expires {
-            for expired in self.store.expire_approvals(now).await.unwrap_or_default() {
-                self.after_expiry(&expired).await;
-            }
-            return ClickAnswer::Ok(
-                json!({ "ephemeral_text": "This request has expired; Claude was told it is denied." }),
-            );
+            // The expiry worker updates the card and tells the agent.
+            self.wake.notify_one();
+            return Ok(ClickReply::Notice(
+                "This request has expired; Claude was told it is denied.".into(),
+            ));
         }
         if let Approvers::Only(ids) = &self.config.approvers {
             if !ids.contains(&click.user_id) {
@@ -360,28 +331,33 @@ impl Approvals {
                     )
                     .await;
                 }
-                return ClickAnswer::Ok(
-                    json!({ "ephemeral_text": "You are not allowed to approve or deny network access (SM_ALLOWED_APPROVERS)." }),
-                );
+                return Ok(ClickReply::Notice(
+                    "You are not allowed to approve or deny network access (SM_ALLOWED_APPROVERS)."
+                        .into(),
+                ));
             }
         }
-        let outcome = match self
+        let outcome = self
             .store
             .decide_approval(request_id, decision, &click.user_id, &click.user_name, now)
             .await
-        {
-            Ok(outcome) => outcome,
-            Err(e) => return ClickAnswer::BadRequest(format!("unknown request: {e}")),
-        };
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => ClickError::NotFound,
+                e => {
+                    error!(error = %e, request = request_id, "cannot record a decision");
+                    ClickError::Unavailable
+                }
+            })?;
         match outcome {
             DecideOutcome::AlreadyDecided(request) => {
                 let by = request
                     .decided_by_name
                     .clone()
                     .unwrap_or_else(|| "someone".into());
-                ClickAnswer::Ok(
-                    json!({ "ephemeral_text": format!("Already decided by @{by} ({}).", request.state) }),
-                )
+                Ok(ClickReply::Notice(format!(
+                    "Already decided by @{by} ({}).",
+                    request.state
+                )))
             }
             DecideOutcome::Decided(request) => {
                 let verb = if decision == Decision::Approve {
@@ -409,22 +385,20 @@ impl Approvals {
                 };
                 let card = self.card(&request, session.as_ref(), Some(status));
                 if decision == Decision::Deny {
-                    let this = Arc::clone(self);
-                    let request = request.clone();
+                    let mailbox = Arc::clone(&self.mailbox);
                     let by = click.user_name.clone();
-                    tokio::spawn(async move {
-                        this.tell_agent(
-                            &request.session_id,
-                            format!("[NETWORK_DENIED: {}] denied by @{by}", request.domain),
-                        )
-                        .await;
+                    self.tasks.spawn(async move {
+                        mailbox
+                            .deliver(
+                                &request.session_id,
+                                format!("[NETWORK_DENIED: {}] denied by @{by}", request.domain),
+                            )
+                            .await;
                     });
                 } else {
                     self.wake.notify_one();
                 }
-                ClickAnswer::Ok(
-                    json!({ "update": { "message": "", "props": crate::chat::mattermost::adapter::card_props(&card) } }),
-                )
+                Ok(ClickReply::ReplaceCard(card))
             }
         }
     }
@@ -446,8 +420,15 @@ impl Approvals {
         .await;
     }
 
-    /// Applies due approvals and expires old requests until `cancel` fires.
+    /// Applies due approvals and expires old requests until `cancel` fires, then waits for the
+    /// background work clicks started.
     pub async fn run_workers(self: Arc<Self>, cancel: CancellationToken) {
+        self.work(cancel).await;
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    async fn work(&self, cancel: CancellationToken) {
         loop {
             match self.store.expire_approvals(now_ms()).await {
                 Ok(expired) => {
@@ -580,6 +561,13 @@ impl Approvals {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl CardClickHandler for Approvals {
+    async fn on_click(&self, click: CardClick) -> Result<ClickReply, ClickError> {
+        self.decide(click).await
     }
 }
 

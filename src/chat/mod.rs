@@ -14,6 +14,7 @@ pub mod progress;
 pub mod render;
 pub mod stream;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -171,11 +172,101 @@ pub struct CardAction {
     pub context: serde_json::Map<String, serde_json::Value>,
 }
 
+/// A click on a card's button, as every platform delivers it (Mattermost's interactive
+/// message callback, a Teams `Action.Execute`/`Action.Submit`). The adapter that received it
+/// parsed it; nothing here is trusted but what the signature in `context` covers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CardClick {
+    /// Platform it came from.
+    pub platform: Platform,
+    /// Clicking user's id (a claim of the chat server).
+    pub user_id: String,
+    /// Clicking user's name, for display.
+    pub user_name: String,
+    /// The post (message) holding the card.
+    pub post_id: String,
+    /// The button's context, as the bot put it on the card ([`CardAction::context`]).
+    pub context: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How the platform should answer the clicking user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClickReply {
+    /// A short notice only the clicking user sees; the card stays as it is.
+    Notice(String),
+    /// The card is replaced for everyone (e.g. without its buttons once decided).
+    ReplaceCard(ActionCard),
+}
+
+/// Why a click was not taken. Adapters answer these with the matching HTTP status and a short
+/// message that carries no internals.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClickError {
+    /// The click does not carry what the bot's cards carry (HTTP 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The signature does not match (HTTP 403).
+    #[error("invalid signature")]
+    Forbidden,
+    /// The request the card is about does not exist (HTTP 404).
+    #[error("unknown request")]
+    NotFound,
+    /// Storage or the flow behind the card is not available right now (HTTP 503).
+    #[error("not available right now; try again")]
+    Unavailable,
+}
+
+/// Decides card clicks. The approval flow implements it; adapters call it with the clicks
+/// they parsed and render its answer in their platform's form.
+#[async_trait]
+pub trait CardClickHandler: Send + Sync + 'static {
+    /// Handles one click: verifies, records and answers at once; any slow work (firewall,
+    /// telling the agent, updating other copies of the card) happens elsewhere.
+    ///
+    /// # Errors
+    /// [`ClickError`].
+    async fn on_click(&self, click: CardClick) -> Result<ClickReply, ClickError>;
+}
+
+/// Where adapters find the click handler. Empty until this instance is active and the flow
+/// behind the cards runs (adapters answer 503 meanwhile). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct ClickHandlers(Arc<OnceLock<Arc<dyn CardClickHandler>>>);
+
+impl ClickHandlers {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Installs the handler (the first one stays).
+    pub fn set(&self, handler: Arc<dyn CardClickHandler>) {
+        let _ = self.0.set(handler);
+    }
+
+    /// The handler, once installed.
+    pub fn get(&self) -> Option<&Arc<dyn CardClickHandler>> {
+        self.0.get()
+    }
+}
+
+impl std::fmt::Debug for ClickHandlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHandlers")
+            .field("installed", &self.0.get().is_some())
+            .finish()
+    }
+}
+
 /// What the bot can do on a chat platform. Implemented once per platform.
 #[async_trait]
 pub trait ChatOutbound: Send + Sync + 'static {
     /// Which platform this is.
     fn platform(&self) -> Platform;
+
+    /// The longest post the platform accepts, in Unicode scalar values (what the renderer
+    /// splits streamed output under).
+    fn max_post_chars(&self) -> usize;
 
     /// The bot's own user id on the platform.
     fn bot_user_id(&self) -> &str;

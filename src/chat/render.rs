@@ -1,4 +1,4 @@
-//! Rendering of agent output into Mattermost posts.
+//! Rendering of agent output into chat posts.
 //!
 //! This module is pure (no I/O, no clock of its own) and has three parts:
 //!
@@ -13,8 +13,9 @@
 //!
 //! Every size in this module is a number of Unicode scalar values (Rust
 //! `char`s), which is what Mattermost counts (`utf8.RuneCountInString`) when
-//! it enforces [`MATTERMOST_MAX_POST_CHARS`]. Byte lengths are never used as
-//! limits, and text is only ever cut on `char` boundaries.
+//! it enforces its post limit. The limit itself comes from the platform's
+//! adapter ([`crate::chat::ChatOutbound::max_post_chars`]). Byte lengths are
+//! never used as limits, and text is only ever cut on `char` boundaries.
 //!
 //! # Fenced code blocks
 //!
@@ -57,9 +58,6 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-/// Largest message Mattermost accepts in one post, in Unicode scalar values.
-pub const MATTERMOST_MAX_POST_CHARS: usize = 16_383;
 
 /// Smallest size limit honoured by [`split_message`] and [`TurnRenderer`], in
 /// Unicode scalar values. Smaller limits are raised to this value so that a
@@ -579,11 +577,11 @@ fn choose_cut(scan: &Scan<'_>, start: usize, params: CutParams) -> Option<Cut> {
 // ---------------------------------------------------------------------------
 
 /// Splits Markdown `text` into parts of at most `max_chars` Unicode scalar
-/// values each, for posting as consecutive Mattermost posts.
+/// values each, for posting as consecutive chat posts.
 ///
 /// * `max_chars` is a number of `char`s (Mattermost counts runes, not bytes);
-///   values below [`MIN_SPLIT_CHARS`] (64) are raised to it. Use
-///   [`MATTERMOST_MAX_POST_CHARS`] for full-size posts.
+///   values below [`MIN_SPLIT_CHARS`] (64) are raised to it. Use the
+///   platform's post limit for full-size posts.
 /// * Empty `text` gives an empty `Vec`; a `text` of at most `max_chars` chars
 ///   gives one part identical to it.
 /// * Cuts are chosen, in order of preference, at the end of a code block or
@@ -660,11 +658,12 @@ pub fn split_message(text: &str, max_chars: usize) -> Vec<String> {
 /// Limits for [`TurnRenderer`]. All sizes are in Unicode scalar values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoalesceConfig {
-    /// Hard limit on the text of any post (default
-    /// [`MATTERMOST_MAX_POST_CHARS`]); raised to at least [`MIN_SPLIT_CHARS`].
+    /// Hard limit on the text of any post (the platform's post limit); raised to at least
+    /// [`MIN_SPLIT_CHARS`].
     pub max_post_chars: usize,
     /// When a post's text would exceed this, the post is finished and the
-    /// text continues in a new one (default 15 000). Clamped to
+    /// text continues in a new one (by default 11/12 of `max_post_chars`, so an
+    /// edit can still add a closing fence). Clamped to
     /// `MIN_SPLIT_CHARS..=max_post_chars`; no post ever exceeds it.
     pub soft_limit_chars: usize,
     /// Minimum time between two sends (create or update) of the same post,
@@ -676,18 +675,17 @@ pub struct CoalesceConfig {
     pub max_edits_per_post: u32,
 }
 
-impl Default for CoalesceConfig {
-    fn default() -> Self {
+impl CoalesceConfig {
+    /// The defaults for a platform whose posts hold at most `max_post_chars`.
+    pub fn for_post_limit(max_post_chars: usize) -> Self {
         Self {
-            max_post_chars: MATTERMOST_MAX_POST_CHARS,
-            soft_limit_chars: 15_000,
+            max_post_chars,
+            soft_limit_chars: max_post_chars / 12 * 11,
             min_edit_interval: Duration::from_secs(1),
             max_edits_per_post: 30,
         }
     }
-}
 
-impl CoalesceConfig {
     /// The configuration with every field brought into its valid range (see
     /// the field documentation); this is what [`TurnRenderer`] uses.
     pub fn normalized(self) -> Self {

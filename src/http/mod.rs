@@ -1,5 +1,6 @@
 //! The HTTP surface (axum): `GET /health` (liveness; `?probe=readiness` for readiness),
-//! `GET /metrics`, `POST /callback`.
+//! `GET /metrics`, and each chat adapter's inbound routes (Mattermost's `POST /callback`,
+//! [`crate::chat::mattermost::callback`]).
 //!
 //! Every route, including unknown paths, passes the per-client rate limiter first
 //! ([`ratelimit`]); over the limit answers 429 with `Retry-After` (whole seconds). Handlers only
@@ -11,17 +12,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::approval::{Approvals, ClickAnswer};
+use crate::chat::ClickHandlers;
 use crate::health::{ComponentHealth, ComponentStatus, HealthRegistry};
 use crate::leader::Role;
 use crate::store::Store;
@@ -47,8 +47,8 @@ pub struct AppState {
     pub metrics: &'static Metrics,
     /// Whether this instance is the active one.
     pub role: tokio::sync::watch::Receiver<Role>,
-    /// The approval flow, once this instance is active and connected to chat.
-    pub approvals: Arc<std::sync::OnceLock<Arc<Approvals>>>,
+    /// Who answers card clicks, once this instance is active and connected to chat.
+    pub clicks: ClickHandlers,
 }
 
 /// Builds the router. Serve it with
@@ -57,12 +57,14 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
-        .route("/callback", post(callback))
+        .with_state(state.clone())
+        .merge(crate::chat::mattermost::callback::routes(
+            state.clicks.clone(),
+        ))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(middleware::from_fn(record_metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
 }
 
 /// The `/health` body.
@@ -152,39 +154,6 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
-}
-
-/// `POST /callback`: a button click from the chat server (see [`Approvals::handle_click`]).
-/// Mattermost needs a 200 for the click to count, so refusals of a well-formed click are 200
-/// with an ephemeral message; malformed bodies are 400 and bad signatures 403.
-async fn callback(State(state): State<AppState>, body: Bytes) -> Response {
-    match state.approvals.get() {
-        Some(approvals) => click_response(approvals.handle_click(&body).await),
-        None => {
-            // Parsing comes first, here too: a malformed body is a 400 whatever the state.
-            let mut json = serde_json::Deserializer::from_slice(&body);
-            if let Err(e) = serde_path_to_error::deserialize::<_, crate::approval::Click>(&mut json)
-            {
-                return error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("invalid callback body: {e}"),
-                );
-            }
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "approvals are not available on this instance right now (starting, or a standby)",
-            )
-        }
-    }
-}
-
-/// The HTTP form of a [`ClickAnswer`].
-pub fn click_response(answer: ClickAnswer) -> Response {
-    match answer {
-        ClickAnswer::BadRequest(reason) => error_response(StatusCode::BAD_REQUEST, &reason),
-        ClickAnswer::Forbidden => error_response(StatusCode::FORBIDDEN, "invalid signature"),
-        ClickAnswer::Ok(body) => (StatusCode::OK, Json(body)).into_response(),
-    }
 }
 
 async fn not_found() -> Response {

@@ -1112,8 +1112,12 @@ impl TryFrom<SessionRow> for Session {
 
     fn try_from(r: SessionRow) -> StoreResult<Session> {
         let state: SessionState = parse_enum("sessions", "state", r.state)?;
-        let end = match (state, r.end_reason) {
-            (SessionState::Ended, Some(reason)) => Some(SessionEnd {
+        let lifecycle = match (state, r.end_reason) {
+            (SessionState::Starting, _) => Lifecycle::Starting,
+            (SessionState::Running, _) => Lifecycle::Running,
+            (SessionState::Idle, _) => Lifecycle::Idle,
+            (SessionState::Stopping, _) => Lifecycle::Stopping,
+            (SessionState::Ended, Some(reason)) => Lifecycle::Ended(SessionEnd {
                 reason: parse_enum("sessions", "end_reason", reason)?,
                 detail: r.end_detail,
                 at: r.ended_at.unwrap_or(r.updated_at),
@@ -1125,7 +1129,6 @@ impl TryFrom<SessionRow> for Session {
                     value: "NULL on an ended session".into(),
                 })
             }
-            _ => None,
         };
         Ok(Session {
             id: r.id,
@@ -1134,8 +1137,7 @@ impl TryFrom<SessionRow> for Session {
             thread_id: r.thread_id,
             kind: parse_enum("sessions", "kind", r.kind)?,
             parent_id: r.parent_id,
-            state,
-            end,
+            lifecycle,
             started_by: r.started_by,
             agent_session_id: r.agent_session_id,
             repo_host: r.repo_host,

@@ -62,7 +62,8 @@ pub enum SessionKind {
     Reviewer,
 }
 
-/// Where a session is in its life.
+/// The name of a lifecycle stage (see [`Lifecycle`] for the stages with their data), as
+/// storage keeps it.
 #[derive(
     Debug,
     Clone,
@@ -86,7 +87,7 @@ pub enum SessionState {
     Idle,
     /// Cleanup was claimed and is in progress.
     Stopping,
-    /// Over; see [`SessionEnd`].
+    /// Over; see [`Lifecycle::Ended`].
     Ended,
 }
 
@@ -170,10 +171,8 @@ pub struct Session {
     pub kind: SessionKind,
     /// The orchestrator that spawned it, if any.
     pub parent_id: Option<String>,
-    /// Lifecycle state.
-    pub state: SessionState,
-    /// Set exactly when `state` is [`SessionState::Ended`].
-    pub end: Option<SessionEnd>,
+    /// Where it is in its life (and, once ended, how it ended).
+    pub lifecycle: Lifecycle,
     /// Chat user id of whoever started it.
     pub started_by: String,
     /// Claude Code conversation id, for `--session-id` and `--resume`.
@@ -206,6 +205,49 @@ impl Session {
     /// `org/repo`.
     pub fn repo_slug(&self) -> String {
         format!("{}/{}", self.repo_org, self.repo_name)
+    }
+
+    /// The lifecycle state, without its data.
+    pub fn state(&self) -> SessionState {
+        self.lifecycle.state()
+    }
+
+    /// How it ended, once it has.
+    pub fn end(&self) -> Option<&SessionEnd> {
+        match &self.lifecycle {
+            Lifecycle::Ended(end) => Some(end),
+            _ => None,
+        }
+    }
+}
+
+/// Where a session is in its life, each stage with only its own data: an end (reason, detail,
+/// time) exists exactly for an ended session, and cannot be written for any other.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Lifecycle {
+    /// Clone, container and agent are being prepared.
+    Starting,
+    /// The agent is working on a turn.
+    Running,
+    /// The agent waits for input.
+    Idle,
+    /// Cleanup was claimed and is in progress.
+    Stopping,
+    /// Over.
+    Ended(SessionEnd),
+}
+
+impl Lifecycle {
+    /// The state's name (what storage keeps in `sessions.state`).
+    pub fn state(&self) -> SessionState {
+        match self {
+            Self::Starting => SessionState::Starting,
+            Self::Running => SessionState::Running,
+            Self::Idle => SessionState::Idle,
+            Self::Stopping => SessionState::Stopping,
+            Self::Ended(_) => SessionState::Ended,
+        }
     }
 }
 

@@ -23,7 +23,8 @@ use url::Url;
 use super::model::{CreatePost, PatchPost, Post, SidebarCategory, User};
 use super::rest::{MattermostClient, RetryPolicy};
 use super::websocket::{self, WsNotice, WsSettings};
-use crate::chat::render::{split_message, MATTERMOST_MAX_POST_CHARS};
+use super::MAX_POST_CHARS;
+use crate::chat::render::split_message;
 use crate::chat::{
     ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
@@ -391,6 +392,10 @@ impl ChatOutbound for MattermostAdapter {
         Platform::Mattermost
     }
 
+    fn max_post_chars(&self) -> usize {
+        MAX_POST_CHARS
+    }
+
     fn bot_user_id(&self) -> &str {
         &self.bot.id
     }
@@ -403,7 +408,7 @@ impl ChatOutbound for MattermostAdapter {
         root_id: Option<&str>,
         text: &str,
     ) -> Result<PostRef, ChatError> {
-        let mut parts = split_message(text, MATTERMOST_MAX_POST_CHARS)
+        let mut parts = split_message(text, MAX_POST_CHARS)
             .into_iter()
             .filter(|p| !p.trim().is_empty())
             .collect::<Vec<_>>();
@@ -441,9 +446,9 @@ impl ChatOutbound for MattermostAdapter {
     /// Text longer than a post is cut at the limit with a visible note (the renderer keeps
     /// streamed posts under it, so this only guards against misuse).
     async fn update(&self, post: &PostRef, text: &str) -> Result<(), ChatError> {
-        let message = if text.chars().count() > MATTERMOST_MAX_POST_CHARS {
+        let message = if text.chars().count() > MAX_POST_CHARS {
             let note = "\n\n… (cut: the post reached Mattermost's size limit)";
-            let keep = MATTERMOST_MAX_POST_CHARS - note.chars().count();
+            let keep = MAX_POST_CHARS - note.chars().count();
             let mut cut: String = text.chars().take(keep).collect();
             cut.push_str(note);
             warn!(post = %post.post_id, "post update over the size limit was cut");

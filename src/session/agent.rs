@@ -1,0 +1,225 @@
+//! The agent process: Claude Code started in the session's container over SSH, speaking
+//! stream-json on plain pipes (no TTY). See `shared/reference/claude-code.md` for the protocol.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::agent::stream_json::{self, AgentEvent};
+use crate::runtime::shell::{QuoteError, Script};
+use crate::runtime::ssh::{RemoteProcess, SshError};
+use crate::store::{Session, SessionKind, StoreError};
+
+use super::{AgentContainer, Manager, NETWORK_PROMPT};
+
+/// How long a new agent process may take to answer its `initialize` request.
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a closing agent may take to exit after its stdin closes.
+const AGENT_EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the agent could not be started or talked to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The session has no container to run in.
+    #[error("the session has no container")]
+    NoContainer,
+    /// The conversation id could not be stored.
+    #[error("cannot store the conversation id: {0}")]
+    Store(#[source] StoreError),
+    /// A value of the command line cannot be quoted.
+    #[error("cannot build the agent's command line: {0}")]
+    Script(#[source] QuoteError),
+    /// SSH could not start the process.
+    #[error("cannot start Claude: {0}")]
+    Spawn(#[source] SshError),
+    /// The process has no stdin or stdout pipe.
+    #[error("the agent has no {0}")]
+    Pipe(&'static str),
+    /// Writing to the agent failed.
+    #[error("cannot talk to Claude: {0}")]
+    Write(#[source] std::io::Error),
+    /// Reading the agent failed.
+    #[error("reading Claude failed: {0}")]
+    Read(#[source] std::io::Error),
+    /// The agent exited before it was ready.
+    #[error("Claude exited right after starting")]
+    Exited,
+    /// The agent did not answer `initialize` in time.
+    #[error("Claude did not answer within {0:?}")]
+    NotReady(Duration),
+}
+
+/// A running agent: its process, stdin, stdout lines and the task logging its stderr.
+pub(super) struct Agent {
+    process: RemoteProcess,
+    stdin: openssh::ChildStdin,
+    /// Lines of the agent's stdout.
+    pub(super) lines: tokio::io::Lines<BufReader<openssh::ChildStdout>>,
+    stderr: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent for `session` in `container`, with `--resume conversation` when
+    /// `resume`, else `--session-id conversation`, and waits until it answers `initialize`.
+    pub(super) async fn start(
+        manager: &Manager,
+        session: &Session,
+        container: Option<&AgentContainer>,
+        conversation: &str,
+        resume: bool,
+    ) -> Result<Self, AgentError> {
+        let container = container.ok_or(AgentError::NoContainer)?;
+        let script = agent_script(manager, session, container, conversation, resume)
+            .map_err(AgentError::Script)?;
+        let mut process = manager
+            .ssh
+            .spawn(&script)
+            .await
+            .map_err(AgentError::Spawn)?;
+        let stdin = process
+            .child
+            .stdin()
+            .take()
+            .ok_or(AgentError::Pipe("stdin"))?;
+        let stdout = process
+            .child
+            .stdout()
+            .take()
+            .ok_or(AgentError::Pipe("stdout"))?;
+        let stderr = process.child.stderr().take().map(|stderr| {
+            let id = session.id.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    debug!(session = %id, stderr = %line, "agent stderr");
+                }
+            })
+        });
+        let mut agent = Agent {
+            process,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+            stderr,
+        };
+        match tokio::time::timeout(AGENT_READY_TIMEOUT, agent.initialize()).await {
+            Ok(Ok(())) => Ok(agent),
+            Ok(Err(e)) => {
+                agent.close().await;
+                Err(e)
+            }
+            Err(_) => {
+                agent.close().await;
+                Err(AgentError::NotReady(AGENT_READY_TIMEOUT))
+            }
+        }
+    }
+
+    /// Sends `initialize` and reads until its answer.
+    async fn initialize(&mut self) -> Result<(), AgentError> {
+        let request_id = format!("init-{}", uuid::Uuid::new_v4().simple());
+        self.write(&stream_json::control_request(&request_id, "initialize"))
+            .await
+            .map_err(AgentError::Write)?;
+        loop {
+            match self.lines.next_line().await {
+                Ok(Some(line)) => {
+                    if let Ok(AgentEvent::ControlResponse {
+                        request_id: Some(id),
+                        ..
+                    }) = stream_json::decode_line(&line)
+                    {
+                        if id == request_id {
+                            return Ok(());
+                        }
+                    }
+                }
+                Ok(None) => return Err(AgentError::Exited),
+                Err(e) => return Err(AgentError::Read(e)),
+            }
+        }
+    }
+
+    /// Writes one stream-json line.
+    pub(super) async fn write(&mut self, line: &str) -> std::io::Result<()> {
+        self.stdin.write_all(line.as_bytes()).await?;
+        self.stdin.flush().await
+    }
+
+    /// Closes stdin (the CLI exits after its turn), waits briefly for the process, and stops
+    /// the stderr logger.
+    pub(super) async fn close(mut self) {
+        let _ = self.stdin.shutdown().await;
+        drop(self.stdin);
+        if tokio::time::timeout(AGENT_EXIT_GRACE, self.process.child.wait())
+            .await
+            .is_err()
+        {
+            debug!("agent did not exit in time; its channel is closed");
+        }
+        if let Some(stderr) = self.stderr.take() {
+            stderr.abort();
+            let _ = stderr.await;
+        }
+    }
+}
+
+/// The remote script that runs the agent in the container: `<runtime> exec -i -u <user> -w
+/// <folder> -e … <container> <SM_CLAUDE_COMMAND> -p --input-format stream-json …`.
+fn agent_script(
+    manager: &Manager,
+    session: &Session,
+    container: &AgentContainer,
+    conversation: &str,
+    resume: bool,
+) -> Result<Script, QuoteError> {
+    let config = &manager.config;
+    let mut words: Vec<String> = vec![
+        "--".into(),
+        config.containers.runtime.clone(),
+        "exec".into(),
+        "-i".into(),
+        "-u".into(),
+        container.user.clone(),
+        "-w".into(),
+        container.folder.clone(),
+    ];
+    for entry in &config.container_env {
+        words.push("-e".into());
+        words.push(entry.exec_arg());
+    }
+    words.push(container.id.clone());
+    words.extend(config.claude_command.iter().cloned());
+    words.extend(
+        [
+            "-p",
+            "--input-format",
+            "stream-json",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+        ]
+        .map(str::to_owned),
+    );
+    words.push(if resume { "--resume" } else { "--session-id" }.into());
+    words.push(conversation.to_owned());
+    words.push("--append-system-prompt".into());
+    words.push(if session.kind == SessionKind::Orchestrator {
+        format!(
+            "{NETWORK_PROMPT}\n\n{}",
+            crate::orchestrator::ORCHESTRATOR_PROMPT
+        )
+    } else {
+        NETWORK_PROMPT.to_owned()
+    });
+    if session.kind == SessionKind::Reviewer {
+        words.push("--permission-mode".into());
+        words.push("plan".into());
+    }
+    // `set -- <runtime> <args>` puts every word, quoted, into "$@"; `exec` replaces the shell
+    // so the agent's stdio is the channel's.
+    let mut script = Script::new();
+    script.command("set", &words)?.raw("exec \"$@\"");
+    Ok(script)
+}

@@ -1,0 +1,199 @@
+//! Bringing a session's workspace and container up (or, after a bot restart, finding them
+//! again), and what can go wrong doing it.
+
+use crate::chat::progress::Progress;
+use crate::runtime::devcontainer::{self, ContainerState, DevcontainerError};
+use crate::runtime::git::{self, GitError};
+use crate::store::{EndReason, LockOutcome, Session, StoreError};
+
+use super::{short_id, AgentContainer, Manager, SessionPlan};
+
+/// Why a session could not be brought up. Each variant knows what the user should do
+/// ([`StartError::hint`]) and why the session ends ([`StartError::end_reason`]); its `Display`
+/// is the message shown in the thread.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Another session works in the main clone.
+    #[error("the main clone of `{slug}` is in use by session `{}`", short_id(.holder))]
+    CloneInUse {
+        /// `org/repo`.
+        slug: String,
+        /// The session holding the clone.
+        holder: String,
+    },
+    /// The clone lock could not be taken (storage).
+    #[error("cannot lock the clone: {0}")]
+    Lock(#[source] StoreError),
+    /// Cloning or checking out failed.
+    #[error("{0}")]
+    Clone(#[source] GitError),
+    /// Making the worktree failed.
+    #[error("{0}")]
+    Worktree(#[source] GitError),
+    /// `devcontainer up` failed.
+    #[error("{0}")]
+    Container(#[source] DevcontainerError),
+    /// The container could not be recorded (storage).
+    #[error("cannot record the container: {0}")]
+    Record(#[source] StoreError),
+    /// Resuming a session that never got a container.
+    #[error("this session never got a container")]
+    NoContainer,
+    /// Resuming a session whose container is gone.
+    #[error("its container is gone (removed or lost with the VM)")]
+    ContainerGone {
+        /// `org/repo`, for the hint.
+        slug: String,
+    },
+    /// Resuming: the container could not be checked.
+    #[error("cannot check the container: {0}")]
+    Inspect(#[source] DevcontainerError),
+    /// The agent did not start.
+    #[error("{0}")]
+    Agent(#[source] super::agent::AgentError),
+    /// A stop arrived while the session was starting.
+    #[error("stopped while starting")]
+    Stopped,
+}
+
+impl StartError {
+    /// What the user can do about it (Markdown).
+    pub fn hint(&self) -> String {
+        match self {
+            Self::CloneInUse { slug, .. } => format!(
+                "start with `--worktree` to work in a separate worktree, e.g. `start {slug} --worktree`"
+            ),
+            Self::Lock(_) | Self::Record(_) => "try again".into(),
+            Self::Clone(_) => "check the repository and branch names, and that GH_TOKEN on the VM can read a private repository".into(),
+            Self::Worktree(_) => "check that the branch exists".into(),
+            Self::Container(_) => "check the repository's devcontainer.json, or SM_CONTAINER_IMAGE and the container runtime on the VM".into(),
+            Self::NoContainer | Self::Stopped => "start a new session".into(),
+            Self::ContainerGone { slug } => format!("start a new session for `{slug}`"),
+            Self::Inspect(_) => "try `!restart` later".into(),
+            Self::Agent(_) => "check that the Claude Code CLI is installed in the container image and that its credentials are set on the VM (SM_CONTAINER_ENV)".into(),
+        }
+    }
+
+    /// Why the session ends.
+    pub fn end_reason(&self) -> EndReason {
+        match self {
+            Self::Lock(_) | Self::Record(_) | Self::Inspect(_) => EndReason::Error,
+            Self::ContainerGone { .. } => EndReason::ContainerGone,
+            Self::Stopped => EndReason::UserRequested,
+            Self::CloneInUse { .. }
+            | Self::Clone(_)
+            | Self::Worktree(_)
+            | Self::Container(_)
+            | Self::NoContainer
+            | Self::Agent(_) => EndReason::StartFailed,
+        }
+    }
+
+    /// The thread's message: what failed and what to do.
+    pub fn report(&self) -> String {
+        format!("❌ {self}\n\n**What to do:** {}", self.hint())
+    }
+}
+
+impl Manager {
+    /// Clone (or worktree) and container, or, when resuming, the existing container.
+    pub(super) async fn prepare(
+        &self,
+        plan: &mut SessionPlan,
+        mut progress: Option<&mut Progress>,
+    ) -> Result<(), StartError> {
+        let session = plan.session.clone();
+        let runtime = &self.config.containers.runtime;
+        if plan.resume {
+            let container = session
+                .container_id
+                .as_deref()
+                .ok_or(StartError::NoContainer)?;
+            match devcontainer::inspect(&self.ssh, runtime, container).await {
+                Ok(ContainerState::Gone) => {
+                    return Err(StartError::ContainerGone {
+                        slug: session.repo_slug(),
+                    })
+                }
+                Ok(_) => {}
+                Err(e) => return Err(StartError::Inspect(e)),
+            }
+        } else if let Some(p) = progress.as_deref_mut() {
+            p.step(&format!("Cloning `{}`", session.repo_slug())).await;
+        }
+        let workspace = match (&session.workspace_path, plan.resume) {
+            (Some(path), true) => path.clone(),
+            _ => self.prepare_workspace(&session).await?,
+        };
+        if let (false, Some(p)) = (plan.resume, progress) {
+            p.step("Starting the container").await;
+        }
+        // `devcontainer up` reuses the labelled container (starting it if it was stopped).
+        let up = devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
+            .await
+            .map_err(StartError::Container)?;
+        if let Err(e) = self
+            .store
+            .record_container(&up.container_id, &self.config.vm_host, &workspace)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record the container");
+        }
+        self.store
+            .set_session_container(&session.id, Some(&up.container_id), Some(&workspace))
+            .await
+            .map_err(StartError::Record)?;
+        plan.session.container_id = Some(up.container_id.clone());
+        plan.session.workspace_path = Some(workspace);
+        plan.container = Some(AgentContainer {
+            id: up.container_id,
+            user: up.remote_user,
+            folder: up.remote_workspace_folder,
+        });
+        Ok(())
+    }
+
+    /// The main clone (locked for this session) or a worktree of it. Returns its path.
+    async fn prepare_workspace(&self, session: &Session) -> Result<String, StartError> {
+        let git = &self.config.git;
+        let (org, repo) = (&session.repo_org, &session.repo_name);
+        if session.worktree.is_none() {
+            match self
+                .store
+                .try_lock(&git.clone_lock(org, repo), &session.id)
+                .await
+            {
+                Ok(LockOutcome::Acquired) => {}
+                Ok(LockOutcome::Held { holder }) => {
+                    return Err(StartError::CloneInUse {
+                        slug: session.repo_slug(),
+                        holder,
+                    })
+                }
+                Err(e) => return Err(StartError::Lock(e)),
+            }
+        }
+        let clone_branch = match session.worktree {
+            None => session.branch.as_deref(),
+            Some(_) => None,
+        };
+        let timeout = self.config.git_timeout;
+        let clone = git::ensure_clone(&self.ssh, git, org, repo, clone_branch, timeout)
+            .await
+            .map_err(StartError::Clone)?;
+        match &session.worktree {
+            None => Ok(clone),
+            Some(name) => git::ensure_worktree(
+                &self.ssh,
+                git,
+                org,
+                repo,
+                session.branch.as_deref(),
+                name,
+                timeout,
+            )
+            .await
+            .map_err(StartError::Worktree),
+        }
+    }
+}
