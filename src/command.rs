@@ -1383,30 +1383,10 @@ impl CommandError {
 
 /// `true` for characters that must not appear raw in a chat message: control
 /// characters, whitespace other than a plain space, and invisible formatting
-/// characters (bidi overrides, zero-width characters, ...).
+/// characters ([`crate::text::is_invisible`]: bidi overrides, zero-width
+/// characters, ...).
 fn needs_escape(ch: char) -> bool {
-    ch.is_control()
-        || (ch.is_whitespace() && ch != ' ')
-        || matches!(
-            ch,
-            '\u{00AD}'
-                | '\u{034F}'
-                | '\u{061C}'
-                | '\u{115F}'
-                | '\u{1160}'
-                | '\u{17B4}'
-                | '\u{17B5}'
-                | '\u{180B}'..='\u{180F}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{206F}'
-                | '\u{3164}'
-                | '\u{FE00}'..='\u{FE0F}'
-                | '\u{FEFF}'
-                | '\u{FFA0}'
-                | '\u{FFF0}'..='\u{FFFB}'
-                | '\u{E0000}'..='\u{E0FFF}'
-        )
+    ch.is_control() || (ch.is_whitespace() && ch != ' ') || crate::text::is_invisible(ch)
 }
 
 /// Appends `ch`, escaped if needed so that the result contains no control

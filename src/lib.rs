@@ -36,6 +36,7 @@
 //! - [`leader`]: only one instance acts at a time (a PostgreSQL advisory lock); others stand by.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
+//! - [`text`]: character properties shared by everything that shows untrusted text.
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
 //!
 //! Outside `src/`: `sql/` (migrations per backend), `tests/` (integration tests and their
@@ -59,6 +60,7 @@ pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
