@@ -41,6 +41,16 @@
 //!
 //! `org/` may be left out when a default organisation is configured.
 //!
+//! # One definition
+//!
+//! The commands are one table in this module's source (`SPECS`): per command
+//! its word and aliases, where it may be written (anywhere or only in a
+//! session thread), its positional arguments (the kind of value, whether a
+//! session thread may leave it out, the errors for a missing or an extra one),
+//! its options (`--name`, `--name=value`) and its help line. [`parse`],
+//! [`CommandKind`]'s methods, [`help_text`] and the usage part of
+//! [`CommandError::reply`] are all derived from that table.
+//!
 //! # Validated values
 //!
 //! Every value taken from the user ([`OrgName`], [`RepoName`], [`BranchName`],
@@ -53,6 +63,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+
+use strum::EnumCount as _;
 
 /// Longest rendering (in characters) of a user-supplied value inside an error
 /// message, including the `…` that marks a truncation.
@@ -92,15 +104,37 @@ pub struct ParseContext<'a> {
 /// Never panics, whatever the input.
 #[must_use]
 pub fn parse(text: &str, ctx: &ParseContext<'_>) -> Option<Result<Command, CommandError>> {
+    Some(read(&SPECS, text, ctx)?.and_then(|request| match request {
+        Request::BareTrigger => Ok(Command::Help),
+        Request::Command(spec, values) => spec.build(values),
+    }))
+}
+
+/// What a message addressed to the bot asks for.
+enum Request<'s> {
+    /// The trigger alone.
+    BareTrigger,
+    /// A command of the table and the values read from its arguments.
+    Command(&'s CommandSpec, Values),
+}
+
+/// [`parse`] against any command table (tests use a second one).
+fn read<'s>(
+    specs: &'s [CommandSpec],
+    text: &str,
+    ctx: &ParseContext<'_>,
+) -> Option<Result<Request<'s>, CommandError>> {
     let text = text.trim();
 
     if let Some(rest) = strip_trigger(text, ctx.trigger) {
         let mut tokens = rest.split_whitespace();
         let Some(word) = tokens.next() else {
-            return Some(Ok(Command::Help));
+            return Some(Ok(Request::BareTrigger));
         };
-        return Some(match CommandKind::from_word(word) {
-            Some(kind) => parse_arguments(kind, tokens, ctx),
+        return Some(match find_spec(specs, word) {
+            Some(spec) => spec
+                .read(specs, tokens, ctx)
+                .map(|values| Request::Command(spec, values)),
             None => Err(CommandError::UnknownCommand {
                 word: word.to_owned(),
             }),
@@ -117,8 +151,11 @@ pub fn parse(text: &str, ctx: &ParseContext<'_>) -> Option<Result<Command, Comma
                 return None;
             }
             let mut tokens = rest.split_whitespace();
-            let kind = CommandKind::from_word(tokens.next()?)?;
-            return Some(parse_arguments(kind, tokens, ctx));
+            let spec = find_spec(specs, tokens.next()?)?;
+            return Some(
+                spec.read(specs, tokens, ctx)
+                    .map(|values| Request::Command(spec, values)),
+            );
         }
     }
 
@@ -153,197 +190,328 @@ fn strip_trigger<'t>(text: &'t str, trigger: &str) -> Option<&'t str> {
     }
 }
 
-/// Parses the arguments that follow a known command word.
-fn parse_arguments<'t>(
-    kind: CommandKind,
-    tokens: impl Iterator<Item = &'t str>,
-    ctx: &ParseContext<'_>,
-) -> Result<Command, CommandError> {
-    match kind {
-        CommandKind::Start | CommandKind::Orchestrate => parse_repo_command(kind, tokens, ctx),
-        CommandKind::Stop => parse_stop(tokens, ctx),
-        CommandKind::Status => no_arguments(kind, tokens).map(|()| Command::Status),
-        CommandKind::Help => no_arguments(kind, tokens).map(|()| Command::Help),
-        CommandKind::Compact | CommandKind::Clear | CommandKind::Restart | CommandKind::Context => {
-            if !ctx.in_session_thread {
-                return Err(CommandError::ThreadOnly { command: kind });
-            }
-            no_arguments(kind, tokens)?;
-            Ok(match kind {
-                CommandKind::Compact => Command::Compact,
-                CommandKind::Clear => Command::Clear,
-                CommandKind::Restart => Command::Restart,
-                _ => Command::Context,
-            })
-        }
-    }
+/// The command whose word or alias is `word` (ASCII case-insensitive).
+fn find_spec<'s>(specs: &'s [CommandSpec], word: &str) -> Option<&'s CommandSpec> {
+    specs.iter().find(|spec| {
+        std::iter::once(&spec.word)
+            .chain(spec.aliases)
+            .any(|name| name.eq_ignore_ascii_case(word))
+    })
 }
+
+// ---------------------------------------------------------------------------
+// The grammar: one table
+// ---------------------------------------------------------------------------
+
+/// Every command, in [`CommandKind`] order (which is also the order of help
+/// texts). The parser, [`CommandKind`]'s methods, the help text and the usage
+/// part of error replies are all read from here, so a new command is one
+/// entry plus its [`Command`] and [`CommandKind`] variants.
+static SPECS: [CommandSpec; CommandKind::COUNT] = [
+    CommandSpec {
+        kind: CommandKind::Start,
+        word: "start",
+        args: &[REPO_ARG],
+        options: &[WORKTREE],
+        summary: "start a Claude Code session on a repository; `@branch` picks the branch, \
+                  `--worktree` runs it in its own git worktree (`--worktree=name` names it)",
+        build: |values| {
+            Some(Command::Start {
+                repo: values.repo?,
+                worktree: values.worktree,
+            })
+        },
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Orchestrate,
+        word: "orchestrate",
+        args: &[REPO_ARG],
+        summary: "start an orchestrator session on a repository",
+        build: |values| Some(Command::Orchestrate { repo: values.repo? }),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Stop,
+        word: "stop",
+        args: &[ArgSpec {
+            value: ValueKind {
+                placeholder: "<id-prefix>",
+                noun: "id prefix",
+                parse: |text, _, values| {
+                    values.id_prefix = Some(IdPrefix::parse(text)?);
+                    Ok(())
+                },
+            },
+            presence: Presence::ThreadDefault,
+            missing: |_| CommandError::MissingIdPrefix,
+            surplus: ArgSpec::UNEXPECTED,
+        }],
+        summary: "stop the session whose id starts with the given prefix",
+        thread_summary: Some("stop this thread's session (add an id prefix to stop another one)"),
+        build: |values| {
+            Some(Command::Stop {
+                target: values.id_prefix,
+            })
+        },
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Status,
+        word: "status",
+        summary: "list the sessions",
+        build: |_| Some(Command::Status),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Help,
+        word: "help",
+        summary: "show this help",
+        build: |_| Some(Command::Help),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Compact,
+        word: "compact",
+        scope: Scope::ThreadOnly,
+        summary: "compact this session's conversation context",
+        build: |_| Some(Command::Compact),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Clear,
+        word: "clear",
+        scope: Scope::ThreadOnly,
+        summary: "clear this session's conversation",
+        build: |_| Some(Command::Clear),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Restart,
+        word: "restart",
+        scope: Scope::ThreadOnly,
+        summary: "restart this session",
+        build: |_| Some(Command::Restart),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Context,
+        word: "context",
+        scope: Scope::ThreadOnly,
+        summary: "show this session's context usage",
+        build: |_| Some(Command::Context),
+        ..CommandSpec::DEFAULT
+    },
+];
+
+/// The repository argument of `start` and `orchestrate`.
+const REPO_ARG: ArgSpec = ArgSpec {
+    value: REPO,
+    presence: Presence::Required,
+    missing: |command| CommandError::MissingRepository { command },
+    surplus: |command, extra| CommandError::TooManyRepositories { command, extra },
+};
+
+/// `--worktree` / `--worktree=name` of `start`.
+const WORKTREE: OptionSpec = OptionSpec {
+    flag: WORKTREE_FLAG,
+    value: ValueKind {
+        placeholder: "name",
+        noun: "worktree name",
+        parse: |text, _, values| {
+            values.worktree = Some(WorktreeChoice::Named(WorktreeName::parse(text)?));
+            Ok(())
+        },
+    },
+    bare: Bare::Means {
+        store: |values| values.worktree = Some(WorktreeChoice::Auto),
+        detached: |value| CommandError::WorktreeNameNeedsEquals { value },
+    },
+};
+
+/// `org/repo[@branch]`, or `repo[@branch]` with a default organisation.
+const REPO: ValueKind = ValueKind {
+    placeholder: "org/repo[@branch]",
+    noun: "repository",
+    parse: |text, ctx, values| {
+        values.repo = Some(RepoRef::parse_with_default_org(text, ctx.default_org)?);
+        Ok(())
+    },
+};
 
 /// The `--worktree` option as written in usage texts and errors.
 const WORKTREE_FLAG: &str = "--worktree";
 
-/// An argument that looks like an option.
-enum Flag<'t> {
-    /// `--worktree` (value `None`) or `--worktree=value`.
-    Worktree(Option<&'t str>),
-    /// Any other option-like argument; holds the part before any `=`.
-    Unknown(&'t str),
+// Every discriminant of `CommandKind` indexes its own entry of `SPECS`.
+const _: () = {
+    let mut i = 0;
+    while i < SPECS.len() {
+        assert!(
+            SPECS[i].kind as usize == i,
+            "SPECS is not in CommandKind order"
+        );
+        i += 1;
+    }
+};
+
+/// One command of the chat grammar.
+struct CommandSpec {
+    /// Which command this is.
+    kind: CommandKind,
+    /// The command word, lowercase (matched ASCII case-insensitively).
+    word: &'static str,
+    /// Other words for the same command.
+    aliases: &'static [&'static str],
+    /// Where the command may be written.
+    scope: Scope,
+    /// Positional arguments, in order; required ones come first.
+    args: &'static [ArgSpec],
+    /// Named options, written anywhere among the arguments.
+    options: &'static [OptionSpec],
+    /// One line for the help text.
+    summary: &'static str,
+    /// Replaces `summary` in a session thread's help text.
+    thread_summary: Option<&'static str>,
+    /// Assembles the command; `None` only when a required value is missing,
+    /// which [`CommandSpec::read`] has already ruled out.
+    build: fn(Values) -> Option<Command>,
 }
 
-impl<'t> Flag<'t> {
-    /// Classifies `token`; `None` when it does not start with `--`, `—` or
-    /// `–`.
-    fn classify(token: &'t str) -> Option<Self> {
-        let body = token
+/// Where a command may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// At the top level and in session threads.
+    Anywhere,
+    /// In a session's thread only ([`CommandError::ThreadOnly`] elsewhere).
+    ThreadOnly,
+}
+
+/// A positional argument.
+struct ArgSpec {
+    /// What it holds.
+    value: ValueKind,
+    /// Whether it may be left out.
+    presence: Presence,
+    /// The error when it is required but missing.
+    missing: fn(CommandKind) -> CommandError,
+    /// The error when this is the last argument and another one follows it
+    /// (the first extra argument as typed).
+    surplus: fn(CommandKind, String) -> CommandError,
+}
+
+/// Whether a positional argument may be left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// Never.
+    Required,
+    /// Always (e.g. `all` in a `status [all]`).
+    #[cfg_attr(not(test), allow(dead_code))] // for coming commands; see the tests
+    Optional,
+    /// In a session thread, where leaving it out means the thread's own
+    /// session (`stop`); required elsewhere.
+    ThreadDefault,
+}
+
+impl Presence {
+    /// Whether the argument must be given.
+    fn required(self, in_session_thread: bool) -> bool {
+        match self {
+            Presence::Required => true,
+            Presence::Optional => false,
+            Presence::ThreadDefault => !in_session_thread,
+        }
+    }
+}
+
+/// A named option: `--name` or `--name=value`, with a leading `—` or `–`
+/// accepted in place of `--`.
+struct OptionSpec {
+    /// `--name` as shown in texts and errors; the name is matched ASCII
+    /// case-insensitively.
+    flag: &'static str,
+    /// The value after `=`.
+    value: ValueKind,
+    /// What the option means without `=value`.
+    bare: Bare,
+}
+
+impl OptionSpec {
+    /// Whether `name` (without the dashes) names this option.
+    fn is_named(&self, name: &str) -> bool {
+        self.flag
             .strip_prefix("--")
-            .or_else(|| token.strip_prefix('\u{2014}'))
-            .or_else(|| token.strip_prefix('\u{2013}'))?;
-        let (name, value) = match body.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (body, None),
-        };
-        if name.eq_ignore_ascii_case("worktree") {
-            Some(Flag::Worktree(value))
-        } else {
-            Some(Flag::Unknown(
-                token.split_once('=').map_or(token, |(name, _)| name),
-            ))
-        }
+            .is_some_and(|own| own.eq_ignore_ascii_case(name))
     }
 }
 
-/// `start` and `orchestrate`: exactly one repository plus options.
-fn parse_repo_command<'t>(
-    kind: CommandKind,
-    tokens: impl Iterator<Item = &'t str>,
-    ctx: &ParseContext<'_>,
-) -> Result<Command, CommandError> {
-    // (argument, directly preceded by a bare `--worktree`)
-    let mut positionals: Vec<(&str, bool)> = Vec::new();
-    let mut worktree: Option<WorktreeChoice> = None;
-    let mut after_bare_worktree = false;
+/// The meaning of an option written without `=value`.
+#[derive(Clone, Copy)]
+enum Bare {
+    /// A value of its own (`--worktree`: a generated name). A value must then
+    /// be attached with `=`: if the argument right after the bare option
+    /// turns out to be one too many, `detached` reports it (as typed).
+    Means {
+        /// Records the bare meaning.
+        store: fn(&mut Values),
+        /// The error for `--option value` written with a space.
+        detached: DetachedError,
+    },
+    /// Nothing: the option needs `=value` (e.g. `--profile=name`).
+    #[cfg_attr(not(test), allow(dead_code))] // for coming options; see the tests
+    Error(fn(CommandKind) -> CommandError),
+}
 
-    for token in tokens {
-        match Flag::classify(token) {
-            Some(Flag::Worktree(value)) => {
-                if kind != CommandKind::Start {
-                    return Err(CommandError::FlagNotAllowed {
-                        flag: WORKTREE_FLAG,
-                        command: kind,
-                    });
-                }
-                if worktree.is_some() {
-                    return Err(CommandError::DuplicateFlag {
-                        flag: WORKTREE_FLAG,
-                        command: kind,
-                    });
-                }
-                worktree = Some(match value {
-                    None => WorktreeChoice::Auto,
-                    Some(name) => WorktreeChoice::Named(WorktreeName::parse(name)?),
-                });
-                after_bare_worktree = value.is_none();
-            }
-            Some(Flag::Unknown(flag)) => {
-                return Err(CommandError::UnknownFlag {
-                    flag: flag.to_owned(),
-                    command: kind,
-                });
-            }
-            None => {
-                positionals.push((token, after_bare_worktree));
-                after_bare_worktree = false;
-            }
-        }
-    }
+/// Builds the error for a value written after a bare option with a space
+/// (given the value as typed).
+type DetachedError = fn(String) -> CommandError;
 
-    let mut iter = positionals.iter();
-    let Some(&(repo_text, _)) = iter.next() else {
-        return Err(CommandError::MissingRepository { command: kind });
+/// A kind of value taken from the user.
+#[derive(Clone, Copy)]
+struct ValueKind {
+    /// How usage texts show it, e.g. `org/repo[@branch]`.
+    placeholder: &'static str,
+    /// What error texts call it, e.g. `repository`.
+    noun: &'static str,
+    /// Validates the text as typed and stores the value.
+    parse: fn(&str, &ParseContext<'_>, &mut Values) -> Result<(), CommandError>,
+}
+
+/// The values read from one command, filled in by the [`ValueKind`]s and
+/// turned into a [`Command`] by [`CommandSpec::build`].
+#[derive(Debug, Default)]
+struct Values {
+    /// A repository argument.
+    repo: Option<RepoRef>,
+    /// An id prefix argument.
+    id_prefix: Option<IdPrefix>,
+    /// The `--worktree` option.
+    worktree: Option<WorktreeChoice>,
+    /// Values of the test-only table.
+    #[cfg(test)]
+    words: Vec<String>,
+}
+
+impl CommandSpec {
+    /// The fields most entries leave as they are: no aliases, allowed
+    /// anywhere, no arguments or options, the same summary in threads. Every
+    /// entry sets `kind`, `word`, `summary` and `build`.
+    const DEFAULT: CommandSpec = CommandSpec {
+        kind: CommandKind::Help,
+        word: "",
+        aliases: &[],
+        scope: Scope::Anywhere,
+        args: &[],
+        options: &[],
+        summary: "",
+        thread_summary: None,
+        build: |_| None,
     };
-    if let Some(&(extra, _)) = iter.next() {
-        if let Some(&(value, _)) = positionals.iter().find(|(_, after)| *after) {
-            return Err(CommandError::WorktreeNameNeedsEquals {
-                value: value.to_owned(),
-            });
-        }
-        return Err(CommandError::TooManyRepositories {
-            command: kind,
-            extra: extra.to_owned(),
-        });
-    }
-
-    let repo = RepoRef::parse_with_default_org(repo_text, ctx.default_org)?;
-    Ok(match kind {
-        CommandKind::Start => Command::Start { repo, worktree },
-        _ => Command::Orchestrate { repo },
-    })
 }
 
-/// `stop [id-prefix]`.
-fn parse_stop<'t>(
-    tokens: impl Iterator<Item = &'t str>,
-    ctx: &ParseContext<'_>,
-) -> Result<Command, CommandError> {
-    let args = reject_flags(CommandKind::Stop, tokens)?;
-    let mut iter = args.into_iter();
-    let Some(first) = iter.next() else {
-        return if ctx.in_session_thread {
-            Ok(Command::Stop { target: None })
-        } else {
-            Err(CommandError::MissingIdPrefix)
-        };
-    };
-    if let Some(extra) = iter.next() {
-        return Err(CommandError::UnexpectedArgument {
-            command: CommandKind::Stop,
-            arg: extra.to_owned(),
-        });
-    }
-    Ok(Command::Stop {
-        target: Some(IdPrefix::parse(first)?),
-    })
-}
-
-/// Commands without arguments.
-fn no_arguments<'t>(
-    kind: CommandKind,
-    tokens: impl Iterator<Item = &'t str>,
-) -> Result<(), CommandError> {
-    match reject_flags(kind, tokens)?.first() {
-        Some(arg) => Err(CommandError::UnexpectedArgument {
-            command: kind,
-            arg: (*arg).to_owned(),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// Collects the arguments of a command that has no options, failing on the
-/// first option-like one.
-fn reject_flags<'t>(
-    kind: CommandKind,
-    tokens: impl Iterator<Item = &'t str>,
-) -> Result<Vec<&'t str>, CommandError> {
-    let mut args = Vec::new();
-    for token in tokens {
-        match Flag::classify(token) {
-            Some(Flag::Worktree(_)) => {
-                return Err(CommandError::FlagNotAllowed {
-                    flag: WORKTREE_FLAG,
-                    command: kind,
-                })
-            }
-            Some(Flag::Unknown(flag)) => {
-                return Err(CommandError::UnknownFlag {
-                    flag: flag.to_owned(),
-                    command: kind,
-                })
-            }
-            None => args.push(token),
-        }
-    }
-    Ok(args)
+impl ArgSpec {
+    /// [`CommandError::UnexpectedArgument`], the usual [`ArgSpec::surplus`].
+    const UNEXPECTED: fn(CommandKind, String) -> CommandError =
+        |command, arg| CommandError::UnexpectedArgument { command, arg };
 }
 
 // ---------------------------------------------------------------------------
@@ -435,7 +603,10 @@ pub enum WorktreeChoice {
 }
 
 /// The command words, without their arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The variants are in the order of the command table, which
+/// [`CommandKind::ALL`] follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, strum::EnumCount)]
 pub enum CommandKind {
     /// `start`
     Start,
@@ -459,95 +630,46 @@ pub enum CommandKind {
 
 impl CommandKind {
     /// Every command kind, in the order used by help texts.
-    pub const ALL: [CommandKind; 9] = [
-        CommandKind::Start,
-        CommandKind::Orchestrate,
-        CommandKind::Stop,
-        CommandKind::Status,
-        CommandKind::Help,
-        CommandKind::Compact,
-        CommandKind::Clear,
-        CommandKind::Restart,
-        CommandKind::Context,
-    ];
+    pub const ALL: [CommandKind; CommandKind::COUNT] = {
+        let mut all = [CommandKind::Start; CommandKind::COUNT];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = SPECS[i].kind;
+            i += 1;
+        }
+        all
+    };
+
+    /// This command's entry in the table. Cannot fail: the table has one
+    /// entry per kind, in kind order (checked when compiling).
+    fn spec(self) -> &'static CommandSpec {
+        &SPECS[self as usize]
+    }
 
     /// The command word in lowercase, e.g. `"start"`.
     #[must_use]
     pub fn as_str(self) -> &'static str {
-        match self {
-            CommandKind::Start => "start",
-            CommandKind::Orchestrate => "orchestrate",
-            CommandKind::Stop => "stop",
-            CommandKind::Status => "status",
-            CommandKind::Help => "help",
-            CommandKind::Compact => "compact",
-            CommandKind::Clear => "clear",
-            CommandKind::Restart => "restart",
-            CommandKind::Context => "context",
-        }
+        self.spec().word
     }
 
-    /// Looks up a command word, ASCII case-insensitively. `None` if unknown.
+    /// Looks up a command word (or alias), ASCII case-insensitively. `None`
+    /// if unknown.
     #[must_use]
     pub fn from_word(word: &str) -> Option<CommandKind> {
-        CommandKind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str().eq_ignore_ascii_case(word))
+        find_spec(&SPECS, word).map(|spec| spec.kind)
     }
 
     /// `true` for commands that only make sense in a session's thread.
     #[must_use]
     pub fn is_thread_only(self) -> bool {
-        matches!(
-            self,
-            CommandKind::Compact | CommandKind::Clear | CommandKind::Restart | CommandKind::Context
-        )
+        self.spec().scope == Scope::ThreadOnly
     }
 
     /// Markdown showing the accepted form(s) of the command, e.g.
     /// ``"`@claude start org/repo[@branch] [--worktree[=name]]`"``.
     #[must_use]
     pub fn usage(self, trigger: &str) -> String {
-        let call = |rest: &str| code_call(trigger, rest);
-        match self {
-            CommandKind::Start => call("start org/repo[@branch] [--worktree[=name]]"),
-            CommandKind::Orchestrate => call("orchestrate org/repo[@branch]"),
-            CommandKind::Stop => format!(
-                "{}, or in the session's thread `!stop` / {}",
-                call("stop <id-prefix>"),
-                call("stop")
-            ),
-            CommandKind::Status | CommandKind::Help => call(self.as_str()),
-            CommandKind::Compact
-            | CommandKind::Clear
-            | CommandKind::Restart
-            | CommandKind::Context => format!(
-                "`!{word}` or {}, in a session's thread",
-                call(self.as_str()),
-                word = self.as_str()
-            ),
-        }
-    }
-
-    /// One-line description used by [`help_text`].
-    fn description(self, in_session_thread: bool) -> &'static str {
-        match self {
-            CommandKind::Start => {
-                "start a Claude Code session on a repository; `@branch` picks the branch, \
-                 `--worktree` runs it in its own git worktree (`--worktree=name` names it)"
-            }
-            CommandKind::Orchestrate => "start an orchestrator session on a repository",
-            CommandKind::Stop if in_session_thread => {
-                "stop this thread's session (add an id prefix to stop another one)"
-            }
-            CommandKind::Stop => "stop the session whose id starts with the given prefix",
-            CommandKind::Status => "list the sessions",
-            CommandKind::Help => "show this help",
-            CommandKind::Compact => "compact this session's conversation context",
-            CommandKind::Clear => "clear this session's conversation",
-            CommandKind::Restart => "restart this session",
-            CommandKind::Context => "show this session's context usage",
-        }
+        self.spec().usage(trigger)
     }
 }
 
@@ -557,10 +679,219 @@ impl fmt::Display for CommandKind {
     }
 }
 
-/// Markdown help listing the commands available in the given context, using
-/// `trigger` in the examples (and the `!` forms inside a session thread).
-#[must_use]
-pub fn help_text(trigger: &str, in_session_thread: bool) -> String {
+// ---------------------------------------------------------------------------
+// Reading a command's arguments
+// ---------------------------------------------------------------------------
+
+impl CommandSpec {
+    /// Reads the words after the command word. `table` is the whole command
+    /// table, to tell an option of another command
+    /// ([`CommandError::FlagNotAllowed`]) from an unknown one.
+    ///
+    /// Errors come in this order: [`CommandError::ThreadOnly`]; the first
+    /// bad option in the order written (unknown, not allowed, repeated,
+    /// invalid value); a missing argument; one argument too many; the first
+    /// invalid argument value.
+    fn read<'t>(
+        &self,
+        table: &[CommandSpec],
+        tokens: impl Iterator<Item = &'t str>,
+        ctx: &ParseContext<'_>,
+    ) -> Result<Values, CommandError> {
+        let command = self.kind;
+        if self.scope == Scope::ThreadOnly && !ctx.in_session_thread {
+            return Err(CommandError::ThreadOnly { command });
+        }
+        let mut values = Values::default();
+        let mut given: Vec<&str> = Vec::new();
+        let mut positionals = Vec::new();
+        // The `detached` error of a bare option that was just read, and the
+        // first argument written right after such an option.
+        let mut after_bare: Option<DetachedError> = None;
+        let mut detached: Option<(DetachedError, &str)> = None;
+
+        for token in tokens {
+            let Some((name, value)) = split_option(token) else {
+                if let Some(error) = after_bare.take() {
+                    detached.get_or_insert((error, token));
+                }
+                positionals.push(token);
+                continue;
+            };
+            after_bare = None;
+            let Some(option) = self.options.iter().find(|option| option.is_named(name)) else {
+                let known = table.iter().flat_map(|spec| spec.options);
+                return Err(match known.into_iter().find(|o| o.is_named(name)) {
+                    Some(other) => CommandError::FlagNotAllowed {
+                        flag: other.flag,
+                        command,
+                    },
+                    None => CommandError::UnknownFlag {
+                        flag: token
+                            .split_once('=')
+                            .map_or(token, |(flag, _)| flag)
+                            .to_owned(),
+                        command,
+                    },
+                });
+            };
+            if given.contains(&option.flag) {
+                return Err(CommandError::DuplicateFlag {
+                    flag: option.flag,
+                    command,
+                });
+            }
+            given.push(option.flag);
+            match (value, option.bare) {
+                (Some(text), _) => (option.value.parse)(text, ctx, &mut values)?,
+                (None, Bare::Means { store, detached }) => {
+                    store(&mut values);
+                    after_bare = Some(detached);
+                }
+                (None, Bare::Error(error)) => return Err(error(command)),
+            }
+        }
+
+        if let Some(next) = self.args.get(positionals.len()) {
+            if next.presence.required(ctx.in_session_thread) {
+                return Err((next.missing)(command));
+            }
+        }
+        if let Some(&extra) = positionals.get(self.args.len()) {
+            if let Some((error, value)) = detached {
+                return Err(error(value.to_owned()));
+            }
+            let surplus = self
+                .args
+                .last()
+                .map_or(ArgSpec::UNEXPECTED, |arg| arg.surplus);
+            return Err(surplus(command, extra.to_owned()));
+        }
+        for (arg, text) in self.args.iter().zip(positionals) {
+            (arg.value.parse)(text, ctx, &mut values)?;
+        }
+        Ok(values)
+    }
+
+    /// Assembles the command from what [`CommandSpec::read`] returned.
+    fn build(&self, values: Values) -> Result<Command, CommandError> {
+        // `build` fails only on a missing required value, which `read`
+        // reports first; answer the same way should the table ever disagree.
+        (self.build)(values).ok_or_else(|| match self.args.first() {
+            Some(arg) => (arg.missing)(self.kind),
+            None => CommandError::Empty,
+        })
+    }
+}
+
+/// Splits an option-like token into its name and `=value`; `None` when it
+/// does not start with `--`, `—` (em dash) or `–` (en dash), which phone
+/// keyboards make of `--`.
+fn split_option(token: &str) -> Option<(&str, Option<&str>)> {
+    let body = token
+        .strip_prefix("--")
+        .or_else(|| token.strip_prefix('\u{2014}'))
+        .or_else(|| token.strip_prefix('\u{2013}'))?;
+    Some(match body.split_once('=') {
+        Some((name, value)) => (name, Some(value)),
+        None => (body, None),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Usage and help texts
+// ---------------------------------------------------------------------------
+
+impl CommandSpec {
+    /// The form of the command without the trigger, e.g.
+    /// `start org/repo[@branch] [--worktree[=name]]`. Arguments a session
+    /// thread may leave out are in brackets when `in_session_thread`.
+    fn synopsis(&self, in_session_thread: bool) -> String {
+        let mut out = self.word.to_owned();
+        for arg in self.args {
+            let placeholder = arg.value.placeholder;
+            if arg.presence.required(in_session_thread) {
+                out.push_str(&format!(" {placeholder}"));
+            } else {
+                out.push_str(&format!(" [{placeholder}]"));
+            }
+        }
+        for option in self.options {
+            let (flag, placeholder) = (option.flag, option.value.placeholder);
+            match option.bare {
+                Bare::Means { .. } => out.push_str(&format!(" [{flag}[={placeholder}]]")),
+                Bare::Error(_) => out.push_str(&format!(" [{flag}={placeholder}]")),
+            }
+        }
+        out
+    }
+
+    /// Markdown for [`CommandKind::usage`].
+    fn usage(&self, trigger: &str) -> String {
+        let call = |rest: &str| code_call(trigger, rest);
+        if self.scope == Scope::ThreadOnly {
+            let form = self.synopsis(true);
+            return format!("`!{form}` or {}, in a session's thread", call(&form));
+        }
+        let form = self.synopsis(false);
+        if !self.has_thread_default() {
+            return call(&form);
+        }
+        // The short form a session thread allows: the required arguments only.
+        let mut short = self.word.to_owned();
+        for arg in self.args.iter().filter(|arg| arg.presence.required(true)) {
+            short.push_str(&format!(" {}", arg.value.placeholder));
+        }
+        format!(
+            "{}, or in the session's thread `!{short}` / {}",
+            call(&form),
+            call(&short)
+        )
+    }
+
+    /// Whether a session thread may leave out an argument that is required
+    /// elsewhere.
+    fn has_thread_default(&self) -> bool {
+        self.args
+            .iter()
+            .any(|arg| arg.presence == Presence::ThreadDefault)
+    }
+
+    /// The help text's line for this command.
+    fn help_line(&self, trigger: &str, in_session_thread: bool) -> String {
+        let form = self.synopsis(in_session_thread);
+        let summary = match self.thread_summary {
+            Some(summary) if in_session_thread => summary,
+            _ => self.summary,
+        };
+        let aliases = if self.aliases.is_empty() {
+            String::new()
+        } else {
+            let words: Vec<String> = self.aliases.iter().map(|a| format!("`{a}`")).collect();
+            format!(" (also {})", join_and(&words))
+        };
+        if in_session_thread {
+            format!(
+                "- `!{form}` or {} — {summary}{aliases}\n",
+                code_call(trigger, &form)
+            )
+        } else {
+            format!("- {} — {summary}{aliases}\n", code_call(trigger, &form))
+        }
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// [`help_text`] for any command table.
+fn render_help(specs: &[CommandSpec], trigger: &str, in_session_thread: bool) -> String {
     let mut out = String::new();
     if in_session_thread {
         out.push_str(&format!(
@@ -568,44 +899,58 @@ pub fn help_text(trigger: &str, in_session_thread: bool) -> String {
              e.g. `!status`. Anything else you write here goes to the session.\n",
             code(&trigger_text(trigger)),
         ));
-        for kind in CommandKind::ALL {
-            let form = match kind {
-                CommandKind::Start => "start org/repo[@branch] [--worktree[=name]]",
-                CommandKind::Orchestrate => "orchestrate org/repo[@branch]",
-                CommandKind::Stop => "stop [<id-prefix>]",
-                other => other.as_str(),
-            };
-            out.push_str(&format!(
-                "- `!{form}` or {} — {}\n",
-                code_call(trigger, form),
-                kind.description(true)
-            ));
+        for spec in specs {
+            out.push_str(&spec.help_line(trigger, true));
         }
     } else {
         out.push_str("**Commands**\n");
-        for kind in CommandKind::ALL.into_iter().filter(|k| !k.is_thread_only()) {
-            let form = match kind {
-                CommandKind::Start => "start org/repo[@branch] [--worktree[=name]]",
-                CommandKind::Orchestrate => "orchestrate org/repo[@branch]",
-                CommandKind::Stop => "stop <id-prefix>",
-                other => other.as_str(),
-            };
-            out.push_str(&format!(
-                "- {} — {}\n",
-                code_call(trigger, form),
-                kind.description(false)
-            ));
+        for spec in specs.iter().filter(|spec| spec.scope != Scope::ThreadOnly) {
+            out.push_str(&spec.help_line(trigger, false));
         }
-        out.push_str(
-            "\nIn a session's thread you can also use `compact`, `clear`, `restart` and \
-             `context`, bare `stop`, and the short `!` forms (e.g. `!stop`).\n",
-        );
+        let quoted = |spec: &CommandSpec| format!("`{}`", spec.word);
+        let thread_only: Vec<String> = specs
+            .iter()
+            .filter(|spec| spec.scope == Scope::ThreadOnly)
+            .map(quoted)
+            .collect();
+        let bare: Vec<String> = specs
+            .iter()
+            .filter(|spec| spec.has_thread_default())
+            .map(quoted)
+            .collect();
+        let mut also = Vec::new();
+        if !thread_only.is_empty() {
+            also.push(join_and(&thread_only));
+        }
+        if !bare.is_empty() {
+            also.push(format!("bare {}", join_and(&bare)));
+        }
+        let example = specs
+            .iter()
+            .find(|spec| spec.has_thread_default())
+            .map_or("status", |spec| spec.word);
+        let short = format!("the short `!` forms (e.g. `!{example}`)");
+        let also = if also.is_empty() {
+            short
+        } else {
+            format!("{}, and {short}", also.join(", "))
+        };
+        out.push_str(&format!(
+            "\nIn a session's thread you can also use {also}.\n"
+        ));
     }
     out.push_str(
         "\n`org/` may be left out when a default organisation is configured. \
          Command words are case-insensitive.",
     );
     out
+}
+
+/// Markdown help listing the commands available in the given context, using
+/// `trigger` in the examples (and the `!` forms inside a session thread).
+#[must_use]
+pub fn help_text(trigger: &str, in_session_thread: bool) -> String {
+    render_help(&SPECS, trigger, in_session_thread)
 }
 
 // ---------------------------------------------------------------------------
@@ -1302,13 +1647,15 @@ pub enum CommandError {
     },
 }
 
+/// The text of [`CommandError::UnexpectedArgument`].
 fn unexpected_argument(command: CommandKind, arg: &str) -> String {
-    match command {
-        CommandKind::Stop => format!(
-            "`stop` takes a single id prefix, but {} was given as well.",
+    match command.spec().args.last() {
+        Some(last) => format!(
+            "`{command}` takes a single {}, but {} was given as well.",
+            last.value.noun,
             quote(arg)
         ),
-        _ => format!("`{command}` takes no arguments, but got {}.", quote(arg)),
+        None => format!("`{command}` takes no arguments, but got {}.", quote(arg)),
     }
 }
 
@@ -1383,30 +1730,10 @@ impl CommandError {
 
 /// `true` for characters that must not appear raw in a chat message: control
 /// characters, whitespace other than a plain space, and invisible formatting
-/// characters (bidi overrides, zero-width characters, ...).
+/// characters ([`crate::text::is_invisible`]: bidi overrides, zero-width
+/// characters, ...).
 fn needs_escape(ch: char) -> bool {
-    ch.is_control()
-        || (ch.is_whitespace() && ch != ' ')
-        || matches!(
-            ch,
-            '\u{00AD}'
-                | '\u{034F}'
-                | '\u{061C}'
-                | '\u{115F}'
-                | '\u{1160}'
-                | '\u{17B4}'
-                | '\u{17B5}'
-                | '\u{180B}'..='\u{180F}'
-                | '\u{200B}'..='\u{200F}'
-                | '\u{202A}'..='\u{202E}'
-                | '\u{2060}'..='\u{206F}'
-                | '\u{3164}'
-                | '\u{FE00}'..='\u{FE0F}'
-                | '\u{FEFF}'
-                | '\u{FFA0}'
-                | '\u{FFF0}'..='\u{FFFB}'
-                | '\u{E0000}'..='\u{E0FFF}'
-        )
+    ch.is_control() || (ch.is_whitespace() && ch != ' ') || crate::text::is_invisible(ch)
 }
 
 /// Appends `ch`, escaped if needed so that the result contains no control
@@ -1503,5 +1830,353 @@ fn describe_char(ch: char) -> String {
             format!("the non-ASCII character `{c}` (U+{:04X})", u32::from(c))
         }
         c => format!("the character U+{:04X}", u32::from(c)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The table mechanics, with a test-only table of commands the grammar
+    //! will need next (`invite @user`, `revoke <domain>`, `interrupt` alias
+    //! `escape`, `mode <…>`, `status [all]`, `--profile=name`). Their kinds
+    //! and errors are stand-ins: real entries bring their own variants.
+
+    use super::*;
+
+    /// Stand-in for an invalid value's error.
+    fn bad(value: &str) -> CommandError {
+        CommandError::UnknownCommand {
+            word: value.to_owned(),
+        }
+    }
+
+    /// Stores `text` as the matching word of `words` (ASCII case-insensitive).
+    fn one_of(words: &[&str], text: &str, values: &mut Values) -> Result<(), CommandError> {
+        let word = words
+            .iter()
+            .find(|word| word.eq_ignore_ascii_case(text))
+            .ok_or_else(|| bad(text))?;
+        values.words.push((*word).to_owned());
+        Ok(())
+    }
+
+    const fn arg(value: ValueKind, presence: Presence) -> ArgSpec {
+        ArgSpec {
+            value,
+            presence,
+            missing: |command| CommandError::MissingRepository { command },
+            surplus: ArgSpec::UNEXPECTED,
+        }
+    }
+
+    const MENTION: ValueKind = ValueKind {
+        placeholder: "@user",
+        noun: "user",
+        parse: |text, _, values| {
+            let name = text
+                .strip_prefix('@')
+                .filter(|name| !name.is_empty())
+                .filter(|name| {
+                    name.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                })
+                .ok_or_else(|| bad(text))?;
+            values.words.push(name.to_owned());
+            Ok(())
+        },
+    };
+
+    const DOMAIN: ValueKind = ValueKind {
+        placeholder: "<domain>",
+        noun: "domain",
+        parse: |text, _, values| {
+            let domain = crate::firewall::domain::parse_domain(text).map_err(|_| bad(text))?;
+            values.words.push(domain.into_string());
+            Ok(())
+        },
+    };
+
+    const MODE: ValueKind = ValueKind {
+        placeholder: "<plan|default|acceptEdits>",
+        noun: "mode",
+        parse: |text, _, values| one_of(&["plan", "default", "acceptEdits"], text, values),
+    };
+
+    const ALL: ValueKind = ValueKind {
+        placeholder: "all",
+        noun: "`all`",
+        parse: |text, _, values| one_of(&["all"], text, values),
+    };
+
+    const PROFILE: OptionSpec = OptionSpec {
+        flag: "--profile",
+        value: ValueKind {
+            placeholder: "name",
+            noun: "profile",
+            parse: |text, _, values| {
+                values.words.push(format!("profile={text}"));
+                Ok(())
+            },
+        },
+        bare: Bare::Error(|command| CommandError::UnknownFlag {
+            flag: "--profile".to_owned(),
+            command,
+        }),
+    };
+
+    static FUTURE: [CommandSpec; 6] = [
+        CommandSpec {
+            kind: CommandKind::Compact,
+            word: "invite",
+            scope: Scope::ThreadOnly,
+            args: &[arg(MENTION, Presence::Required)],
+            summary: "let a user drive this session",
+            ..CommandSpec::DEFAULT
+        },
+        CommandSpec {
+            kind: CommandKind::Stop,
+            word: "revoke",
+            args: &[arg(DOMAIN, Presence::Required)],
+            summary: "take back network access to a domain",
+            ..CommandSpec::DEFAULT
+        },
+        CommandSpec {
+            kind: CommandKind::Restart,
+            word: "interrupt",
+            aliases: &["escape"],
+            scope: Scope::ThreadOnly,
+            summary: "interrupt the agent",
+            ..CommandSpec::DEFAULT
+        },
+        CommandSpec {
+            kind: CommandKind::Clear,
+            word: "mode",
+            scope: Scope::ThreadOnly,
+            args: &[arg(MODE, Presence::Required)],
+            summary: "switch the permission mode",
+            ..CommandSpec::DEFAULT
+        },
+        CommandSpec {
+            kind: CommandKind::Status,
+            word: "status",
+            args: &[arg(ALL, Presence::Optional)],
+            summary: "list the sessions",
+            ..CommandSpec::DEFAULT
+        },
+        CommandSpec {
+            kind: CommandKind::Start,
+            word: "start",
+            args: &[REPO_ARG],
+            options: &[WORKTREE, PROFILE],
+            summary: "start a session",
+            ..CommandSpec::DEFAULT
+        },
+    ];
+
+    /// Reads `text` against [`FUTURE`]: the command word and the values.
+    fn future(text: &str, in_session_thread: bool) -> Result<(&'static str, Values), CommandError> {
+        let ctx = ParseContext {
+            trigger: "@claude",
+            default_org: Some("acme"),
+            in_session_thread,
+        };
+        match read(&FUTURE, text, &ctx) {
+            Some(Ok(Request::Command(spec, values))) => Ok((spec.word, values)),
+            Some(Err(error)) => Err(error),
+            Some(Ok(Request::BareTrigger)) | None => panic!("{text:?} is not a command"),
+        }
+    }
+
+    /// The command word and the test values of a well-formed `text`.
+    fn words(text: &str, in_session_thread: bool) -> (&'static str, Vec<String>) {
+        match future(text, in_session_thread) {
+            Ok((word, values)) => (word, values.words),
+            Err(error) => panic!("{text:?}: {error:?}"),
+        }
+    }
+
+    fn error(text: &str, in_session_thread: bool) -> CommandError {
+        match future(text, in_session_thread) {
+            Ok((word, values)) => panic!("{text:?} gave {word} {values:?}"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn mention_argument_in_a_thread_only_command() {
+        assert_eq!(
+            words("!invite @alice", true),
+            ("invite", vec!["alice".to_owned()])
+        );
+        assert_eq!(
+            error("@claude invite @alice", false),
+            CommandError::ThreadOnly {
+                command: CommandKind::Compact
+            }
+        );
+        assert_eq!(
+            error("!invite", true),
+            CommandError::MissingRepository {
+                command: CommandKind::Compact
+            }
+        );
+        assert_eq!(error("!invite bob", true), bad("bob"));
+        assert_eq!(
+            error("!invite @a @b", true),
+            CommandError::UnexpectedArgument {
+                command: CommandKind::Compact,
+                arg: "@b".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn domain_argument() {
+        assert_eq!(
+            words("@claude revoke PyPI.org", false),
+            ("revoke", vec!["pypi.org".to_owned()])
+        );
+        assert_eq!(error("@claude revoke 127.0.0.1", false), bad("127.0.0.1"));
+    }
+
+    #[test]
+    fn alias_and_word_list() {
+        assert_eq!(words("!ESCAPE", true), ("interrupt", vec![]));
+        assert_eq!(words("@claude: escape", true), ("interrupt", vec![]));
+        assert_eq!(words("!mode PLAN", true), ("mode", vec!["plan".to_owned()]));
+        assert_eq!(error("!mode fast", true), bad("fast"));
+    }
+
+    #[test]
+    fn optional_positional() {
+        assert_eq!(words("@claude status", false), ("status", vec![]));
+        assert_eq!(
+            words("!status all", true),
+            ("status", vec!["all".to_owned()])
+        );
+        assert_eq!(error("@claude status some", false), bad("some"));
+        assert_eq!(
+            error("@claude status all x", false),
+            CommandError::UnexpectedArgument {
+                command: CommandKind::Status,
+                arg: "x".to_owned()
+            }
+        );
+    }
+
+    #[test]
+    fn option_with_a_required_value() {
+        let (word, values) = match future("@claude start api \u{2014}PROFILE=dev --worktree", false)
+        {
+            Ok(read) => read,
+            Err(error) => panic!("{error:?}"),
+        };
+        assert_eq!(word, "start");
+        assert_eq!(values.words, vec!["profile=dev".to_owned()]);
+        assert_eq!(
+            values.repo.map(|repo| repo.to_string()),
+            Some("acme/api".to_owned())
+        );
+        assert_eq!(values.worktree, Some(WorktreeChoice::Auto));
+        assert_eq!(
+            error("@claude start api --profile", false),
+            CommandError::UnknownFlag {
+                flag: "--profile".to_owned(),
+                command: CommandKind::Start
+            }
+        );
+        assert_eq!(
+            error("@claude start --profile=a api --profile=b", false),
+            CommandError::DuplicateFlag {
+                flag: "--profile",
+                command: CommandKind::Start
+            }
+        );
+        assert_eq!(
+            error("@claude revoke x.org --profile=a", false),
+            CommandError::FlagNotAllowed {
+                flag: "--profile",
+                command: CommandKind::Stop
+            }
+        );
+    }
+
+    #[test]
+    fn texts_of_the_future_table() {
+        let top = render_help(&FUTURE, "@claude", false);
+        for line in [
+            "- `@claude revoke <domain>` — take back network access to a domain\n",
+            "- `@claude status [all]` — list the sessions\n",
+            "- `@claude start org/repo[@branch] [--worktree[=name]] [--profile=name]` — start a session\n",
+            "\nIn a session's thread you can also use `invite`, `interrupt` and `mode`, \
+             and the short `!` forms (e.g. `!status`).\n",
+        ] {
+            assert!(top.contains(line), "{line:?} not in {top}");
+        }
+        assert!(!top.contains("invite @user"), "{top}");
+        let thread = render_help(&FUTURE, "@claude", true);
+        for line in [
+            "- `!invite @user` or `@claude invite @user` — let a user drive this session\n",
+            "- `!interrupt` or `@claude interrupt` — interrupt the agent (also `escape`)\n",
+            "- `!mode <plan|default|acceptEdits>` or `@claude mode <plan|default|acceptEdits>`",
+        ] {
+            assert!(thread.contains(line), "{line:?} not in {thread}");
+        }
+        assert_eq!(
+            FUTURE[0].usage("@claude"),
+            "`!invite @user` or `@claude invite @user`, in a session's thread"
+        );
+    }
+
+    /// Rules every command table must follow.
+    fn check_table(specs: &[CommandSpec]) {
+        let mut words = Vec::new();
+        for spec in specs {
+            for word in std::iter::once(&spec.word).chain(spec.aliases) {
+                assert!(
+                    !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase()),
+                    "{word:?}"
+                );
+                assert!(!words.contains(word), "{word:?} is used twice");
+                words.push(*word);
+            }
+            assert!(!spec.summary.is_empty(), "{}", spec.word);
+            for in_thread in [false, true] {
+                let required: Vec<bool> = spec
+                    .args
+                    .iter()
+                    .map(|a| a.presence.required(in_thread))
+                    .collect();
+                assert!(
+                    required.windows(2).all(|w| w[0] || !w[1]),
+                    "{}: required after optional",
+                    spec.word
+                );
+            }
+            let mut flags = Vec::new();
+            for option in spec.options {
+                let name = option.flag.strip_prefix("--").unwrap_or_default();
+                assert!(!name.is_empty() && !name.contains('='), "{}", option.flag);
+                assert!(!flags.contains(&name), "{} twice", option.flag);
+                flags.push(name);
+            }
+            for placeholder in spec.args.iter().map(|a| a.value.placeholder) {
+                assert!(!placeholder.contains('`'), "{placeholder}");
+            }
+        }
+    }
+
+    #[test]
+    fn tables_are_well_formed() {
+        check_table(&SPECS);
+        check_table(&FUTURE);
+    }
+
+    #[test]
+    fn all_follows_the_table() {
+        for (kind, spec) in CommandKind::ALL.into_iter().zip(&SPECS) {
+            assert_eq!(kind, spec.kind);
+            assert_eq!(kind.spec().word, spec.word);
+            assert_eq!(CommandKind::from_word(spec.word), Some(kind));
+        }
     }
 }

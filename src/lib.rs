@@ -37,6 +37,7 @@
 //! - [`leader`]: only one instance acts at a time (a PostgreSQL advisory lock); others stand by.
 //! - [`health`]: component health registry that `/health` reports.
 //! - [`telemetry`]: tracing setup and the Prometheus metrics recorder.
+//! - [`text`]: character properties shared by everything that shows untrusted text.
 //! - [`workers`]: one ordered worker per key (threads for the dispatcher, sessions for the
 //!   marker router).
 //! - `main.rs`: parses the command line and calls [`serve`] or [`migrate`].
@@ -65,6 +66,7 @@ pub mod runtime;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 pub mod workers;
 
 use std::net::SocketAddr;

@@ -18,7 +18,8 @@
 //!    [`DomainError::Whitespace`]; invisible formatting characters (Unicode
 //!    `Cf` and the default-ignorable code points: zero-width space / joiners,
 //!    bidirectional overrides and isolates, soft hyphen, BOM, variation
-//!    selectors, tag characters, …) → [`DomainError::InvisibleCharacter`].
+//!    selectors, tag characters, …; [`crate::text::is_invisible`]) →
+//!    [`DomainError::InvisibleCharacter`].
 //!    Nothing is trimmed: leading or trailing whitespace is an error too.
 //! 3. IPv6 literals (`::1`, `[::1]`, `[::1]:443`, `fe80::1%eth0`) →
 //!    [`DomainError::IpAddress`].
@@ -90,6 +91,8 @@ use std::str::FromStr;
 
 use idna::uts46::{AsciiDenyList, DnsLength, Hyphens, Uts46};
 use unicode_security::{skeleton, GeneralSecurityProfile, MixedScript};
+
+use crate::text::is_invisible;
 
 /// Longest host name, in bytes, without the trailing dot.
 pub const MAX_NAME_LEN: usize = 253;
@@ -315,6 +318,7 @@ pub fn parse_domain(raw: &str) -> Result<Domain, DomainError> {
         if c.is_whitespace() {
             return Err(DomainError::Whitespace { input: input() });
         }
+        // UTS #46 silently drops some of these, so they are rejected before it runs.
         if is_invisible(c) {
             return Err(DomainError::InvisibleCharacter { input: input() });
         }
@@ -474,41 +478,6 @@ fn has_scheme_prefix(raw: &str) -> bool {
     let scheme_like = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-');
     scheme_like && !is_port
-}
-
-/// Unicode `Cf` (format) characters and default-ignorable code points:
-/// zero-width characters, joiners, bidirectional controls, soft hyphen,
-/// variation selectors, tags, fillers. UTS #46 silently drops some of these,
-/// so they are rejected before it runs.
-fn is_invisible(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{034F}'
-            | '\u{0600}'..='\u{0605}'
-            | '\u{061C}'
-            | '\u{06DD}'
-            | '\u{070F}'
-            | '\u{0890}'..='\u{0891}'
-            | '\u{08E2}'
-            | '\u{115F}'..='\u{1160}'
-            | '\u{17B4}'..='\u{17B5}'
-            | '\u{180B}'..='\u{180F}'
-            | '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{206F}'
-            | '\u{3164}'
-            | '\u{FE00}'..='\u{FE0F}'
-            | '\u{FEFF}'
-            | '\u{FFA0}'
-            | '\u{FFF0}'..='\u{FFFB}'
-            | '\u{110BD}'
-            | '\u{110CD}'
-            | '\u{13430}'..='\u{1345F}'
-            | '\u{1BCA0}'..='\u{1BCA3}'
-            | '\u{1D173}'..='\u{1D17A}'
-            | '\u{E0000}'..='\u{E0FFF}'
-    )
 }
 
 /// The raw input made safe to print: at most [`EXCERPT_CHARS`] characters
