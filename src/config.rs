@@ -499,7 +499,8 @@ pub struct ChatSettings {
     pub allowed_approvers: std::vec::Vec<String>,
 }
 
-/// `SM_OPNSENSE_*`: the OPNsense firewall API.
+/// `SM_OPNSENSE_*`: how to reach the OPNsense API and which alias to manage (what
+/// [`OpnsenseClient::new`](crate::firewall::opnsense::OpnsenseClient::new) takes).
 #[derive(Debug, Clone, Args)]
 pub struct FirewallSettings {
     /// OPNsense base URL, e.g. `https://fw.example.com` (required).
