@@ -1,26 +1,74 @@
 //! Configuration: every option is a command-line flag and an `SM_*` environment variable.
 //!
-//! Configuration is read in two steps, so that every problem can be reported at once:
+//! # One place per setting
 //!
-//! 1. [`SettingsArgs`] is what clap parses (derive API, `env = "SM_…"` on every field). Each
-//!    value is kept as the raw string the operator wrote, so a malformed number or URL is not a
-//!    clap error that stops at the first problem and names a flag instead of the variable.
-//! 2. [`Settings::from_args`] validates all of them and returns either the typed [`Settings`]
-//!    the rest of the program uses, or every [`ConfigProblem`] found, each naming its variable
-//!    and what is expected.
+//! Each setting is one field of [`Settings`] or of one of its groups ([`VmSettings`], …): a
+//! typed clap argument whose doc comment is its help text and whose attributes declare the
+//! rest:
 //!
-//! Secrets (tokens, keys, the HMAC secret, passwords inside URLs) are held in
-//! [`secrecy::SecretString`] or [`DatabaseUrl`], whose `Debug` output is redacted, and are marked
-//! `hide_env_values` for clap so `--help` never shows them. [`ConfigReport`] renders the effective
-//! configuration for the `config` subcommand with the same redaction.
+//! ```text
+//! /// SSH port of the VM.                                    <- help text
+//! #[arg(
+//!     id = "vm_port",
+//!     long = "vm-port",                                      <- flag
+//!     env = "SM_VM_PORT",                                     <- variable
+//!     default_value = "22",                                   <- default
+//!     value_name = "PORT",
+//!     value_parser = whole::<u16>(1, u16::MAX, "a TCP port (1-65535)")  <- parser and rule
+//! )]
+//! pub port: u16,                                              <- type
+//! ```
+//!
+//! - **Required, optional or defaulted** follows from the type, as in clap: a plain `T`
+//!   without a default is required, and its parser is wrapped in
+//!   `required("what to set", parser)` so a missing or blank value says what is needed. An
+//!   `Option<T>` is optional, and a blank value counts as unset. A setting with a default
+//!   must not be blank ("must not be empty") unless its parser accepts the empty value, as
+//!   the lists do (they are then empty). `hide_default_value` marks a fallback that the help
+//!   text describes instead (the embedded database): the setting then reads as unset.
+//! - **Parsers** are small functions `fn(&str) -> Result<T, String>`, or combinators such as
+//!   `whole`, `list_of` and `required` that return one. They get the value trimmed, and
+//!   their error says what is expected; that message is the problem reported.
+//! - **Secrets** are typed [`SecretString`] (or [`DatabaseUrl`]) and marked
+//!   `hide_env_values = true`, so neither `--help`, `Debug` nor `config` shows them.
+//! - A **list** read from one value is typed `std::vec::Vec<T>`: clap's derive would read a
+//!   plain `Vec<T>` as a repeated flag, and spelling out the path opts out of that. A `bool`
+//!   takes a value (`--auto-pull=true`), so it says `action = ArgAction::Set`.
+//! - A **rule involving several settings**, or one that only warns, is a line in the private
+//!   function `rules` (the host key unless `SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true`, the
+//!   legacy `SM_PROJECTS`).
+//!
+//! So adding a setting is adding one field (and a line in `rules` if it has such a rule);
+//! `--help`, the README table (`cargo run -q -- config --markdown`), the `config` report and
+//! the validation follow from it.
+//!
+//! # Every problem at once
+//!
+//! Clap's typed parse stops at the first bad value and names a flag. So the program parses
+//! [`Cli::raw_command`], in which every setting is read as text and none is required (clap
+//! then only rejects unknown flags and answers `--help` and `--version`), and
+//! [`Settings::from_matches`] checks that text:
+//!
+//! 1. each setting's value goes through the setting's own `value_parser`, and every failure
+//!    becomes a [`ConfigProblem`] naming the variable, with the parser's message;
+//! 2. the cross-field rules run on the values that passed;
+//! 3. only when nothing is wrong are the checked values handed to clap's typed parser, which
+//!    builds [`Settings`] (`FromArgMatches`).
+//!
+//! Problems are listed in `--help` order. [`ConfigReport`] renders the effective
+//! configuration for the `config` subcommand, secrets redacted.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use clap::builder::ValueParser;
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{
+    Arg, ArgAction, ArgMatches, Args, Command, CommandFactory, FromArgMatches, Parser, Subcommand,
+};
 use ipnet::IpNet;
 use secrecy::SecretString;
 use url::Url;
@@ -30,6 +78,10 @@ use url::Url;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://session-manager.db";
 
 /// The command line: one subcommand plus the global settings.
+///
+/// This declares the command line; parse it with [`Cli::raw_command`] and
+/// [`Settings::from_matches`] (see the module documentation), not with `Cli::parse`, which
+/// would stop at the first bad value and accept settings only before the subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "session-manager",
@@ -43,7 +95,30 @@ pub struct Cli {
     pub command: CliCommand,
     /// Every setting, as flags and `SM_*` variables.
     #[command(flatten)]
-    pub settings: SettingsArgs,
+    pub settings: Settings,
+}
+
+impl Cli {
+    /// The command line the program parses: [`Cli`] with every setting global (accepted after
+    /// the subcommand), not required, and read as text, so that [`Settings::from_matches`] can
+    /// check them all. A hidden default (the embedded database) is left out, so that the
+    /// setting reads as unset there; it applies when the typed settings are built.
+    pub fn raw_command() -> Command {
+        Self::command().mut_args(|arg| {
+            if arg.get_env().is_none() {
+                return arg;
+            }
+            let arg = arg
+                .global(true)
+                .required(false)
+                .value_parser(ValueParser::string());
+            if arg.is_hide_default_value_set() {
+                arg.default_value(None)
+            } else {
+                arg
+            }
+        })
+    }
 }
 
 /// The subcommands.
@@ -62,515 +137,548 @@ pub enum CliCommand {
     },
 }
 
-/// Raw settings as parsed by clap. Values stay strings until [`Settings::from_args`] validates
-/// them; see the module documentation for why.
+/// The validated configuration the program runs with: every setting, grouped.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Settings (each flag is also an SM_* environment variable)")]
-pub struct SettingsArgs {
-    /// Mattermost server base URL, e.g. `https://chat.example.com` (required).
-    #[arg(long, env = "SM_MATTERMOST_URL", global = true, value_name = "URL")]
-    pub mattermost_url: Option<String>,
-    /// Mattermost bot account access token (required, secret).
-    #[arg(
-        long,
-        env = "SM_MATTERMOST_TOKEN",
-        global = true,
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub mattermost_token: Option<String>,
-    /// Id of the Mattermost team the bot serves (required; 26 characters).
-    #[arg(long, env = "SM_MATTERMOST_TEAM_ID", global = true, value_name = "ID")]
-    pub mattermost_team_id: Option<String>,
-
-    /// Host name or IP address of the VM that runs the devcontainers (required).
-    #[arg(long, env = "SM_VM_HOST", global = true, value_name = "HOST")]
-    pub vm_host: Option<String>,
-    /// SSH port of the VM.
-    #[arg(
-        long,
-        env = "SM_VM_PORT",
-        global = true,
-        default_value = "22",
-        value_name = "PORT"
-    )]
-    pub vm_port: Option<String>,
-    /// User the bot logs in as on the VM.
-    #[arg(
-        long,
-        env = "SM_VM_USER",
-        global = true,
-        default_value = "claude",
-        value_name = "USER"
-    )]
-    pub vm_user: Option<String>,
-    /// SSH private key content (secret). Preferred over SM_VM_SSH_KEY_PATH when both are set.
-    #[arg(
-        long,
-        env = "SM_VM_SSH_KEY",
-        global = true,
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub vm_ssh_key: Option<String>,
-    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset.
-    #[arg(
-        long,
-        env = "SM_VM_SSH_KEY_PATH",
-        global = true,
-        default_value = "/secrets/ssh/id_ed25519",
-        value_name = "PATH"
-    )]
-    pub vm_ssh_key_path: Option<String>,
-    /// The VM's SSH host key: known_hosts content, or the path of a known_hosts file.
-    /// Required unless SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true.
-    #[arg(
-        long,
-        env = "SM_VM_KNOWN_HOSTS",
-        global = true,
-        value_name = "KNOWN_HOSTS"
-    )]
-    pub vm_known_hosts: Option<String>,
-    /// Accept whatever host key the VM presents (insecure: a man in the middle goes unnoticed).
-    #[arg(
-        long,
-        env = "SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY",
-        global = true,
-        default_value = "false",
-        value_name = "BOOL"
-    )]
-    pub vm_insecure_accept_new_host_key: Option<String>,
-    /// Upper bound in seconds for each SSH operation (connect, command).
-    #[arg(
-        long,
-        env = "SM_SSH_TIMEOUT_SECS",
-        global = true,
-        default_value = "30",
-        value_name = "SECS"
-    )]
-    pub ssh_timeout_secs: Option<String>,
-
-    /// Container runtime on the VM, passed to `devcontainer --docker-path`.
-    #[arg(
-        long,
-        env = "SM_CONTAINER_RUNTIME",
-        global = true,
-        default_value = "podman",
-        value_name = "PROGRAM"
-    )]
-    pub container_runtime: Option<String>,
-    /// Container network of the generated fallback devcontainer (the firewalled network).
-    #[arg(
-        long,
-        env = "SM_CONTAINER_NETWORK",
-        global = true,
-        default_value = "isolated",
-        value_name = "NAME"
-    )]
-    pub container_network: Option<String>,
-    /// Image of the generated fallback devcontainer.
-    #[arg(
-        long,
-        env = "SM_CONTAINER_IMAGE",
-        global = true,
-        default_value = "claude-code:latest",
-        value_name = "IMAGE"
-    )]
-    pub container_image: Option<String>,
-    /// Command that starts Claude Code inside the container (split like a shell would).
-    #[arg(
-        long,
-        env = "SM_CLAUDE_COMMAND",
-        global = true,
-        default_value = "claude --dangerously-skip-permissions",
-        value_name = "COMMAND"
-    )]
-    pub claude_command: Option<String>,
-    /// Environment for the agent, comma-separated: a bare NAME is passed from the VM's
-    /// environment (secrets stay on the VM); NAME=value is set by the bot (non-secret settings).
-    #[arg(
-        long,
-        env = "SM_CONTAINER_ENV",
-        global = true,
-        default_value = "ANTHROPIC_API_KEY,CLAUDE_CODE_OAUTH_TOKEN",
-        value_name = "LIST"
-    )]
-    pub container_env: Option<String>,
-    /// Upper bound in seconds for `devcontainer up`.
-    #[arg(
-        long,
-        env = "SM_DEVCONTAINER_TIMEOUT_SECS",
-        global = true,
-        default_value = "120",
-        value_name = "SECS"
-    )]
-    pub devcontainer_timeout_secs: Option<String>,
-    /// Compact an orchestrator session every N of its messages (0 = never).
-    #[arg(
-        long,
-        env = "SM_ORCHESTRATOR_COMPACT_THRESHOLD",
-        global = true,
-        default_value = "50",
-        value_name = "N"
-    )]
-    pub orchestrator_compact_threshold: Option<String>,
-
-    /// Most sessions one orchestrator may run at once.
-    #[arg(
-        long,
-        env = "SM_MAX_CHILD_SESSIONS",
-        global = true,
-        default_value = "8",
-        value_name = "N"
-    )]
-    pub max_child_sessions: Option<String>,
-    /// Where repositories are cloned from: `<base>/<org>/<repo>.git`.
-    #[arg(
-        long,
-        env = "SM_GIT_BASE_URL",
-        global = true,
-        default_value = "https://github.com",
-        value_name = "URL"
-    )]
-    pub git_base_url: Option<String>,
-    /// Where repositories are cloned on the VM (absolute path).
-    #[arg(
-        long,
-        env = "SM_REPOS_BASE_PATH",
-        global = true,
-        default_value = "/home/claude/repos",
-        value_name = "PATH"
-    )]
-    pub repos_base_path: Option<String>,
-    /// Where git worktrees are created on the VM (absolute path).
-    #[arg(
-        long,
-        env = "SM_WORKTREES_PATH",
-        global = true,
-        default_value = "/home/claude/worktrees",
-        value_name = "PATH"
-    )]
-    pub worktrees_path: Option<String>,
-    /// Fast-forward an existing clone before a session starts (true/false).
-    #[arg(
-        long,
-        env = "SM_AUTO_PULL",
-        global = true,
-        default_value = "false",
-        value_name = "BOOL"
-    )]
-    pub auto_pull: Option<String>,
-    /// Organisation used when `start repo` names no organisation.
-    #[arg(long, env = "SM_DEFAULT_ORG", global = true, value_name = "ORG")]
-    pub default_org: Option<String>,
-    /// Legacy project map (JSON object). Accepted for compatibility and ignored, with a warning.
-    #[arg(
-        long,
-        env = "SM_PROJECTS",
-        global = true,
-        default_value = "{}",
-        value_name = "JSON"
-    )]
-    pub projects: Option<String>,
-
-    /// Sidebar category that project channels are put into for their members.
-    #[arg(
-        long,
-        env = "SM_CHANNEL_CATEGORY",
-        global = true,
-        default_value = "Claude Sessions",
-        value_name = "NAME"
-    )]
-    pub channel_category: Option<String>,
-    /// Mention that addresses the bot in chat.
-    #[arg(
-        long,
-        env = "SM_BOT_TRIGGER",
-        global = true,
-        default_value = "@claude",
-        value_name = "MENTION"
-    )]
-    pub bot_trigger: Option<String>,
-    /// Users allowed to start, stop and drive sessions: comma-separated user ids or usernames
-    /// (a JSON array is accepted too). Empty means any member of a channel the bot serves.
-    #[arg(
-        long,
-        env = "SM_ALLOWED_USERS",
-        global = true,
-        default_value = "",
-        value_name = "LIST"
-    )]
-    pub allowed_users: Option<String>,
-    /// Users allowed to approve network requests: comma-separated user ids or usernames
-    /// (a JSON array is accepted too). Empty means any member of the channel.
-    #[arg(
-        long,
-        env = "SM_ALLOWED_APPROVERS",
-        global = true,
-        default_value = "",
-        value_name = "LIST"
-    )]
-    pub allowed_approvers: Option<String>,
-
-    /// OPNsense base URL, e.g. `https://fw.example.com` (required).
-    #[arg(long, env = "SM_OPNSENSE_URL", global = true, value_name = "URL")]
-    pub opnsense_url: Option<String>,
-    /// OPNsense API key (required, secret).
-    #[arg(
-        long,
-        env = "SM_OPNSENSE_KEY",
-        global = true,
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub opnsense_key: Option<String>,
-    /// OPNsense API secret (required, secret).
-    #[arg(
-        long,
-        env = "SM_OPNSENSE_SECRET",
-        global = true,
-        hide_env_values = true,
-        value_name = "SECRET"
-    )]
-    pub opnsense_secret: Option<String>,
-    /// Name of the OPNsense host alias that holds the approved domains.
-    #[arg(
-        long,
-        env = "SM_OPNSENSE_ALIAS",
-        global = true,
-        default_value = "llm_approved_domains",
-        value_name = "NAME"
-    )]
-    pub opnsense_alias: Option<String>,
-    /// Verify the OPNsense TLS certificate (true/false).
-    #[arg(
-        long,
-        env = "SM_OPNSENSE_VERIFY_TLS",
-        global = true,
-        default_value = "true",
-        value_name = "BOOL"
-    )]
-    pub opnsense_verify_tls: Option<String>,
-    /// Upper bound in seconds for each OPNsense API call.
-    #[arg(
-        long,
-        env = "SM_OPNSENSE_TIMEOUT_SECS",
-        global = true,
-        default_value = "30",
-        value_name = "SECS"
-    )]
-    pub opnsense_timeout_secs: Option<String>,
-
-    /// HMAC-SHA256 key that signs approval buttons (required, secret, at least 32 characters).
-    #[arg(
-        long,
-        env = "SM_CALLBACK_SECRET",
-        global = true,
-        hide_env_values = true,
-        value_name = "SECRET"
-    )]
-    pub callback_secret: Option<String>,
-    /// Seconds an approval request waits for a decision before it expires (denied to the agent).
-    #[arg(
-        long,
-        env = "SM_APPROVAL_TTL_SECS",
-        global = true,
-        default_value = "3600",
-        value_name = "SECS"
-    )]
-    pub approval_ttl_secs: Option<String>,
-    /// URL chat servers POST button clicks to (this bot's /callback as they reach it).
-    #[arg(
-        long,
-        env = "SM_CALLBACK_URL",
-        global = true,
-        default_value = "http://session-manager:8000/callback",
-        value_name = "URL"
-    )]
-    pub callback_url: Option<String>,
-
-    /// Address the HTTP server listens on.
-    #[arg(
-        long,
-        env = "SM_LISTEN_ADDR",
-        global = true,
-        default_value = "0.0.0.0:8000",
-        value_name = "ADDR"
-    )]
-    pub listen_addr: Option<String>,
-    /// Requests per second each client IP may make, sustained.
-    #[arg(
-        long,
-        env = "SM_RATE_LIMIT_RPS",
-        global = true,
-        default_value = "10",
-        value_name = "N"
-    )]
-    pub rate_limit_rps: Option<String>,
-    /// Requests a client IP may make in a burst above the sustained rate.
-    #[arg(
-        long,
-        env = "SM_RATE_LIMIT_BURST",
-        global = true,
-        default_value = "20",
-        value_name = "N"
-    )]
-    pub rate_limit_burst: Option<String>,
-    /// Reverse proxies whose X-Forwarded-For is trusted: comma-separated IPs or CIDR networks.
-    /// Empty means the socket peer is always the client.
-    #[arg(
-        long,
-        env = "SM_TRUSTED_PROXIES",
-        global = true,
-        default_value = "",
-        value_name = "LIST"
-    )]
-    pub trusted_proxies: Option<String>,
-
-    /// Database: postgres://user:pass@host/db or sqlite://path. Unset means the embedded
-    /// SQLite file sqlite://session-manager.db (secret: may hold a password).
-    #[arg(
-        long,
-        env = "SM_DATABASE_URL",
-        global = true,
-        hide_env_values = true,
-        value_name = "URL"
-    )]
-    pub database_url: Option<String>,
-    /// Maximum number of database connections.
-    #[arg(
-        long,
-        env = "SM_DATABASE_POOL_SIZE",
-        global = true,
-        default_value = "5",
-        value_name = "N"
-    )]
-    pub database_pool_size: Option<String>,
-
-    /// Log format: text or json (one JSON object per line). Levels come from RUST_LOG.
-    #[arg(
-        long,
-        env = "SM_LOG_FORMAT",
-        global = true,
-        default_value = "text",
-        value_name = "FORMAT"
-    )]
-    pub log_format: Option<String>,
-}
-
-/// One validation problem: the variable and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The environment variable, e.g. `SM_SSH_TIMEOUT_SECS`.
-    pub var: &'static str,
-    /// What is wrong and what is expected. Never contains a secret value.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.var, self.message)
-    }
-}
-
-/// All problems found in one validation pass.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-pub struct ConfigErrors(pub Vec<ConfigProblem>);
-
-/// The validated configuration the program runs with.
-#[derive(Debug, Clone)]
 pub struct Settings {
     /// The Mattermost server.
+    #[command(flatten)]
     pub mattermost: MattermostSettings,
     /// The VM the sessions run on.
+    #[command(flatten)]
     pub vm: VmSettings,
     /// Devcontainers and the agent inside them.
+    #[command(flatten)]
     pub container: ContainerSettings,
     /// Repositories and worktrees on the VM.
+    #[command(flatten)]
     pub repos: RepoSettings,
     /// Chat behaviour.
+    #[command(flatten)]
     pub chat: ChatSettings,
     /// The OPNsense firewall API.
+    #[command(flatten)]
     pub firewall: FirewallSettings,
     /// Signed approval callbacks.
+    #[command(flatten)]
     pub callback: CallbackSettings,
     /// The HTTP server.
+    #[command(flatten)]
     pub http: HttpSettings,
     /// Storage.
+    #[command(flatten)]
     pub database: DatabaseSettings,
-    /// Log output format.
+    /// Log format: text or json (one JSON object per line). Levels come from RUST_LOG.
+    #[arg(
+        id = "log_format",
+        long = "log-format",
+        env = "SM_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT",
+        value_parser = log_format
+    )]
     pub log_format: LogFormat,
     /// Non-fatal remarks found during validation (legacy settings and the like), to be logged.
+    #[arg(skip)]
     pub warnings: Vec<String>,
 }
 
-/// `SM_MATTERMOST_*`.
-#[derive(Debug, Clone)]
+/// `SM_MATTERMOST_*`: the Mattermost server.
+#[derive(Debug, Clone, Args)]
 pub struct MattermostSettings {
-    /// Base URL, without the `/api/v4` suffix.
+    /// Mattermost server base URL, e.g. `https://chat.example.com` (required).
+    #[arg(
+        id = "mattermost_url",
+        long = "mattermost-url",
+        env = "SM_MATTERMOST_URL",
+        value_name = "URL",
+        value_parser = required("the Mattermost base URL, e.g. https://chat.example.com", http_url)
+    )]
     pub url: Url,
-    /// Bot access token (`Authorization: Bearer`).
+    /// Mattermost bot account access token (required, secret).
+    #[arg(
+        id = "mattermost_token",
+        long = "mattermost-token",
+        env = "SM_MATTERMOST_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN",
+        value_parser = required("the bot account's access token", secret_token)
+    )]
     pub token: SecretString,
-    /// Team id.
+    /// Id of the Mattermost team the bot serves (required; 26 characters).
+    #[arg(
+        id = "mattermost_team_id",
+        long = "mattermost-team-id",
+        env = "SM_MATTERMOST_TEAM_ID",
+        value_name = "ID",
+        value_parser = required("the id of the team the bot serves", mattermost_id)
+    )]
     pub team_id: String,
 }
 
-/// `SM_VM_*` and `SM_SSH_TIMEOUT_SECS`.
-#[derive(Debug, Clone)]
+/// `SM_VM_*` and `SM_SSH_TIMEOUT_SECS`: the VM and how the bot logs in.
+#[derive(Debug, Clone, Args)]
 pub struct VmSettings {
-    /// Host name or IP address.
+    /// Host name or IP address of the VM that runs the devcontainers (required).
+    #[arg(
+        id = "vm_host",
+        long = "vm-host",
+        env = "SM_VM_HOST",
+        value_name = "HOST",
+        value_parser = required("the VM's host name or IP address", host_name)
+    )]
     pub host: String,
-    /// SSH port.
+    /// SSH port of the VM.
+    #[arg(
+        id = "vm_port",
+        long = "vm-port",
+        env = "SM_VM_PORT",
+        default_value = "22",
+        value_name = "PORT",
+        value_parser = whole::<u16>(1, u16::MAX, "a TCP port (1-65535)")
+    )]
     pub port: u16,
-    /// Login user.
+    /// User the bot logs in as on the VM.
+    #[arg(
+        id = "vm_user",
+        long = "vm-user",
+        env = "SM_VM_USER",
+        default_value = "claude",
+        value_name = "USER",
+        value_parser = unix_user
+    )]
     pub user: String,
-    /// Key content, preferred over `ssh_key_path` when present.
+    /// SSH private key content (secret). Preferred over SM_VM_SSH_KEY_PATH when both are set.
+    #[arg(
+        id = "vm_ssh_key",
+        long = "vm-ssh-key",
+        env = "SM_VM_SSH_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        value_parser = ssh_private_key
+    )]
     pub ssh_key: Option<SecretString>,
-    /// Key file, used when `ssh_key` is `None`.
+    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset.
+    #[arg(
+        id = "vm_ssh_key_path",
+        long = "vm-ssh-key-path",
+        env = "SM_VM_SSH_KEY_PATH",
+        default_value = "/secrets/ssh/id_ed25519",
+        value_name = "PATH",
+        value_parser = file_path
+    )]
     pub ssh_key_path: PathBuf,
-    /// Bound for each SSH operation.
-    pub ssh_timeout: Duration,
-    /// Pinned host keys (known_hosts content); `None` only when accepting any key was asked for.
+    /// The VM's SSH host key: known_hosts content, or the path of a known_hosts file.
+    /// Required unless SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true.
+    #[arg(
+        id = "vm_known_hosts",
+        long = "vm-known-hosts",
+        env = "SM_VM_KNOWN_HOSTS",
+        value_name = "KNOWN_HOSTS",
+        value_parser = known_hosts
+    )]
     pub known_hosts: Option<String>,
+    /// Accept whatever host key the VM presents (insecure: a man in the middle goes unnoticed).
+    #[arg(
+        id = "vm_insecure_accept_new_host_key",
+        long = "vm-insecure-accept-new-host-key",
+        env = "SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY",
+        default_value = "false",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = boolean
+    )]
+    pub insecure_accept_new_host_key: bool,
+    /// Upper bound in seconds for each SSH operation (connect, command).
+    #[arg(
+        id = "ssh_timeout_secs",
+        long = "ssh-timeout-secs",
+        env = "SM_SSH_TIMEOUT_SECS",
+        default_value = "30",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub ssh_timeout: Duration,
 }
 
-/// Container and agent settings.
-#[derive(Debug, Clone)]
+/// Devcontainers and the agent inside them.
+#[derive(Debug, Clone, Args)]
 pub struct ContainerSettings {
-    /// `docker` or `podman` (or a path to either) on the VM.
+    /// Container runtime on the VM, passed to `devcontainer --docker-path`.
+    #[arg(
+        id = "container_runtime",
+        long = "container-runtime",
+        env = "SM_CONTAINER_RUNTIME",
+        default_value = "podman",
+        value_name = "PROGRAM",
+        value_parser = word
+    )]
     pub runtime: String,
-    /// Network of the generated fallback devcontainer.
+    /// Container network of the generated fallback devcontainer (the firewalled network).
+    #[arg(
+        id = "container_network",
+        long = "container-network",
+        env = "SM_CONTAINER_NETWORK",
+        default_value = "isolated",
+        value_name = "NAME",
+        value_parser = word
+    )]
     pub network: String,
     /// Image of the generated fallback devcontainer.
+    #[arg(
+        id = "container_image",
+        long = "container-image",
+        env = "SM_CONTAINER_IMAGE",
+        default_value = "claude-code:latest",
+        value_name = "IMAGE",
+        value_parser = word
+    )]
     pub image: String,
-    /// `SM_CLAUDE_COMMAND` split into program and arguments (never empty).
-    pub claude_command: Vec<String>,
-    /// `SM_CONTAINER_ENV`.
-    pub env: Vec<EnvEntry>,
-    /// Bound for `devcontainer up`.
+    /// Command that starts Claude Code inside the container (split like a shell would).
+    #[arg(
+        id = "claude_command",
+        long = "claude-command",
+        env = "SM_CLAUDE_COMMAND",
+        default_value = "claude --dangerously-skip-permissions",
+        value_name = "COMMAND",
+        value_parser = command_line
+    )]
+    pub claude_command: std::vec::Vec<String>,
+    /// Environment for the agent, comma-separated: a bare NAME is passed from the VM's
+    /// environment (secrets stay on the VM); NAME=value is set by the bot (non-secret settings).
+    #[arg(
+        id = "container_env",
+        long = "container-env",
+        env = "SM_CONTAINER_ENV",
+        default_value = "ANTHROPIC_API_KEY,CLAUDE_CODE_OAUTH_TOKEN",
+        value_name = "LIST",
+        value_parser = list_of(EnvEntry::parse)
+    )]
+    pub env: std::vec::Vec<EnvEntry>,
+    /// Upper bound in seconds for `devcontainer up`.
+    #[arg(
+        id = "devcontainer_timeout_secs",
+        long = "devcontainer-timeout-secs",
+        env = "SM_DEVCONTAINER_TIMEOUT_SECS",
+        default_value = "120",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
     pub devcontainer_timeout: Duration,
-    /// Orchestrator auto-compaction interval in messages; 0 disables it.
+    /// Compact an orchestrator session every N of its messages (0 = never).
+    #[arg(
+        id = "orchestrator_compact_threshold",
+        long = "orchestrator-compact-threshold",
+        env = "SM_ORCHESTRATOR_COMPACT_THRESHOLD",
+        default_value = "50",
+        value_name = "N",
+        value_parser = whole::<u32>(0, 1_000_000, "a whole number of messages (0 = never)")
+    )]
     pub orchestrator_compact_threshold: u32,
-    /// `SM_MAX_CHILD_SESSIONS`.
+    /// Most sessions one orchestrator may run at once.
+    #[arg(
+        id = "max_child_sessions",
+        long = "max-child-sessions",
+        env = "SM_MAX_CHILD_SESSIONS",
+        default_value = "8",
+        value_name = "N",
+        value_parser = whole::<usize>(1, 1000, "a whole number of sessions, at least 1")
+    )]
     pub max_child_sessions: usize,
 }
 
-/// Where repositories live on the VM.
-#[derive(Debug, Clone)]
+/// Where repositories come from and live on the VM.
+#[derive(Debug, Clone, Args)]
 pub struct RepoSettings {
-    /// `SM_GIT_BASE_URL`.
+    /// Where repositories are cloned from: `<base>/<org>/<repo>.git`.
+    #[arg(
+        id = "git_base_url",
+        long = "git-base-url",
+        env = "SM_GIT_BASE_URL",
+        default_value = "https://github.com",
+        value_name = "URL",
+        value_parser = git_base_url
+    )]
     pub git_base_url: Url,
-    /// Clone root (absolute).
+    /// Where repositories are cloned on the VM (absolute path).
+    #[arg(
+        id = "repos_base_path",
+        long = "repos-base-path",
+        env = "SM_REPOS_BASE_PATH",
+        default_value = "/home/claude/repos",
+        value_name = "PATH",
+        value_parser = absolute_path
+    )]
     pub repos_base_path: PathBuf,
-    /// Worktree root (absolute).
+    /// Where git worktrees are created on the VM (absolute path).
+    #[arg(
+        id = "worktrees_path",
+        long = "worktrees-path",
+        env = "SM_WORKTREES_PATH",
+        default_value = "/home/claude/worktrees",
+        value_name = "PATH",
+        value_parser = absolute_path
+    )]
     pub worktrees_path: PathBuf,
-    /// Fast-forward existing clones before a session.
+    /// Fast-forward an existing clone before a session starts (true/false).
+    #[arg(
+        id = "auto_pull",
+        long = "auto-pull",
+        env = "SM_AUTO_PULL",
+        default_value = "false",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = boolean
+    )]
     pub auto_pull: bool,
-    /// Organisation for `start repo`.
+    /// Organisation used when `start repo` names no organisation.
+    #[arg(
+        id = "default_org",
+        long = "default-org",
+        env = "SM_DEFAULT_ORG",
+        value_name = "ORG",
+        value_parser = github_org
+    )]
     pub default_org: Option<String>,
+    /// Legacy project map (JSON object). Accepted for compatibility and ignored, with a warning.
+    #[arg(
+        id = "projects",
+        long = "projects",
+        env = "SM_PROJECTS",
+        default_value = "{}",
+        value_name = "JSON",
+        value_parser = legacy_projects
+    )]
+    pub projects: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Chat behaviour.
+#[derive(Debug, Clone, Args)]
+pub struct ChatSettings {
+    /// Sidebar category that project channels are put into for their members.
+    #[arg(
+        id = "channel_category",
+        long = "channel-category",
+        env = "SM_CHANNEL_CATEGORY",
+        default_value = "Claude Sessions",
+        value_name = "NAME",
+        value_parser = category_name
+    )]
+    pub channel_category: String,
+    /// Mention that addresses the bot in chat.
+    #[arg(
+        id = "bot_trigger",
+        long = "bot-trigger",
+        env = "SM_BOT_TRIGGER",
+        default_value = "@claude",
+        value_name = "MENTION",
+        value_parser = word
+    )]
+    pub bot_trigger: String,
+    /// Users allowed to start, stop and drive sessions: comma-separated user ids or usernames
+    /// (a JSON array is accepted too). Empty means any member of a channel the bot serves.
+    #[arg(
+        id = "allowed_users",
+        long = "allowed-users",
+        env = "SM_ALLOWED_USERS",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list
+    )]
+    pub allowed_users: std::vec::Vec<String>,
+    /// Users allowed to approve network requests: comma-separated user ids or usernames
+    /// (a JSON array is accepted too). Empty means any member of the channel.
+    #[arg(
+        id = "allowed_approvers",
+        long = "allowed-approvers",
+        env = "SM_ALLOWED_APPROVERS",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list
+    )]
+    pub allowed_approvers: std::vec::Vec<String>,
+}
+
+/// `SM_OPNSENSE_*`: how to reach the OPNsense API and which alias to manage (what
+/// [`OpnsenseClient::new`](crate::firewall::opnsense::OpnsenseClient::new) takes).
+#[derive(Debug, Clone, Args)]
+pub struct FirewallSettings {
+    /// OPNsense base URL, e.g. `https://fw.example.com` (required).
+    #[arg(
+        id = "opnsense_url",
+        long = "opnsense-url",
+        env = "SM_OPNSENSE_URL",
+        value_name = "URL",
+        value_parser = required("the OPNsense base URL, e.g. https://fw.example.com", http_url)
+    )]
+    pub url: Url,
+    /// OPNsense API key (required, secret).
+    #[arg(
+        id = "opnsense_key",
+        long = "opnsense-key",
+        env = "SM_OPNSENSE_KEY",
+        hide_env_values = true,
+        value_name = "KEY",
+        value_parser = required("the OPNsense API key", secret_token)
+    )]
+    pub key: SecretString,
+    /// OPNsense API secret (required, secret).
+    #[arg(
+        id = "opnsense_secret",
+        long = "opnsense-secret",
+        env = "SM_OPNSENSE_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        value_parser = required("the OPNsense API secret", secret_token)
+    )]
+    pub secret: SecretString,
+    /// Name of the OPNsense host alias that holds the approved domains.
+    #[arg(
+        id = "opnsense_alias",
+        long = "opnsense-alias",
+        env = "SM_OPNSENSE_ALIAS",
+        default_value = "llm_approved_domains",
+        value_name = "NAME",
+        value_parser = opnsense_alias
+    )]
+    pub alias: String,
+    /// Verify the OPNsense TLS certificate (true/false).
+    #[arg(
+        id = "opnsense_verify_tls",
+        long = "opnsense-verify-tls",
+        env = "SM_OPNSENSE_VERIFY_TLS",
+        default_value = "true",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = boolean
+    )]
+    pub verify_tls: bool,
+    /// Upper bound in seconds for each OPNsense API call.
+    #[arg(
+        id = "opnsense_timeout_secs",
+        long = "opnsense-timeout-secs",
+        env = "SM_OPNSENSE_TIMEOUT_SECS",
+        default_value = "30",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub timeout: Duration,
+}
+
+/// `SM_CALLBACK_*` and `SM_APPROVAL_TTL_SECS`: signed approval callbacks.
+#[derive(Debug, Clone, Args)]
+pub struct CallbackSettings {
+    /// HMAC-SHA256 key that signs approval buttons (required, secret, at least 32 characters).
+    #[arg(
+        id = "callback_secret",
+        long = "callback-secret",
+        env = "SM_CALLBACK_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        value_parser = required(
+            "a random key of at least 32 characters (e.g. `openssl rand -hex 32`)",
+            callback_secret
+        )
+    )]
+    pub secret: SecretString,
+    /// Seconds an approval request waits for a decision before it expires (denied to the agent).
+    #[arg(
+        id = "approval_ttl_secs",
+        long = "approval-ttl-secs",
+        env = "SM_APPROVAL_TTL_SECS",
+        default_value = "3600",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub approval_ttl: Duration,
+    /// URL chat servers POST button clicks to (this bot's /callback as they reach it).
+    #[arg(
+        id = "callback_url",
+        long = "callback-url",
+        env = "SM_CALLBACK_URL",
+        default_value = "http://session-manager:8000/callback",
+        value_name = "URL",
+        value_parser = http_url
+    )]
+    pub url: Url,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct HttpSettings {
+    /// Address the HTTP server listens on.
+    #[arg(
+        id = "listen_addr",
+        long = "listen-addr",
+        env = "SM_LISTEN_ADDR",
+        default_value = "0.0.0.0:8000",
+        value_name = "ADDR",
+        value_parser = socket_addr
+    )]
+    pub listen_addr: SocketAddr,
+    /// Requests per second each client IP may make, sustained.
+    #[arg(
+        id = "rate_limit_rps",
+        long = "rate-limit-rps",
+        env = "SM_RATE_LIMIT_RPS",
+        default_value = "10",
+        value_name = "N",
+        value_parser = whole::<u32>(1, 1_000_000, "a whole number of requests per second, at least 1")
+    )]
+    pub rate_limit_rps: u32,
+    /// Requests a client IP may make in a burst above the sustained rate.
+    #[arg(
+        id = "rate_limit_burst",
+        long = "rate-limit-burst",
+        env = "SM_RATE_LIMIT_BURST",
+        default_value = "20",
+        value_name = "N",
+        value_parser = whole::<u32>(1, 1_000_000, "a whole number of requests, at least 1")
+    )]
+    pub rate_limit_burst: u32,
+    /// Reverse proxies whose X-Forwarded-For is trusted: comma-separated IPs or CIDR networks.
+    /// Empty means the socket peer is always the client.
+    #[arg(
+        id = "trusted_proxies",
+        long = "trusted-proxies",
+        env = "SM_TRUSTED_PROXIES",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list_of(ip_net)
+    )]
+    pub trusted_proxies: std::vec::Vec<IpNet>,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseSettings {
+    /// Database: postgres://user:pass@host/db or sqlite://path. Unset means the embedded
+    /// SQLite file sqlite://session-manager.db (secret: may hold a password).
+    #[arg(
+        id = "database_url",
+        long = "database-url",
+        env = "SM_DATABASE_URL",
+        hide_env_values = true,
+        default_value = DEFAULT_DATABASE_URL,
+        hide_default_value = true,
+        value_name = "URL",
+        value_parser = DatabaseUrl::parse
+    )]
+    pub url: DatabaseUrl,
+    /// Maximum number of database connections.
+    #[arg(
+        id = "database_pool_size",
+        long = "database-pool-size",
+        env = "SM_DATABASE_POOL_SIZE",
+        default_value = "5",
+        value_name = "N",
+        value_parser = whole::<u32>(1, 1000, "a whole number of connections, at least 1")
+    )]
+    pub pool_size: u32,
+    /// Whether `url` is the embedded default (`SM_DATABASE_URL` unset or blank).
+    #[arg(skip)]
+    pub is_default: bool,
+}
 /// An environment variable for the agent (`SM_CONTAINER_ENV`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnvEntry {
@@ -614,73 +722,6 @@ impl EnvEntry {
             Self::Set(name, value) => format!("{name}={value}"),
         }
     }
-}
-
-/// Chat behaviour.
-#[derive(Debug, Clone)]
-pub struct ChatSettings {
-    /// Sidebar category for project channels.
-    pub channel_category: String,
-    /// Mention that addresses the bot.
-    pub bot_trigger: String,
-    /// Approvers as written (user ids or usernames); resolved to ids at start. Empty = any
-    /// channel member.
-    pub allowed_approvers: Vec<String>,
-    /// Users who may start, stop and drive sessions, as written; resolved to ids at start.
-    /// Empty = any member of a channel the bot serves.
-    pub allowed_users: Vec<String>,
-}
-
-/// `SM_OPNSENSE_*`.
-#[derive(Debug, Clone)]
-pub struct FirewallSettings {
-    /// Base URL, without `/api`.
-    pub url: Url,
-    /// API key (HTTP Basic user).
-    pub key: SecretString,
-    /// API secret (HTTP Basic password).
-    pub secret: SecretString,
-    /// Host alias holding the approved domains.
-    pub alias: String,
-    /// Verify the TLS certificate.
-    pub verify_tls: bool,
-    /// Bound for each API call.
-    pub timeout: Duration,
-}
-
-/// `SM_CALLBACK_*`.
-#[derive(Debug, Clone)]
-pub struct CallbackSettings {
-    /// HMAC-SHA256 key for approval buttons.
-    pub secret: SecretString,
-    /// URL the chat server posts clicks to.
-    pub url: Url,
-    /// How long an approval request waits for a decision.
-    pub approval_ttl: Duration,
-}
-
-/// The HTTP server.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    /// Listen address.
-    pub listen_addr: SocketAddr,
-    /// Sustained requests per second per client IP (at least 1).
-    pub rate_limit_rps: u32,
-    /// Burst size per client IP (at least 1).
-    pub rate_limit_burst: u32,
-    /// Proxies whose `X-Forwarded-For` is believed.
-    pub trusted_proxies: Vec<IpNet>,
-}
-
-/// Storage settings.
-#[derive(Debug, Clone)]
-pub struct DatabaseSettings {
-    /// Which database, with credentials.
-    pub url: DatabaseUrl,
-    /// Whether `url` came from the default (no `SM_DATABASE_URL`).
-    pub is_default: bool,
-    /// Maximum connections in the pool.
-    pub pool_size: u32,
 }
 
 /// Log output format.
@@ -785,22 +826,187 @@ pub fn redact_url_password(value: &str) -> String {
     }
 }
 
+/// One validation problem: the variable and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The environment variable, e.g. `SM_SSH_TIMEOUT_SECS`.
+    pub var: &'static str,
+    /// What is wrong and what is expected. Never contains a secret value.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.var, self.message)
+    }
+}
+
+/// All problems found in one validation pass.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
 impl Settings {
-    /// Parses the process's arguments and environment (after reading `.env` if present)
-    /// and validates them. Intended for tests and embedding; `main` uses [`Cli`] directly.
+    /// Checks every setting in `matches` (parsed with [`Cli::raw_command`]) and builds the
+    /// typed settings; see the module documentation.
     ///
     /// # Errors
-    /// [`ConfigErrors`] with every problem found.
-    pub fn from_args(args: &SettingsArgs) -> Result<Settings, ConfigErrors> {
+    /// [`ConfigErrors`] with every problem found, in `--help` order.
+    ///
+    /// # Panics
+    /// When `matches` does not come from [`Cli::raw_command`] (a setting is not text there).
+    pub fn from_matches(matches: &ArgMatches) -> Result<Settings, ConfigErrors> {
         let mut p = Problems::default();
-        let settings = validate(args, &mut p);
-        match settings {
-            Some(s) if p.problems.is_empty() => Ok(Settings {
-                warnings: p.warnings,
-                ..s
-            }),
-            _ => Err(ConfigErrors(p.problems)),
+        let mut values = Values::default();
+        for arg in setting_args() {
+            let var = env_name(arg);
+            let given = matches
+                .get_one::<String>(arg.get_id().as_str())
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty());
+            // A hidden default is a fallback for an unset value (see `Cli::raw_command`).
+            let defaulted =
+                !arg.get_default_values().is_empty() && !arg.is_hide_default_value_set();
+            // Blank or missing: a required setting's parser says what is needed, a setting
+            // with a default is checked as blank (a list is then empty), an optional one is
+            // unset.
+            let text = match given {
+                Some(v) => v,
+                None if arg.is_required_set() || defaulted => "",
+                None => continue,
+            };
+            let parsed = match check(arg, text) {
+                Ok(parsed) => Some(parsed),
+                Err(_) if given.is_none() && defaulted => {
+                    p.push(var, "must not be empty");
+                    None
+                }
+                Err(message) => {
+                    p.push(var, message);
+                    None
+                }
+            };
+            values.0.push(Checked {
+                arg,
+                var,
+                text: text.to_owned(),
+                parsed,
+            });
         }
+        rules(&values, &mut p);
+        if !p.problems.is_empty() {
+            let position = |var: &str| setting_args().iter().position(|a| env_name(a) == var);
+            p.problems.sort_by_key(|problem| position(problem.var));
+            return Err(ConfigErrors(p.problems));
+        }
+        let argv = values
+            .0
+            .iter()
+            .map(|c| format!("--{}={}", c.arg.get_long().unwrap_or_default(), c.text));
+        let typed = Settings::augment_args(Command::new("settings"))
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(std::iter::once("settings".to_owned()).chain(argv))
+            .and_then(|typed| Settings::from_arg_matches(&typed));
+        // Not expected to fail: every value passed the same parsers just now.
+        let mut settings = typed.map_err(|e| {
+            ConfigErrors(vec![ConfigProblem {
+                var: "arguments",
+                message: format!("the checked settings do not build: {}", message(&e)),
+            }])
+        })?;
+        settings.database.is_default = values.get::<DatabaseUrl>("SM_DATABASE_URL").is_none();
+        settings.warnings = p.warnings;
+        Ok(settings)
+    }
+}
+
+/// The rules that involve more than one setting, or only warn. They run after every setting
+/// was checked on its own and read the values that passed (a wrong value is already
+/// reported).
+fn rules(v: &Values, p: &mut Problems) {
+    // The VM's host key is pinned, unless accepting any key was asked for (said loudly).
+    if !v.is_set("SM_VM_KNOWN_HOSTS") {
+        match v.get::<bool>("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY") {
+            Some(true) => p.warn("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true: the VM's host key is NOT checked; anyone who can intercept the connection can impersonate the VM. Set SM_VM_KNOWN_HOSTS."),
+            Some(false) => p.push("SM_VM_KNOWN_HOSTS", "is required: the VM's host key as a known_hosts line (ssh-keyscan -p PORT HOST) or the path of a known_hosts file; or set SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true to skip the check (insecure)"),
+            None => {}
+        }
+    }
+    // SM_PROJECTS is legacy: accepted and ignored, with a warning when it is not empty.
+    let projects = v.get::<serde_json::Map<String, serde_json::Value>>("SM_PROJECTS");
+    if projects.is_some_and(|projects| !projects.is_empty()) {
+        p.warn("SM_PROJECTS is a legacy setting and is ignored: name the repository in `start org/repo` instead");
+    }
+}
+
+/// The arguments of every setting as [`Settings`] declares them (typed value parsers,
+/// `required` inferred from the field types), in `--help` order. Built once; the environment
+/// values clap captured while building them are never read (values are passed as flags).
+fn setting_args() -> &'static [Arg] {
+    static ARGS: OnceLock<Vec<Arg>> = OnceLock::new();
+    ARGS.get_or_init(|| {
+        Settings::augment_args(Command::new("settings"))
+            .get_arguments()
+            .cloned()
+            .collect()
+    })
+}
+
+/// The variable of a setting's argument.
+fn env_name(arg: &'static Arg) -> &'static str {
+    arg.get_env()
+        .and_then(|env| env.to_str())
+        .unwrap_or_default()
+}
+
+/// Runs a setting's own value parser on `text` (clap keeps that public only inside a parse,
+/// hence the one-argument command). The error is the parser's message.
+fn check(arg: &Arg, text: &str) -> Result<ArgMatches, String> {
+    let long = arg.get_long().unwrap_or_default();
+    Command::new("check")
+        .arg(arg.clone())
+        .try_get_matches_from(["check".to_owned(), format!("--{long}={text}")])
+        .map_err(|e| message(&e))
+}
+
+/// What a parser said, without clap's wrapping (which quotes the value: it may be a secret).
+fn message(e: &clap::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => source.to_string(),
+        None => e.kind().to_string(),
+    }
+}
+
+/// A setting's value and what its parser made of it.
+struct Checked {
+    arg: &'static Arg,
+    var: &'static str,
+    /// As given (or defaulted), trimmed; empty for a blank value.
+    text: String,
+    /// The typed value under the argument's id; `None` when the parser refused the text.
+    parsed: Option<ArgMatches>,
+}
+
+/// Every setting that has a value, checked: what [`rules`] read and the typed build uses.
+#[derive(Default)]
+struct Values(Vec<Checked>);
+
+impl Values {
+    /// Whether the setting has a non-blank value (given or default), valid or not.
+    fn is_set(&self, var: &str) -> bool {
+        self.0.iter().any(|c| c.var == var && !c.text.is_empty())
+    }
+
+    /// The typed value of a setting, if it has one that passed its parser.
+    ///
+    /// # Panics
+    /// When `T` is not the setting's type (a programming error the tests catch).
+    fn get<T: Clone + Send + Sync + 'static>(&self, var: &str) -> Option<T> {
+        let c = self.0.iter().find(|c| c.var == var)?;
+        c.parsed
+            .as_ref()?
+            .get_one::<T>(c.arg.get_id().as_str())
+            .cloned()
     }
 }
 
@@ -818,451 +1024,48 @@ impl Problems {
         });
     }
 
-    /// A required value: present and not blank.
-    fn required<'a>(
-        &mut self,
-        var: &'static str,
-        value: &'a Option<String>,
-        what: &str,
-    ) -> Option<&'a str> {
-        match value.as_deref().map(str::trim) {
-            Some(v) if !v.is_empty() => Some(v),
-            _ => {
-                self.push(var, format!("is required: {what}"));
-                None
-            }
-        }
+    fn warn(&mut self, message: &str) {
+        self.warnings.push(message.to_owned());
     }
+}
 
-    /// An optional value: `None` when absent or blank.
-    fn optional(value: &Option<String>) -> Option<&str> {
-        value.as_deref().map(str::trim).filter(|v| !v.is_empty())
-    }
+// Parsers. Each takes the trimmed value and says what is expected when it refuses one; a
+// setting's `value_parser` is one of them or a combinator around one.
 
-    /// Applies a parser to a present value and records its error under `var`.
-    fn check<T>(
-        &mut self,
-        var: &'static str,
-        value: Option<&str>,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let value = value?;
-        match parse(value) {
-            Ok(v) => Some(v),
-            Err(message) => {
-                self.push(var, message);
-                None
-            }
-        }
-    }
-
-    /// A value with a clap default: blank counts as missing.
-    fn with_default<T>(
-        &mut self,
-        var: &'static str,
-        value: &Option<String>,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        match Self::optional(value) {
-            Some(v) => self.check(var, Some(v), parse),
-            None => {
-                self.push(var, "must not be empty");
-                None
-            }
+/// A required setting: `what` says what to set when the value is missing or blank.
+fn required<T, P>(
+    what: &'static str,
+    parse: P,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    P: Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static,
+{
+    move |v: &str| {
+        if v.is_empty() {
+            Err(format!("is required: {what}"))
+        } else {
+            parse(v)
         }
     }
 }
 
-fn validate(a: &SettingsArgs, p: &mut Problems) -> Option<Settings> {
-    let mattermost = {
-        let url = p.required(
-            "SM_MATTERMOST_URL",
-            &a.mattermost_url,
-            "the Mattermost base URL, e.g. https://chat.example.com",
-        );
-        let url = p.check("SM_MATTERMOST_URL", url, http_url);
-        let token = p.required(
-            "SM_MATTERMOST_TOKEN",
-            &a.mattermost_token,
-            "the bot account's access token",
-        );
-        let token = p.check("SM_MATTERMOST_TOKEN", token, secret_token);
-        let team = p.required(
-            "SM_MATTERMOST_TEAM_ID",
-            &a.mattermost_team_id,
-            "the id of the team the bot serves",
-        );
-        let team = p.check("SM_MATTERMOST_TEAM_ID", team, mattermost_id);
-        match (url, token, team) {
-            (Some(url), Some(token), Some(team_id)) => Some(MattermostSettings {
-                url,
-                token,
-                team_id,
-            }),
-            _ => None,
-        }
-    };
+/// A whole number from `min` to `max`; `what` describes it for the error message.
+fn whole<T>(
+    min: T,
+    max: T,
+    what: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + Copy + Send + Sync + 'static,
+{
+    move |v: &str| number(v, min, max, what)
+}
 
-    let vm = {
-        let host = p.required("SM_VM_HOST", &a.vm_host, "the VM's host name or IP address");
-        let host = p.check("SM_VM_HOST", host, host_name);
-        let port = p.with_default("SM_VM_PORT", &a.vm_port, |v| {
-            number::<u16>(v, 1, u16::MAX, "a TCP port (1-65535)")
-        });
-        let user = p.with_default("SM_VM_USER", &a.vm_user, unix_user);
-        let key = p.check("SM_VM_SSH_KEY", Problems::optional(&a.vm_ssh_key), |v| {
-            if v.contains("PRIVATE KEY") {
-                Ok(SecretString::from(v.to_owned()))
-            } else {
-                Err("expected the content of an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY----- …), not a path; use SM_VM_SSH_KEY_PATH for a file".into())
-            }
-        });
-        let key_path = p.with_default("SM_VM_SSH_KEY_PATH", &a.vm_ssh_key_path, |v| {
-            Ok(PathBuf::from(v))
-        });
-        let timeout = p.with_default("SM_SSH_TIMEOUT_SECS", &a.ssh_timeout_secs, seconds);
-        let insecure = p.with_default(
-            "SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY",
-            &a.vm_insecure_accept_new_host_key,
-            boolean,
-        );
-        let known_hosts = match (Problems::optional(&a.vm_known_hosts), insecure) {
-            (Some(value), _) => p.check("SM_VM_KNOWN_HOSTS", Some(value), known_hosts),
-            (None, Some(true)) => {
-                p.warnings.push("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true: the VM's host key is NOT checked; anyone who can intercept the connection can impersonate the VM. Set SM_VM_KNOWN_HOSTS.".into());
-                None
-            }
-            (None, Some(false)) => {
-                p.push(
-                    "SM_VM_KNOWN_HOSTS",
-                    "is required: the VM's host key as a known_hosts line (ssh-keyscan -p PORT HOST) or the path of a known_hosts file; or set SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true to skip the check (insecure)",
-                );
-                None
-            }
-            (None, None) => None,
-        };
-        match (host, port, user, key_path, timeout, insecure) {
-            (
-                Some(host),
-                Some(port),
-                Some(user),
-                Some(ssh_key_path),
-                Some(ssh_timeout),
-                Some(_),
-            ) => Some(VmSettings {
-                host,
-                port,
-                user,
-                ssh_key: key,
-                ssh_key_path,
-                ssh_timeout,
-                known_hosts,
-            }),
-            _ => None,
-        }
-    };
-
-    let container = {
-        let runtime = p.with_default("SM_CONTAINER_RUNTIME", &a.container_runtime, word);
-        let network = p.with_default("SM_CONTAINER_NETWORK", &a.container_network, word);
-        let image = p.with_default("SM_CONTAINER_IMAGE", &a.container_image, word);
-        let command = p.with_default("SM_CLAUDE_COMMAND", &a.claude_command, |v| {
-            match shlex::split(v) {
-                Some(words) if !words.is_empty() => Ok(words),
-                _ => Err("expected a command line such as \"claude --dangerously-skip-permissions\" (unbalanced quotes?)".into()),
-            }
-        });
-        let env = p.check(
-            "SM_CONTAINER_ENV",
-            Some(a.container_env.as_deref().unwrap_or_default()),
-            |v| {
-                list(v)?
-                    .iter()
-                    .map(|entry| EnvEntry::parse(entry))
-                    .collect::<Result<Vec<_>, _>>()
-            },
-        );
-        let dc_timeout = p.with_default(
-            "SM_DEVCONTAINER_TIMEOUT_SECS",
-            &a.devcontainer_timeout_secs,
-            seconds,
-        );
-        let threshold = p.with_default(
-            "SM_ORCHESTRATOR_COMPACT_THRESHOLD",
-            &a.orchestrator_compact_threshold,
-            |v| number::<u32>(v, 0, 1_000_000, "a whole number of messages (0 = never)"),
-        );
-        let max_children = p.with_default("SM_MAX_CHILD_SESSIONS", &a.max_child_sessions, |v| {
-            number::<usize>(v, 1, 1000, "a whole number of sessions, at least 1")
-        });
-        match (
-            runtime,
-            network,
-            image,
-            command,
-            dc_timeout,
-            threshold,
-            env,
-            max_children,
-        ) {
-            (
-                Some(runtime),
-                Some(network),
-                Some(image),
-                Some(claude_command),
-                Some(devcontainer_timeout),
-                Some(orchestrator_compact_threshold),
-                Some(env),
-                Some(max_child_sessions),
-            ) => Some(ContainerSettings {
-                runtime,
-                network,
-                image,
-                claude_command,
-                env,
-                max_child_sessions,
-                devcontainer_timeout,
-                orchestrator_compact_threshold,
-            }),
-            _ => None,
-        }
-    };
-
-    let repos = {
-        let git_base = p.with_default("SM_GIT_BASE_URL", &a.git_base_url, |v| {
-            let url = Url::parse(v).map_err(|e| {
-                format!("expected a URL such as https://github.com, got {v:?} ({e})")
-            })?;
-            if !matches!(url.scheme(), "https" | "http" | "ssh" | "file") {
-                return Err(format!(
-                    "expected an https://, ssh:// or file:// URL, got {v:?}"
-                ));
-            }
-            if url.password().is_some() || !url.username().is_empty() {
-                return Err(
-                    "must not contain credentials: private repositories use GH_TOKEN on the VM"
-                        .into(),
-                );
-            }
-            Ok(url)
-        });
-        let base = p.with_default("SM_REPOS_BASE_PATH", &a.repos_base_path, absolute_path);
-        let worktrees = p.with_default("SM_WORKTREES_PATH", &a.worktrees_path, absolute_path);
-        let auto_pull = p.with_default("SM_AUTO_PULL", &a.auto_pull, boolean);
-        let default_org = p.check(
-            "SM_DEFAULT_ORG",
-            Problems::optional(&a.default_org),
-            github_org,
-        );
-        if let Some(projects) = Problems::optional(&a.projects) {
-            match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(projects) {
-                Ok(map) if map.is_empty() => {}
-                Ok(_) => p.warnings.push(
-                    "SM_PROJECTS is a legacy setting and is ignored: name the repository in `start org/repo` instead".into(),
-                ),
-                Err(e) => p.push(
-                    "SM_PROJECTS",
-                    format!("expected a JSON object such as {{}} ({e}); the setting is legacy and can be removed"),
-                ),
-            }
-        }
-        match (git_base, base, worktrees, auto_pull) {
-            (Some(git_base_url), Some(repos_base_path), Some(worktrees_path), Some(auto_pull)) => {
-                Some(RepoSettings {
-                    git_base_url,
-                    repos_base_path,
-                    worktrees_path,
-                    auto_pull,
-                    default_org,
-                })
-            }
-            _ => None,
-        }
-    };
-
-    let chat = {
-        let category = p.with_default("SM_CHANNEL_CATEGORY", &a.channel_category, |v| {
-            if v.chars().count() > 64 {
-                Err("expected a category name of at most 64 characters".into())
-            } else {
-                Ok(v.to_owned())
-            }
-        });
-        let trigger = p.with_default("SM_BOT_TRIGGER", &a.bot_trigger, word);
-        let approvers = p.check(
-            "SM_ALLOWED_APPROVERS",
-            Some(a.allowed_approvers.as_deref().unwrap_or_default()),
-            list,
-        );
-        let users = p.check(
-            "SM_ALLOWED_USERS",
-            Some(a.allowed_users.as_deref().unwrap_or_default()),
-            list,
-        );
-        match (category, trigger, approvers, users) {
-            (
-                Some(channel_category),
-                Some(bot_trigger),
-                Some(allowed_approvers),
-                Some(allowed_users),
-            ) => Some(ChatSettings {
-                channel_category,
-                bot_trigger,
-                allowed_approvers,
-                allowed_users,
-            }),
-            _ => None,
-        }
-    };
-
-    let firewall = {
-        let url = p.required(
-            "SM_OPNSENSE_URL",
-            &a.opnsense_url,
-            "the OPNsense base URL, e.g. https://fw.example.com",
-        );
-        let url = p.check("SM_OPNSENSE_URL", url, http_url);
-        let key = p.required("SM_OPNSENSE_KEY", &a.opnsense_key, "the OPNsense API key");
-        let key = p.check("SM_OPNSENSE_KEY", key, secret_token);
-        let secret = p.required(
-            "SM_OPNSENSE_SECRET",
-            &a.opnsense_secret,
-            "the OPNsense API secret",
-        );
-        let secret = p.check("SM_OPNSENSE_SECRET", secret, secret_token);
-        let alias = p.with_default("SM_OPNSENSE_ALIAS", &a.opnsense_alias, opnsense_alias);
-        let verify = p.with_default("SM_OPNSENSE_VERIFY_TLS", &a.opnsense_verify_tls, boolean);
-        let timeout = p.with_default(
-            "SM_OPNSENSE_TIMEOUT_SECS",
-            &a.opnsense_timeout_secs,
-            seconds,
-        );
-        match (url, key, secret, alias, verify, timeout) {
-            (Some(url), Some(key), Some(secret), Some(alias), Some(verify_tls), Some(timeout)) => {
-                Some(FirewallSettings {
-                    url,
-                    key,
-                    secret,
-                    alias,
-                    verify_tls,
-                    timeout,
-                })
-            }
-            _ => None,
-        }
-    };
-
-    let callback = {
-        let secret = p.required(
-            "SM_CALLBACK_SECRET",
-            &a.callback_secret,
-            "a random key of at least 32 characters (e.g. `openssl rand -hex 32`)",
-        );
-        let secret = p.check("SM_CALLBACK_SECRET", secret, |v| {
-            if v.chars().count() < 32 {
-                Err(
-                    "is too short: use at least 32 random characters (e.g. `openssl rand -hex 32`)"
-                        .into(),
-                )
-            } else {
-                Ok(SecretString::from(v.to_owned()))
-            }
-        });
-        let url = p.with_default("SM_CALLBACK_URL", &a.callback_url, http_url);
-        let ttl = p.with_default("SM_APPROVAL_TTL_SECS", &a.approval_ttl_secs, seconds);
-        match (secret, url, ttl) {
-            (Some(secret), Some(url), Some(approval_ttl)) => Some(CallbackSettings {
-                secret,
-                url,
-                approval_ttl,
-            }),
-            _ => None,
-        }
-    };
-
-    let http = {
-        let listen = p.with_default("SM_LISTEN_ADDR", &a.listen_addr, |v| {
-            v.parse::<SocketAddr>()
-                .map_err(|_| format!("expected an address such as 0.0.0.0:8000, got {v:?}"))
-        });
-        let rps = p.with_default("SM_RATE_LIMIT_RPS", &a.rate_limit_rps, |v| {
-            number::<u32>(
-                v,
-                1,
-                1_000_000,
-                "a whole number of requests per second, at least 1",
-            )
-        });
-        let burst = p.with_default("SM_RATE_LIMIT_BURST", &a.rate_limit_burst, |v| {
-            number::<u32>(v, 1, 1_000_000, "a whole number of requests, at least 1")
-        });
-        let proxies = p.check(
-            "SM_TRUSTED_PROXIES",
-            Some(a.trusted_proxies.as_deref().unwrap_or_default()),
-            |v| {
-                list(v)?
-                    .iter()
-                    .map(|item| parse_net(item))
-                    .collect::<Result<Vec<_>, _>>()
-            },
-        );
-        match (listen, rps, burst, proxies) {
-            (
-                Some(listen_addr),
-                Some(rate_limit_rps),
-                Some(rate_limit_burst),
-                Some(trusted_proxies),
-            ) => Some(HttpSettings {
-                listen_addr,
-                rate_limit_rps,
-                rate_limit_burst,
-                trusted_proxies,
-            }),
-            _ => None,
-        }
-    };
-
-    let database = {
-        let given = Problems::optional(&a.database_url);
-        let url = p.check(
-            "SM_DATABASE_URL",
-            Some(given.unwrap_or(DEFAULT_DATABASE_URL)),
-            DatabaseUrl::parse,
-        );
-        let pool = p.with_default("SM_DATABASE_POOL_SIZE", &a.database_pool_size, |v| {
-            number::<u32>(v, 1, 1000, "a whole number of connections, at least 1")
-        });
-        match (url, pool) {
-            (Some(url), Some(pool_size)) => Some(DatabaseSettings {
-                url,
-                is_default: given.is_none(),
-                pool_size,
-            }),
-            _ => None,
-        }
-    };
-
-    let log_format = p.with_default("SM_LOG_FORMAT", &a.log_format, |v| {
-        match v.to_ascii_lowercase().as_str() {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            _ => Err(format!("expected text or json, got {v:?}")),
-        }
-    });
-
-    Some(Settings {
-        mattermost: mattermost?,
-        vm: vm?,
-        container: container?,
-        repos: repos?,
-        chat: chat?,
-        firewall: firewall?,
-        callback: callback?,
-        http: http?,
-        database: database?,
-        log_format: log_format?,
-        warnings: Vec::new(),
-    })
+/// A [`list`] whose items each go through `item`.
+fn list_of<T: 'static>(
+    item: fn(&str) -> Result<T, String>,
+) -> impl Fn(&str) -> Result<Vec<T>, String> + Clone + Send + Sync + 'static {
+    move |v: &str| list(v)?.iter().map(|entry| item(entry)).collect()
 }
 
 /// known_hosts content, or the path of a known_hosts file (read now).
@@ -1284,6 +1087,22 @@ fn known_hosts(v: &str) -> Result<String, String> {
         Ok(content)
     } else {
         Err("expected known_hosts lines (`host key-type base64-key`, e.g. from ssh-keyscan) or the path of such a file".into())
+    }
+}
+
+fn ssh_private_key(v: &str) -> Result<SecretString, String> {
+    if v.contains("PRIVATE KEY") {
+        Ok(SecretString::from(v.to_owned()))
+    } else {
+        Err("expected the content of an OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY----- …), not a path; use SM_VM_SSH_KEY_PATH for a file".into())
+    }
+}
+
+fn file_path(v: &str) -> Result<PathBuf, String> {
+    if v.is_empty() {
+        Err("expected a path".into())
+    } else {
+        Ok(PathBuf::from(v))
     }
 }
 
@@ -1354,10 +1173,74 @@ fn unix_user(v: &str) -> Result<String, String> {
 }
 
 fn word(v: &str) -> Result<String, String> {
-    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if v.is_empty() || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
         Err(format!("expected a single word without spaces, got {v:?}"))
     } else {
         Ok(v.to_owned())
+    }
+}
+
+fn command_line(v: &str) -> Result<Vec<String>, String> {
+    match shlex::split(v) {
+        Some(words) if !words.is_empty() => Ok(words),
+        _ => Err("expected a command line such as \"claude --dangerously-skip-permissions\" (unbalanced quotes?)".into()),
+    }
+}
+
+fn git_base_url(v: &str) -> Result<Url, String> {
+    let url = Url::parse(v)
+        .map_err(|e| format!("expected a URL such as https://github.com, got {v:?} ({e})"))?;
+    if !matches!(url.scheme(), "https" | "http" | "ssh" | "file") {
+        return Err(format!(
+            "expected an https://, ssh:// or file:// URL, got {v:?}"
+        ));
+    }
+    if url.password().is_some() || !url.username().is_empty() {
+        return Err(
+            "must not contain credentials: private repositories use GH_TOKEN on the VM".into(),
+        );
+    }
+    Ok(url)
+}
+
+/// `SM_PROJECTS`: a JSON object (blank counts as `{}`); [`rules`] warns when it is not empty.
+fn legacy_projects(v: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    if v.is_empty() {
+        return Ok(serde_json::Map::new());
+    }
+    serde_json::from_str(v).map_err(|e| {
+        format!(
+            "expected a JSON object such as {{}} ({e}); the setting is legacy and can be removed"
+        )
+    })
+}
+
+fn category_name(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.chars().count() > 64 {
+        Err("expected a category name of at most 64 characters".into())
+    } else {
+        Ok(v.to_owned())
+    }
+}
+
+fn callback_secret(v: &str) -> Result<SecretString, String> {
+    if v.chars().count() < 32 {
+        Err("is too short: use at least 32 random characters (e.g. `openssl rand -hex 32`)".into())
+    } else {
+        Ok(SecretString::from(v.to_owned()))
+    }
+}
+
+fn socket_addr(v: &str) -> Result<SocketAddr, String> {
+    v.parse::<SocketAddr>()
+        .map_err(|_| format!("expected an address such as 0.0.0.0:8000, got {v:?}"))
+}
+
+fn log_format(v: &str) -> Result<LogFormat, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected text or json, got {v:?}")),
     }
 }
 
@@ -1454,7 +1337,7 @@ fn list(v: &str) -> Result<Vec<String>, String> {
         .collect())
 }
 
-fn parse_net(item: &str) -> Result<IpNet, String> {
+fn ip_net(item: &str) -> Result<IpNet, String> {
     item.parse::<IpNet>()
         .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| {
@@ -1478,22 +1361,21 @@ pub struct SettingDoc {
     pub help: String,
 }
 
-/// Every setting, in `--help` order.
+/// Every setting, in `--help` order. A hidden default (the embedded database) is described in
+/// the help text instead, so it is not listed as the default.
 pub fn setting_docs() -> Vec<SettingDoc> {
-    Cli::command()
-        .get_arguments()
-        .filter_map(|arg| {
-            let env = arg.get_env()?.to_string_lossy().into_owned();
-            Some(SettingDoc {
-                env,
-                flag: arg.get_long().unwrap_or_default().to_owned(),
-                default: arg
-                    .get_default_values()
-                    .first()
-                    .map(|d| d.to_string_lossy().into_owned()),
-                secret: arg.is_hide_env_values_set(),
-                help: arg.get_help().map(ToString::to_string).unwrap_or_default(),
-            })
+    setting_args()
+        .iter()
+        .map(|arg| SettingDoc {
+            env: env_name(arg).to_owned(),
+            flag: arg.get_long().unwrap_or_default().to_owned(),
+            default: arg
+                .get_default_values()
+                .first()
+                .filter(|_| !arg.is_hide_default_value_set())
+                .map(|d| d.to_string_lossy().into_owned()),
+            secret: arg.is_hide_env_values_set(),
+            help: arg.get_help().map(ToString::to_string).unwrap_or_default(),
         })
         .collect()
 }
@@ -1530,44 +1412,37 @@ pub struct ConfigReport {
 }
 
 impl ConfigReport {
-    /// Builds the report from clap's matches. Secret values are shown as `<redacted>`, and a
-    /// password inside any URL as `***`.
+    /// Builds the report from the matches of [`Cli::raw_command`]. Secret values are shown as
+    /// `<redacted>`, and a password inside any URL as `***`.
     pub fn new(matches: &ArgMatches) -> Self {
-        let cli = Cli::from_arg_matches(matches);
-        let (problems, warnings) = match cli {
-            Ok(cli) => match Settings::from_args(&cli.settings) {
-                Ok(s) => (Vec::new(), s.warnings),
-                Err(e) => (e.0, Vec::new()),
-            },
-            Err(e) => (
-                vec![ConfigProblem {
-                    var: "arguments",
-                    message: e.to_string(),
-                }],
-                Vec::new(),
-            ),
+        let (problems, warnings) = match Settings::from_matches(matches) {
+            Ok(s) => (Vec::new(), s.warnings),
+            Err(e) => (e.0, Vec::new()),
         };
-        let command = Cli::command();
-        let entries = command
-            .get_arguments()
-            .filter_map(|arg| {
-                let env = arg.get_env()?.to_string_lossy().into_owned();
+        let entries = setting_args()
+            .iter()
+            .map(|arg| {
+                let env = env_name(arg).to_owned();
                 let id = arg.get_id().as_str();
                 let value = matches
                     .try_get_one::<String>(id)
                     .ok()
                     .flatten()
                     .filter(|v| !v.is_empty());
-                let shown = match value {
-                    None if id == "database_url" => {
-                        format!("<unset> (embedded default {DEFAULT_DATABASE_URL})")
+                let hidden_default = arg
+                    .get_default_values()
+                    .first()
+                    .filter(|_| arg.is_hide_default_value_set());
+                let shown = match (value, hidden_default) {
+                    (None, Some(default)) => {
+                        format!("<unset> (embedded default {})", default.to_string_lossy())
                     }
-                    None => "<unset>".to_owned(),
-                    Some(_) if arg.is_hide_env_values_set() && id == "database_url" => {
-                        redact_url_password(value.map(String::as_str).unwrap_or_default())
+                    (None, None) => "<unset>".to_owned(),
+                    (Some(v), _) if arg.is_hide_env_values_set() && id == "database_url" => {
+                        redact_url_password(v)
                     }
-                    Some(_) if arg.is_hide_env_values_set() => "<redacted>".to_owned(),
-                    Some(v) => redact_url_password(v),
+                    (Some(_), _) if arg.is_hide_env_values_set() => "<redacted>".to_owned(),
+                    (Some(v), _) => redact_url_password(v),
                 };
                 let source = match matches.value_source(id) {
                     Some(ValueSource::EnvVariable) => "env",
@@ -1575,7 +1450,7 @@ impl ConfigReport {
                     Some(ValueSource::DefaultValue) => "default",
                     _ => "unset",
                 };
-                Some((env, shown, source))
+                (env, shown, source)
             })
             .collect();
         Self {
@@ -1625,8 +1500,10 @@ mod tests {
         for (flag, value) in pairs {
             argv.push(format!("--{flag}={value}"));
         }
-        let cli = Cli::try_parse_from(argv).expect("clap accepts strings");
-        Settings::from_args(&cli.settings)
+        let matches = Cli::raw_command()
+            .try_get_matches_from(argv)
+            .expect("clap accepts any text");
+        Settings::from_matches(&matches)
     }
 
     fn complete() -> Vec<(&'static str, &'static str)> {
@@ -1669,6 +1546,10 @@ mod tests {
         );
         assert!(!s.repos.auto_pull);
         assert_eq!(s.repos.default_org, None);
+        assert!(s.repos.projects.is_empty());
+        assert!(!s.vm.insecure_accept_new_host_key);
+        assert!(s.chat.allowed_users.is_empty());
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert_eq!(s.chat.channel_category, "Claude Sessions");
         assert_eq!(s.chat.bot_trigger, "@claude");
         assert!(s.chat.allowed_approvers.is_empty());
@@ -1907,6 +1788,198 @@ mod tests {
         assert!(debug.contains("db.internal"), "host stays visible: {debug}");
         assert_eq!(s.database.url.backend(), DatabaseBackend::Postgres);
         assert!(!s.database.is_default);
+    }
+
+    #[test]
+    fn the_command_lines_are_well_formed() {
+        Cli::command().debug_assert();
+        Cli::raw_command().debug_assert();
+        Settings::augment_args(Command::new("settings")).debug_assert();
+        for arg in setting_args() {
+            assert!(env_name(arg).starts_with("SM_"), "{arg:?}");
+            assert!(arg.get_long().is_some(), "{arg:?}");
+        }
+    }
+
+    #[test]
+    fn every_default_passes_its_own_parser() {
+        let mut defaults = 0;
+        for arg in setting_args() {
+            for default in arg.get_default_values() {
+                let default = default.to_str().expect("UTF-8");
+                assert_eq!(default, default.trim());
+                if let Err(message) = check(arg, default) {
+                    panic!("{}: default {default:?}: {message}", env_name(arg));
+                }
+                defaults += 1;
+            }
+        }
+        assert!(defaults > 0);
+    }
+
+    #[test]
+    fn problems_from_every_group_are_reported_at_once_in_help_order() {
+        let mut pairs = complete();
+        pairs.retain(|(f, _)| {
+            !matches!(
+                *f,
+                "callback-secret" | "vm-known-hosts" | "mattermost-team-id"
+            )
+        });
+        pairs.extend([
+            ("log-format", "xml"),
+            ("mattermost-team-id", "short"),
+            ("database-pool-size", "0"),
+            ("vm-port", "0"),
+            ("claude-command", "'"),
+            ("auto-pull", "maybe"),
+            ("bot-trigger", "a b"),
+            ("opnsense-alias", "9"),
+            ("callback-url", "x"),
+            ("listen-addr", "x"),
+        ]);
+        let err = args(&pairs).expect_err("invalid");
+        let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
+        assert_eq!(
+            vars,
+            [
+                "SM_MATTERMOST_TEAM_ID",
+                "SM_VM_PORT",
+                "SM_VM_KNOWN_HOSTS",
+                "SM_CLAUDE_COMMAND",
+                "SM_AUTO_PULL",
+                "SM_BOT_TRIGGER",
+                "SM_OPNSENSE_ALIAS",
+                "SM_CALLBACK_SECRET",
+                "SM_CALLBACK_URL",
+                "SM_LISTEN_ADDR",
+                "SM_DATABASE_POOL_SIZE",
+                "SM_LOG_FORMAT",
+            ]
+        );
+        assert!(err.0[2].message.starts_with("is required: "), "{err}");
+        assert!(err.0[7].message.starts_with("is required: "), "{err}");
+    }
+
+    #[test]
+    fn every_required_setting_says_what_is_needed_when_missing_or_blank() {
+        let required: Vec<_> = setting_args()
+            .iter()
+            .filter(|arg| arg.is_required_set())
+            .map(|arg| env_name(arg))
+            .collect();
+        assert_eq!(
+            required,
+            [
+                "SM_MATTERMOST_URL",
+                "SM_MATTERMOST_TOKEN",
+                "SM_MATTERMOST_TEAM_ID",
+                "SM_VM_HOST",
+                "SM_OPNSENSE_URL",
+                "SM_OPNSENSE_KEY",
+                "SM_OPNSENSE_SECRET",
+                "SM_CALLBACK_SECRET",
+            ]
+        );
+        let blank: Vec<_> = setting_args()
+            .iter()
+            .filter(|arg| arg.is_required_set())
+            .map(|arg| (arg.get_long().expect("long"), " "))
+            .collect();
+        for pairs in [Vec::new(), blank] {
+            let err = args(&pairs).expect_err("nothing given");
+            for var in &required {
+                let problem = err.0.iter().find(|p| p.var == *var).expect(var);
+                assert!(problem.message.starts_with("is required: "), "{problem}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_blank_value_must_not_be_empty_when_there_is_a_default_unless_it_is_a_list() {
+        let blank_is_a_value = [
+            "SM_CONTAINER_ENV",
+            "SM_PROJECTS",
+            "SM_ALLOWED_USERS",
+            "SM_ALLOWED_APPROVERS",
+            "SM_TRUSTED_PROXIES",
+        ];
+        for arg in setting_args() {
+            if arg.get_default_values().is_empty() || arg.is_hide_default_value_set() {
+                continue;
+            }
+            let var = env_name(arg);
+            let mut pairs = complete();
+            pairs.push((arg.get_long().expect("long"), " "));
+            let result = args(&pairs);
+            if blank_is_a_value.contains(&var) {
+                assert!(result.is_ok(), "{var}: {result:?}");
+            } else {
+                let err = result.expect_err(var);
+                assert_eq!(
+                    err.0,
+                    [ConfigProblem {
+                        var,
+                        message: "must not be empty".into()
+                    }]
+                );
+            }
+        }
+        let mut pairs = complete();
+        pairs.extend([("container-env", ""), ("projects", " ")]);
+        let s = args(&pairs).expect("valid");
+        assert!(s.container.env.is_empty());
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn a_blank_optional_value_is_unset() {
+        let mut pairs = complete();
+        pairs.extend([
+            ("vm-ssh-key", " "),
+            ("default-org", ""),
+            ("database-url", " "),
+        ]);
+        let s = args(&pairs).expect("valid");
+        assert!(s.vm.ssh_key.is_none());
+        assert_eq!(s.repos.default_org, None);
+        assert_eq!(s.database.url.expose(), DEFAULT_DATABASE_URL);
+        assert!(s.database.is_default);
+        pairs.retain(|(f, _)| *f != "vm-known-hosts");
+        pairs.push(("vm-known-hosts", "  "));
+        let err = args(&pairs).expect_err("blank host key");
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].var, "SM_VM_KNOWN_HOSTS");
+        assert!(err.0[0].message.starts_with("is required: "));
+    }
+
+    #[test]
+    fn values_are_trimmed_and_a_bad_host_key_is_not_also_missing() {
+        let mut pairs = complete();
+        pairs.extend([("vm-port", " 2222 "), ("default-org", " acme ")]);
+        let s = args(&pairs).expect("valid");
+        assert_eq!(s.vm.port, 2222);
+        assert_eq!(s.repos.default_org.as_deref(), Some("acme"));
+        pairs.retain(|(f, _)| *f != "vm-known-hosts");
+        pairs.push(("vm-known-hosts", "/nonexistent/known_hosts"));
+        let err = args(&pairs).expect_err("unreadable");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].message.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn the_reference_hides_the_embedded_default_and_lists_every_setting() {
+        let docs = setting_docs();
+        assert_eq!(docs.len(), setting_args().len());
+        let db = docs
+            .iter()
+            .find(|d| d.env == "SM_DATABASE_URL")
+            .expect("database");
+        assert_eq!(db.default, None);
+        assert!(db.secret);
+        let markdown = markdown_reference();
+        assert!(markdown.contains("| `SM_DATABASE_URL` | `--database-url` | (none) |"));
+        assert!(markdown.contains("| `SM_ALLOWED_USERS` | `--allowed-users` | (empty) |"));
     }
 
     #[test]

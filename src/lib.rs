@@ -245,8 +245,7 @@ pub async fn serve(
     }
     let ssh = Arc::new(ssh_pool(&settings).context("cannot prepare SSH to the VM")?);
     let firewall = Arc::new(
-        OpnsenseClient::new((&settings.firewall).into())
-            .context("cannot prepare the OPNsense client")?,
+        OpnsenseClient::new(&settings.firewall).context("cannot prepare the OPNsense client")?,
     );
     tasks.spawn(firewall_health_loop(
         Arc::clone(&firewall),

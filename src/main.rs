@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 use session_manager::config::{markdown_reference, Cli, CliCommand, ConfigReport, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -13,12 +13,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let matches = Cli::command().get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
+    let matches = Cli::raw_command().get_matches();
+    let command = match CliCommand::from_arg_matches(&matches) {
+        Ok(command) => command,
         Err(e) => e.exit(),
     };
-    let command = match cli.command {
+    let command = match command {
         CliCommand::Config { markdown: true } => {
             print!("{}", markdown_reference());
             return ExitCode::SUCCESS;
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
         other => other,
     };
-    let settings = match Settings::from_args(&cli.settings) {
+    let settings = match Settings::from_matches(&matches) {
         Ok(settings) => settings,
         Err(errors) => {
             eprintln!(

@@ -699,9 +699,10 @@ async fn bad_domains_are_refused_before_any_firewall_call() {
 fn opnsense_client(
     opn: &support::opnsense::FakeOpnsense,
 ) -> Arc<session_manager::firewall::opnsense::OpnsenseClient> {
-    use session_manager::firewall::opnsense::{OpnsenseClient, OpnsenseConfig};
+    use session_manager::config::FirewallSettings;
+    use session_manager::firewall::opnsense::OpnsenseClient;
     Arc::new(
-        OpnsenseClient::new(OpnsenseConfig {
+        OpnsenseClient::new(&FirewallSettings {
             url: url::Url::parse(&opn.url()).expect("url"),
             key: secrecy::SecretString::from("key".to_owned()),
             secret: secrecy::SecretString::from("secret".to_owned()),
@@ -817,13 +818,14 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() {
-    use session_manager::firewall::opnsense::{OpnsenseClient, OpnsenseConfig};
+    use session_manager::config::FirewallSettings;
+    use session_manager::firewall::opnsense::OpnsenseClient;
     use support::opnsense::{FakeOpnsense, ALIAS, INITIAL_DOMAIN};
 
     let opn = FakeOpnsense::start("key", "secret").await;
     let client = || {
         Arc::new(
-            OpnsenseClient::new(OpnsenseConfig {
+            OpnsenseClient::new(&FirewallSettings {
                 url: url::Url::parse(&opn.url()).expect("url"),
                 key: secrecy::SecretString::from("key".to_owned()),
                 secret: secrecy::SecretString::from("secret".to_owned()),

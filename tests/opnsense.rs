@@ -8,7 +8,8 @@ use std::time::Duration;
 use reqwest::header::CONTENT_TYPE;
 use secrecy::SecretString;
 use serde_json::{json, Value};
-use session_manager::firewall::opnsense::{FirewallError, OpnsenseClient, OpnsenseConfig};
+use session_manager::config::FirewallSettings;
+use session_manager::firewall::opnsense::{FirewallError, OpnsenseClient};
 use support::opnsense::{
     Failure, FakeOpnsense, ALIAS, ALIAS_DESCRIPTION, INITIAL_DOMAIN, OTHER_ALIAS, OTHER_DESCRIPTION,
 };
@@ -16,8 +17,8 @@ use support::opnsense::{
 const KEY: &str = "w86XNZob/8Oq8aC5r0kbNarNtdpoQU781fyoeaOBQsBwkXUt";
 const SECRET: &str = "XeD26XVrJ5ilAc/EmglCRC+0j2e57tRsjHwFepOseySWLM53";
 
-fn config(fake: &FakeOpnsense, alias: &str, secret: &str, timeout: Duration) -> OpnsenseConfig {
-    OpnsenseConfig {
+fn config(fake: &FakeOpnsense, alias: &str, secret: &str, timeout: Duration) -> FirewallSettings {
+    FirewallSettings {
         url: url::Url::parse(&fake.url()).expect("fake URL"),
         key: SecretString::from(KEY.to_owned()),
         secret: SecretString::from(secret.to_owned()),
@@ -28,7 +29,7 @@ fn config(fake: &FakeOpnsense, alias: &str, secret: &str, timeout: Duration) -> 
 }
 
 fn client(fake: &FakeOpnsense) -> OpnsenseClient {
-    OpnsenseClient::new(config(fake, ALIAS, SECRET, Duration::from_secs(5))).expect("client")
+    OpnsenseClient::new(&config(fake, ALIAS, SECRET, Duration::from_secs(5))).expect("client")
 }
 
 fn domains(names: &[&str]) -> Vec<String> {
@@ -64,7 +65,7 @@ async fn alias_uuid_is_looked_up_by_name_and_unknown_names_are_not_found() {
     assert_eq!(method, "GET");
     assert_eq!(path, format!("/api/firewall/alias/getAliasUUID/{ALIAS}"));
 
-    let missing = OpnsenseClient::new(config(
+    let missing = OpnsenseClient::new(&config(
         &fake,
         "no_such_alias",
         SECRET,
@@ -91,7 +92,7 @@ async fn alias_uuid_is_looked_up_by_name_and_unknown_names_are_not_found() {
 #[tokio::test]
 async fn alias_names_are_percent_encoded_as_one_path_segment() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
-    let odd = OpnsenseClient::new(config(&fake, "a/b?c", SECRET, Duration::from_secs(5)))
+    let odd = OpnsenseClient::new(&config(&fake, "a/b?c", SECRET, Duration::from_secs(5)))
         .expect("client");
     let err = odd.alias_uuid().await.expect_err("no such alias");
     assert!(
@@ -285,8 +286,8 @@ async fn entries_that_would_split_are_refused_before_any_request() {
 #[tokio::test]
 async fn bad_credentials_are_a_permanent_auth_error() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
-    let wrong =
-        OpnsenseClient::new(config(&fake, ALIAS, "wrong", Duration::from_secs(5))).expect("client");
+    let wrong = OpnsenseClient::new(&config(&fake, ALIAS, "wrong", Duration::from_secs(5)))
+        .expect("client");
     let err = wrong
         .ensure_domains(&domains(&["pypi.org"]))
         .await
@@ -363,7 +364,7 @@ async fn server_errors_are_not_permanent() {
 #[tokio::test]
 async fn a_timeout_is_unreachable_and_not_permanent() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
-    let client = OpnsenseClient::new(config(&fake, ALIAS, SECRET, Duration::from_millis(300)))
+    let client = OpnsenseClient::new(&config(&fake, ALIAS, SECRET, Duration::from_millis(300)))
         .expect("client");
     fake.fail_next("setItem", 1, Failure::Timeout(Duration::from_secs(1)));
     let started = std::time::Instant::now();
@@ -492,7 +493,7 @@ async fn every_post_carries_a_json_object() {
 async fn check_reports_a_firewall_that_is_down() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
     let client =
-        OpnsenseClient::new(config(&fake, ALIAS, SECRET, Duration::from_secs(2))).expect("client");
+        OpnsenseClient::new(&config(&fake, ALIAS, SECRET, Duration::from_secs(2))).expect("client");
     client.check().await.expect("up");
     fake.set_down(true);
     // Twice: once over the pooled connection (503, closed), once over a new connection
@@ -520,7 +521,7 @@ async fn an_unreachable_port_is_unreachable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
-    let client = OpnsenseClient::new(OpnsenseConfig {
+    let client = OpnsenseClient::new(&FirewallSettings {
         url: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
         key: SecretString::from(KEY.to_owned()),
         secret: SecretString::from(SECRET.to_owned()),
@@ -540,7 +541,7 @@ async fn a_base_url_with_a_path_prefix_is_kept() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
     let mut cfg = config(&fake, ALIAS, SECRET, Duration::from_secs(5));
     cfg.url = url::Url::parse(&format!("{}/prefix/", fake.url())).expect("url");
-    let err = OpnsenseClient::new(cfg)
+    let err = OpnsenseClient::new(&cfg)
         .expect("client")
         .check()
         .await

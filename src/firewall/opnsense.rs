@@ -46,7 +46,7 @@
 //! # Secrets
 //!
 //! The key and secret stay in [`SecretString`]s; they only leave them to build the
-//! `Authorization` header, which reqwest marks sensitive. Neither [`OpnsenseConfig`] nor
+//! `Authorization` header, which reqwest marks sensitive. Neither [`FirewallSettings`] nor
 //! [`OpnsenseClient`] shows them in `Debug`, and no error or log line contains them.
 
 use std::fmt;
@@ -61,53 +61,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use url::Url;
 
+use crate::config::FirewallSettings;
+
 /// Longest piece of a server's answer quoted in an error message.
 const MAX_QUOTED: usize = 300;
-
-/// How to reach the OPNsense API and which alias to manage.
-#[derive(Clone)]
-pub struct OpnsenseConfig {
-    /// Base URL of the firewall, without `/api` (`https://fw.example.com`, or with a path
-    /// prefix when OPNsense sits behind a proxy).
-    pub url: Url,
-    /// API key (the HTTP Basic user).
-    pub key: SecretString,
-    /// API secret (the HTTP Basic password).
-    pub secret: SecretString,
-    /// Name of the `host` alias that holds the approved domains.
-    pub alias: String,
-    /// Verify the firewall's TLS certificate. `false` accepts any certificate (self-signed,
-    /// expired, wrong host name): only for a firewall reached over a trusted network.
-    pub verify_tls: bool,
-    /// Bound on each API call, connecting included.
-    pub timeout: Duration,
-}
-
-impl fmt::Debug for OpnsenseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpnsenseConfig")
-            .field("url", &self.url.as_str())
-            .field("key", &"[REDACTED]")
-            .field("secret", &"[REDACTED]")
-            .field("alias", &self.alias)
-            .field("verify_tls", &self.verify_tls)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-impl From<&crate::config::FirewallSettings> for OpnsenseConfig {
-    fn from(s: &crate::config::FirewallSettings) -> Self {
-        Self {
-            url: s.url.clone(),
-            key: s.key.clone(),
-            secret: s.secret.clone(),
-            alias: s.alias.clone(),
-            verify_tls: s.verify_tls,
-            timeout: s.timeout,
-        }
-    }
-}
 
 /// Why an OPNsense call failed.
 ///
@@ -200,7 +157,9 @@ impl fmt::Debug for OpnsenseClient {
 }
 
 impl OpnsenseClient {
-    /// A client for the firewall at `cfg.url`.
+    /// A client for the firewall at `cfg.url` (a base URL without `/api`, possibly with a
+    /// path prefix when OPNsense sits behind a proxy), managing the alias `cfg.alias`, with
+    /// `cfg.timeout` as the bound on each API call, connecting included.
     ///
     /// TLS uses rustls with the platform's trust store; with `verify_tls = false` any
     /// certificate is accepted (`danger_accept_invalid_certs`), which gives up protection
@@ -210,7 +169,7 @@ impl OpnsenseClient {
     /// # Errors
     /// [`FirewallError::Unreachable`] when the URL is not an `http(s)` base URL or the HTTP
     /// client cannot be built.
-    pub fn new(cfg: OpnsenseConfig) -> Result<Self, FirewallError> {
+    pub fn new(cfg: &FirewallSettings) -> Result<Self, FirewallError> {
         if !matches!(cfg.url.scheme(), "http" | "https") || cfg.url.cannot_be_a_base() {
             return Err(FirewallError::Unreachable(format!(
                 "the OPNsense URL must be an http(s) base URL, not {:?}",
@@ -242,9 +201,9 @@ impl OpnsenseClient {
             inner: Arc::new(Inner {
                 http,
                 api,
-                key: cfg.key,
-                secret: cfg.secret,
-                alias: cfg.alias,
+                key: cfg.key.clone(),
+                secret: cfg.secret.clone(),
+                alias: cfg.alias.clone(),
                 timeout: cfg.timeout,
             }),
         })
@@ -890,7 +849,7 @@ mod tests {
 
     #[test]
     fn debug_hides_secrets() {
-        let cfg = OpnsenseConfig {
+        let cfg = FirewallSettings {
             url: Url::parse("https://fw.example").unwrap(),
             key: SecretString::from("the-key".to_owned()),
             secret: SecretString::from("the-secret".to_owned()),
@@ -903,7 +862,7 @@ mod tests {
             !text.contains("the-key") && !text.contains("the-secret"),
             "{text}"
         );
-        let client = OpnsenseClient::new(cfg).unwrap();
+        let client = OpnsenseClient::new(&cfg).unwrap();
         let text = format!("{client:?}");
         assert!(
             !text.contains("the-key") && !text.contains("the-secret"),

@@ -14,7 +14,6 @@ pub mod testbed;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use clap::Parser;
 use session_manager::config::{Cli, DatabaseSettings, DatabaseUrl, Settings};
 use session_manager::store::Store;
 use sqlx::Connection;
@@ -221,8 +220,10 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
     for (k, v) in pairs {
         argv.push(format!("--{k}={v}"));
     }
-    let cli = Cli::try_parse_from(argv).expect("arguments");
-    Settings::from_args(&cli.settings).expect("valid test settings")
+    let matches = Cli::raw_command()
+        .try_get_matches_from(argv)
+        .expect("arguments");
+    Settings::from_matches(&matches).expect("valid test settings")
 }
 
 /// Logs into libtest's captured output (shown for failing tests); levels from RUST_LOG,
