@@ -393,7 +393,7 @@ async fn run_chat(
         runtime_config(&settings),
         markers_tx,
     );
-    let approvals = Arc::new(Approvals::new(
+    let approvals = Approvals::new(
         store.clone(),
         adapter.clone(),
         firewall,
@@ -405,7 +405,7 @@ async fn run_chat(
             approvers,
             alias: settings.firewall.alias.clone(),
         },
-    ));
+    );
     let repo_host = settings
         .repos
         .git_base_url
@@ -433,7 +433,10 @@ async fn run_chat(
         runtime.clone(),
         markers_stop.clone(),
     ));
-    let workers = tokio::spawn(approvals.clone().run_workers(cancel.clone()));
+    let workers = {
+        let (approvals, cancel) = (Arc::clone(&approvals), cancel.clone());
+        tokio::spawn(async move { approvals.run_workers(cancel).await })
+    };
     clicks.set(approvals);
     runtime.recover().await;
     let dispatcher = Dispatcher::new(

@@ -166,7 +166,7 @@ async fn world_with(
     let callback = format!("http://{addr}/callback");
     let alias = Arc::new(RecordingAlias::default());
     let mailbox = Arc::new(Mailbox::default());
-    let approvals = Arc::new(Approvals::new(
+    let approvals = Approvals::new(
         store.clone(),
         adapter.clone(),
         firewall.unwrap_or_else(|| alias.clone() as Arc<dyn AliasWriter>),
@@ -182,7 +182,7 @@ async fn world_with(
             },
             alias: "llm_approved_domains".into(),
         },
-    ));
+    );
     let clicks = session_manager::chat::ClickHandlers::new();
     clicks.set(approvals.clone());
     let (_, role) = tokio::sync::watch::channel(session_manager::leader::Role::Active);
@@ -206,7 +206,10 @@ async fn world_with(
         .await;
     });
     let cancel = CancellationToken::new();
-    tokio::spawn(approvals.clone().run_workers(cancel.clone()));
+    {
+        let (a, c) = (approvals.clone(), cancel.clone());
+        tokio::spawn(async move { a.run_workers(c).await })
+    };
     World {
         fake,
         _db: db,
@@ -768,7 +771,7 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
     // storage resumes the work.
     w.cancel.cancel();
     opn.set_down(false);
-    let next = Arc::new(Approvals::new(
+    let next = Approvals::new(
         w.store.clone(),
         Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
         opnsense_client(&opn),
@@ -780,14 +783,17 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
             approvers: Approvers::ChannelMembers,
             alias: ALIAS.into(),
         },
-    ));
+    );
     // Make the retry due now rather than after its backoff.
     let _ = w
         .store
         .record_approval_attempt_failed(&request.id, "connection refused", now_ms())
         .await;
     let cancel = CancellationToken::new();
-    tokio::spawn(next.clone().run_workers(cancel.clone()));
+    {
+        let (a, c) = (next.clone(), cancel.clone());
+        tokio::spawn(async move { a.run_workers(c).await })
+    };
     w.wait_for("applied after the restart", |w| {
         w.mailbox
             .texts()
@@ -852,7 +858,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
     let cancel = CancellationToken::new();
     let mut replicas = Vec::new();
     for _ in 0..2 {
-        let replica = Arc::new(Approvals::new(
+        let replica = Approvals::new(
             store.clone(),
             adapter.clone(),
             client(),
@@ -864,7 +870,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
                 approvers: Approvers::ChannelMembers,
                 alias: ALIAS.into(),
             },
-        ));
+        );
         replicas.push(replica);
     }
     let domains: Vec<String> = (0..10).map(|i| format!("pkg{i}.example.org")).collect();
@@ -881,7 +887,10 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
     }
     // Both replicas' workers race to apply them.
     for replica in &replicas {
-        tokio::spawn(replica.clone().run_workers(cancel.clone()));
+        {
+            let (a, c) = (replica.clone(), cancel.clone());
+            tokio::spawn(async move { a.run_workers(c).await })
+        };
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

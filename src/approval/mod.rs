@@ -137,9 +137,11 @@ pub struct Approvals {
     wake: Notify,
     apply_lock: Mutex<()>,
     instance: String,
-    /// Background work started by clicks (telling an agent it was denied); awaited by
-    /// [`Approvals::run_workers`] when it stops.
+    /// Background work started by clicks (telling an agent it was denied, updating expired
+    /// cards); awaited by [`Approvals::run_workers`] when it stops.
     tasks: TaskTracker,
+    /// This flow itself, for the background work it starts.
+    me: std::sync::Weak<Approvals>,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -157,8 +159,8 @@ impl Approvals {
         firewall: Arc<dyn AliasWriter>,
         mailbox: Arc<dyn AgentMailbox>,
         config: ApprovalConfig,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             store,
             chat,
             firewall,
@@ -168,6 +170,18 @@ impl Approvals {
             apply_lock: Mutex::new(()),
             instance: uuid::Uuid::new_v4().to_string(),
             tasks: TaskTracker::new(),
+            me: me.clone(),
+        })
+    }
+
+    /// Runs `work` on this flow's task tracker (awaited when the workers stop).
+    fn in_background<F, Fut>(&self, work: F)
+    where
+        F: FnOnce(Arc<Approvals>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some(me) = self.me.upgrade() {
+            self.tasks.spawn(work(me));
         }
     }
 
@@ -312,8 +326,16 @@ impl Approvals {
         };
         let now = now_ms();
         if now >= expires {
-            // The expiry worker updates the card and tells the agent.
-            self.wake.notify_one();
+            // Recorded now; the card and the agent are told in the background.
+            let expired = self.store.expire_approvals(now).await.map_err(|e| {
+                error!(error = %e, "cannot record expired requests");
+                ClickError::Unavailable
+            })?;
+            self.in_background(|me| async move {
+                for request in expired {
+                    me.after_expiry(&request).await;
+                }
+            });
             return Ok(ClickReply::Notice(
                 "This request has expired; Claude was told it is denied.".into(),
             ));
@@ -385,15 +407,13 @@ impl Approvals {
                 };
                 let card = self.card(&request, session.as_ref(), Some(status));
                 if decision == Decision::Deny {
-                    let mailbox = Arc::clone(&self.mailbox);
                     let by = click.user_name.clone();
-                    self.tasks.spawn(async move {
-                        mailbox
-                            .deliver(
-                                &request.session_id,
-                                format!("[NETWORK_DENIED: {}] denied by @{by}", request.domain),
-                            )
-                            .await;
+                    self.in_background(|me| async move {
+                        me.tell_agent(
+                            &request.session_id,
+                            format!("[NETWORK_DENIED: {}] denied by @{by}", request.domain),
+                        )
+                        .await;
                     });
                 } else {
                     self.wake.notify_one();
@@ -422,7 +442,7 @@ impl Approvals {
 
     /// Applies due approvals and expires old requests until `cancel` fires, then waits for the
     /// background work clicks started.
-    pub async fn run_workers(self: Arc<Self>, cancel: CancellationToken) {
+    pub async fn run_workers(&self, cancel: CancellationToken) {
         self.work(cancel).await;
         self.tasks.close();
         self.tasks.wait().await;
