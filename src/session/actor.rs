@@ -162,6 +162,9 @@ pub(super) struct Actor {
     outbox: VecDeque<MarkerEvent>,
     /// Whether a turn is running.
     busy: bool,
+    /// The message of the running turn, until the agent shows it got it (any output of the
+    /// turn): if the agent is lost before that, the message is sent again to its successor.
+    in_flight: Option<String>,
     /// What to do once the current turn is over.
     pending: Pending,
     scanner: MarkerScanner,
@@ -187,6 +190,7 @@ impl Actor {
             auto_compact,
             outbox: VecDeque::new(),
             busy: false,
+            in_flight: None,
             pending: Pending::None,
             scanner,
             seen_tools: HashSet::new(),
@@ -320,10 +324,18 @@ impl Actor {
                     self.scanner.reset();
                     self.seen_tools.clear();
                     let was_busy = std::mem::take(&mut self.busy);
+                    // A message the lost agent never showed it got goes to its successor.
+                    let unseen = self.in_flight.take();
+                    let resend = unseen.is_some();
+                    if let Some(text) = unseen {
+                        queue.push_front(text);
+                    }
                     match self.replace_agent(agent, Replace::Resume).await {
                         Ok(new_agent) => {
                             agent = new_agent;
-                            let note = if was_busy {
+                            let note = if resend {
+                                "⚠️ The connection to Claude was lost before it answered; Claude was restarted, the conversation resumed, and your message was sent again."
+                            } else if was_busy {
                                 "⚠️ The connection to Claude was lost in the middle of an answer; Claude was restarted and the conversation resumed. The interrupted answer may be incomplete: ask again if needed."
                             } else {
                                 "⚠️ The connection to Claude was lost; Claude was restarted and the conversation resumed."
@@ -540,12 +552,14 @@ impl Actor {
     async fn send_turn(&mut self, agent: &mut Agent, queue: &mut VecDeque<String>, text: String) {
         let line = stream_json::user_turn(&text);
         let is_compact = text == "/compact";
+        self.in_flight = None;
         if let Err(e) = agent.write(&line).await {
             warn!(session = %self.plan.session.id, error = %e, "cannot write to the agent; the message waits for the agent to be resumed");
             queue.push_front(text);
             return;
         }
         self.busy = true;
+        self.in_flight = Some(text);
         if !is_compact {
             self.auto_compact.on_message();
         }
@@ -601,6 +615,15 @@ impl Actor {
                 return;
             }
         };
+        if matches!(
+            event,
+            AgentEvent::Assistant { .. }
+                | AgentEvent::Result(_)
+                | AgentEvent::ToolResults { .. }
+                | AgentEvent::CompactBoundary
+        ) {
+            self.in_flight = None; // the agent has the message
+        }
         match event {
             AgentEvent::Assistant {
                 blocks,
