@@ -73,6 +73,8 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use url::Url;
 
+pub use crate::runtime::devcontainer::RepoConfigPolicy;
+
 /// The default database when `SM_DATABASE_URL` is unset: an embedded SQLite file in the
 /// working directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://session-manager.db";
@@ -314,7 +316,8 @@ pub struct ContainerSettings {
         value_parser = word
     )]
     pub runtime: String,
-    /// Container network of the generated fallback devcontainer (the firewalled network).
+    /// Container network every session's container runs on, whatever a repository's
+    /// devcontainer.json says (the firewalled network).
     #[arg(
         id = "container_network",
         long = "container-network",
@@ -345,16 +348,53 @@ pub struct ContainerSettings {
     )]
     pub claude_command: std::vec::Vec<String>,
     /// Environment for the agent, comma-separated: a bare NAME is passed from the VM's
-    /// environment (secrets stay on the VM); NAME=value is set by the bot (non-secret settings).
+    /// environment (secrets stay on the VM); NAME=value is set by the bot and reaches the agent
+    /// on its stdin, never on a command line on the VM (shown redacted by `config`).
     #[arg(
         id = "container_env",
         long = "container-env",
         env = "SM_CONTAINER_ENV",
+        hide_env_values = true,
         default_value = "ANTHROPIC_API_KEY,CLAUDE_CODE_OAUTH_TOKEN",
         value_name = "LIST",
         value_parser = list_of(EnvEntry::parse)
     )]
     pub env: std::vec::Vec<EnvEntry>,
+    /// What a repository's own devcontainer.json becomes: vetted (rebuilt keeping only what runs
+    /// inside the container; what was dropped is listed in the thread), ignore (always the
+    /// generated configuration) or trusted (used as written: its initializeCommand runs on the
+    /// VM; only for operators who own every repository).
+    #[arg(
+        id = "repo_devcontainer",
+        long = "repo-devcontainer",
+        env = "SM_REPO_DEVCONTAINER",
+        default_value = "vetted",
+        value_name = "MODE",
+        value_parser = repo_devcontainer
+    )]
+    pub repo_devcontainer: RepoConfigPolicy,
+    /// How often the reconciler compares the bot's containers on the VM with the sessions in
+    /// storage, in seconds.
+    #[arg(
+        id = "reconcile_interval_secs",
+        long = "reconcile-interval-secs",
+        env = "SM_RECONCILE_INTERVAL_SECS",
+        default_value = "60",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub reconcile_interval: Duration,
+    /// How long a container of an ended or unknown session may exist before the reconciler
+    /// removes it, in seconds.
+    #[arg(
+        id = "reconcile_grace_secs",
+        long = "reconcile-grace-secs",
+        env = "SM_RECONCILE_GRACE_SECS",
+        default_value = "120",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub reconcile_grace: Duration,
     /// Upper bound in seconds for `devcontainer up`.
     #[arg(
         id = "devcontainer_timeout_secs",
@@ -563,6 +603,17 @@ pub struct FirewallSettings {
         value_parser = seconds
     )]
     pub timeout: Duration,
+    /// Seconds an instance holds the firewall lease while it changes the alias; a lease whose
+    /// holder died is taken over once it expires, so approvals never stay blocked.
+    #[arg(
+        id = "firewall_lease_secs",
+        long = "firewall-lease-secs",
+        env = "SM_FIREWALL_LEASE_SECS",
+        default_value = "300",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub lease: Duration,
 }
 
 /// `SM_CALLBACK_*` and `SM_APPROVAL_TTL_SECS`: signed approval callbacks.
@@ -714,12 +765,12 @@ impl EnvEntry {
         })
     }
 
-    /// The `-e` argument for `podman exec`/`docker exec`: `NAME` (value from the VM's
-    /// environment) or `NAME=value`.
-    pub fn exec_arg(&self) -> String {
+    /// The entry as `config` shows it: `NAME`, or `NAME=<redacted>` (the values reach the
+    /// agent only, on its stdin; they are shown nowhere).
+    pub fn redacted(&self) -> String {
         match self {
             Self::FromVm(name) => name.clone(),
-            Self::Set(name, value) => format!("{name}={value}"),
+            Self::Set(name, _) => format!("{name}=<redacted>"),
         }
     }
 }
@@ -1289,6 +1340,11 @@ fn absolute_path(v: &str) -> Result<PathBuf, String> {
     }
 }
 
+fn repo_devcontainer(v: &str) -> Result<RepoConfigPolicy, String> {
+    v.parse()
+        .map_err(|_| format!("expected vetted, ignore or trusted, got {v:?}"))
+}
+
 fn seconds(v: &str) -> Result<Duration, String> {
     number::<u64>(
         v,
@@ -1441,6 +1497,15 @@ impl ConfigReport {
                     (Some(v), _) if arg.is_hide_env_values_set() && id == "database_url" => {
                         redact_url_password(v)
                     }
+                    (Some(v), _) if id == "container_env" => list(v)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|e| {
+                            EnvEntry::parse(e)
+                                .map_or_else(|_| "<invalid>".to_owned(), |e| e.redacted())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
                     (Some(_), _) if arg.is_hide_env_values_set() => "<redacted>".to_owned(),
                     (Some(v), _) => redact_url_password(v),
                 };

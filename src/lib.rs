@@ -404,6 +404,7 @@ async fn run_chat(
             ttl: settings.callback.approval_ttl,
             approvers,
             alias: settings.firewall.alias.clone(),
+            lease: settings.firewall.lease,
         },
     );
     let repo_host = settings
@@ -503,8 +504,9 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
             runtime: settings.container.runtime.clone(),
             image: settings.container.image.clone(),
             network: settings.container.network.clone(),
-            config_dir: ".local/share/session-manager/devcontainers".into(),
+            state_dir: ".local/share/session-manager".into(),
             up_timeout: settings.container.devcontainer_timeout,
+            repo_config: settings.container.repo_devcontainer,
         },
         claude_command: settings.container.claude_command.clone(),
         container_env: settings.container.env.clone(),

@@ -181,6 +181,7 @@ async fn world_with(
                 Approvers::ChannelMembers
             },
             alias: "llm_approved_domains".into(),
+            lease: Duration::from_secs(300),
         },
     );
     let clicks = session_manager::chat::ClickHandlers::new();
@@ -706,6 +707,7 @@ fn opnsense_client(
     use session_manager::firewall::opnsense::OpnsenseClient;
     Arc::new(
         OpnsenseClient::new(&FirewallSettings {
+            lease: std::time::Duration::from_secs(300),
             url: url::Url::parse(&opn.url()).expect("url"),
             key: secrecy::SecretString::from("key".to_owned()),
             secret: secrecy::SecretString::from("secret".to_owned()),
@@ -782,6 +784,7 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
             ttl: Duration::from_secs(3600),
             approvers: Approvers::ChannelMembers,
             alias: ALIAS.into(),
+            lease: Duration::from_secs(300),
         },
     );
     // Make the retry due now rather than after its backoff.
@@ -832,6 +835,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
     let client = || {
         Arc::new(
             OpnsenseClient::new(&FirewallSettings {
+                lease: std::time::Duration::from_secs(300),
                 url: url::Url::parse(&opn.url()).expect("url"),
                 key: secrecy::SecretString::from("key".to_owned()),
                 secret: secrecy::SecretString::from("secret".to_owned()),
@@ -869,6 +873,7 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
                 ttl: Duration::from_secs(3600),
                 approvers: Approvers::ChannelMembers,
                 alias: ALIAS.into(),
+                lease: Duration::from_secs(300),
             },
         );
         replicas.push(replica);

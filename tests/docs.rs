@@ -134,8 +134,13 @@ fn the_devcontainer_template_is_what_the_bot_generates() {
         .join("\n");
     let template: serde_json::Value =
         serde_json::from_str(&text).expect("the template is JSON once comments are gone");
-    let generated =
-        session_manager::runtime::devcontainer::fallback_config("claude-code:latest", "isolated");
+    let ctx = session_manager::runtime::vetting::VetContext {
+        network: "isolated".into(),
+        session_dir: "/session-dir".into(),
+        neutral_home: "/neutral".into(),
+        path: "/usr/bin:/bin".into(),
+    };
+    let generated = session_manager::runtime::vetting::fallback_config("claude-code:latest", &ctx);
     assert_eq!(
         template, generated,
         "devcontainer/devcontainer.json and fallback_config() differ"

@@ -19,6 +19,7 @@ const SECRET: &str = "XeD26XVrJ5ilAc/EmglCRC+0j2e57tRsjHwFepOseySWLM53";
 
 fn config(fake: &FakeOpnsense, alias: &str, secret: &str, timeout: Duration) -> FirewallSettings {
     FirewallSettings {
+        lease: std::time::Duration::from_secs(300),
         url: url::Url::parse(&fake.url()).expect("fake URL"),
         key: SecretString::from(KEY.to_owned()),
         secret: SecretString::from(secret.to_owned()),
@@ -522,6 +523,7 @@ async fn an_unreachable_port_is_unreachable() {
     let port = listener.local_addr().expect("addr").port();
     drop(listener);
     let client = OpnsenseClient::new(&FirewallSettings {
+        lease: std::time::Duration::from_secs(300),
         url: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
         key: SecretString::from(KEY.to_owned()),
         secret: SecretString::from(SECRET.to_owned()),

@@ -124,6 +124,11 @@ async fn session_lifecycle(db: &TestDatabase) {
             &s.id,
             Some("c0ffee"),
             Some("/home/claude/repos/github.com/acme/widgets"),
+            Some(&ContainerDetails {
+                session_dir: "/home/claude/.local/share/session-manager/sessions/x".into(),
+                user: "claude".into(),
+                folder: "/workspaces/widgets".into(),
+            }),
         )
         .await
         .expect("container");
@@ -164,6 +169,11 @@ async fn session_lifecycle(db: &TestDatabase) {
     let s2 = store.session(&s.id).await.expect("read").expect("found");
     assert_eq!(s2.state(), SessionState::Running);
     assert_eq!(s2.container_id.as_deref(), Some("c0ffee"));
+    let details = s2.container.clone().expect("details recorded");
+    assert_eq!(
+        (details.user.as_str(), details.folder.as_str()),
+        ("claude", "/workspaces/widgets")
+    );
     assert_eq!(s2.agent_session_id.as_deref(), Some("conv-1"));
     assert_eq!(
         s2.stats,
@@ -776,6 +786,61 @@ async fn locks_are_exclusive_and_survive_reconnect(db: &TestDatabase) {
     }
     assert_eq!(acquired, 1);
     assert!(holders.len() <= 1);
+
+    // Leases: held until they expire, then taken over; renewed by their holder.
+    let lease = "firewall:alias";
+    assert_eq!(
+        store
+            .try_lease(lease, "i1", 1_000, 500)
+            .await
+            .expect("lease"),
+        LockOutcome::Acquired
+    );
+    assert_eq!(
+        store
+            .try_lease(lease, "i2", 1_400, 500)
+            .await
+            .expect("lease"),
+        LockOutcome::Held {
+            holder: "i1".into()
+        },
+        "not yet expired"
+    );
+    assert_eq!(
+        store
+            .try_lease(lease, "i1", 1_400, 500)
+            .await
+            .expect("renew"),
+        LockOutcome::Acquired,
+        "the holder renews it (now until 1900)"
+    );
+    assert_eq!(
+        store
+            .try_lease(lease, "i2", 1_800, 500)
+            .await
+            .expect("lease"),
+        LockOutcome::Held {
+            holder: "i1".into()
+        }
+    );
+    assert_eq!(
+        store
+            .try_lease(lease, "i2", 1_900, 500)
+            .await
+            .expect("take over"),
+        LockOutcome::Acquired,
+        "an expired lease is taken over"
+    );
+    assert_eq!(
+        store
+            .try_lease(name, "i3", i64::MAX / 4, 500)
+            .await
+            .expect("lock"),
+        LockOutcome::Held {
+            holder: "s2".into()
+        },
+        "a plain lock never expires"
+    );
 }
 
 async fn containers_and_their_users(db: &TestDatabase) {
@@ -795,11 +860,11 @@ async fn containers_and_their_users(db: &TestDatabase) {
         .await
         .expect("create");
     store
-        .set_session_container(&a.id, Some(id), None)
+        .set_session_container(&a.id, Some(id), None, None)
         .await
         .expect("set");
     store
-        .set_session_container(&b.id, Some(id), None)
+        .set_session_container(&b.id, Some(id), None, None)
         .await
         .expect("set");
     assert_eq!(store.container_users(id, None).await.expect("count"), 2);

@@ -79,10 +79,13 @@ async fn hostile_repository_branch_and_worktree_names_never_run_anything_on_the_
             runtime: "podman".into(),
             image: hostile.clone(),
             network: hostile.clone(),
-            config_dir: format!("{root}/dc"),
+            state_dir: format!("{}/state", root.trim_start_matches("/home/claude/")),
             up_timeout: timeout,
+            repo_config: devcontainer::RepoConfigPolicy::Vetted,
         };
         let _ = devcontainer::up(&vm, &containers, &format!("{root}/{hostile}"), "s1").await;
+        let _ = devcontainer::up(&vm, &containers, &format!("{root}/ws"), hostile).await;
+        let _ = devcontainer::remove_session(&vm, &containers, hostile).await;
         let _ = devcontainer::inspect(&vm, "podman", hostile).await;
         let _ = devcontainer::remove(&vm, "podman", hostile).await;
     }
@@ -272,7 +275,7 @@ async fn a_private_clone_uses_gh_token_without_writing_it_anywhere() {
         );
         let mut inspect = Script::new();
         inspect
-            .set("clone", &path)
+            .set("clone", &path.path)
             .expect("q")
             .set("token", &token)
             .expect("q");

@@ -124,6 +124,8 @@ pub struct ApprovalConfig {
     pub approvers: Approvers,
     /// `SM_OPNSENSE_ALIAS`, for messages.
     pub alias: String,
+    /// `SM_FIREWALL_LEASE_SECS`: how long this instance may hold the firewall lease.
+    pub lease: Duration,
 }
 
 /// The approval flow. Share it in an [`Arc`].
@@ -477,10 +479,17 @@ impl Approvals {
     /// Applies one approved request to the firewall, serialised with every other change.
     async fn apply(&self, request: ApprovalRequest) {
         let _in_process = self.apply_lock.lock().await;
-        // Across instances: the storage lock (taken by whoever applies; released after).
+        // Across instances: a lease in storage, taken by whoever applies and released after.
+        // A holder that died blocks the others only until its lease expires.
+        let lease = self.config.lease;
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let mut waited = Duration::ZERO;
         loop {
-            match self.store.try_lock(ALIAS_LOCK, &self.instance).await {
+            match self
+                .store
+                .try_lease(ALIAS_LOCK, &self.instance, now_ms(), lease_ms)
+                .await
+            {
                 Ok(LockOutcome::Acquired) => break,
                 Ok(LockOutcome::Held { .. }) if waited < Duration::from_secs(30) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -489,7 +498,15 @@ impl Approvals {
                 _ => return, // try again at the next round
             }
         }
-        let result = self.firewall.add(&request.domain).await;
+        // The change must end within the lease, or another instance could start one too.
+        let result =
+            match tokio::time::timeout(lease * 4 / 5, self.firewall.add(&request.domain)).await {
+                Ok(result) => result,
+                Err(_) => Err(ApplyError {
+                    message: format!("the firewall did not answer within {:?}", lease * 4 / 5),
+                    permanent: false,
+                }),
+            };
         let _ = self.store.unlock(ALIAS_LOCK, &self.instance).await;
         let session = self.store.session(&request.session_id).await.ok().flatten();
         match result {

@@ -19,7 +19,8 @@ use super::{ChatOutbound, PostRef};
 pub struct Progress {
     chat: Arc<dyn ChatOutbound>,
     post: PostRef,
-    done: Vec<String>,
+    /// Steps begun, in order, each with the notes added while it ran.
+    done: Vec<(String, Vec<String>)>,
 }
 
 impl Progress {
@@ -40,8 +41,16 @@ impl Progress {
     /// Shows `step` as under way (the previous step, if any, as done).
     pub async fn step(&mut self, step: &str) {
         let text = self.render(&format!("⏳ {step}…"));
-        self.done.push(step.to_owned());
+        self.done.push((step.to_owned(), Vec::new()));
         self.show(text).await;
+    }
+
+    /// Adds a line under the step under way (e.g. what was left out of a configuration). It
+    /// shows with the next update of the post.
+    pub fn note(&mut self, line: &str) {
+        if let Some((_, notes)) = self.done.last_mut() {
+            notes.push(line.to_owned());
+        }
     }
 
     /// Ends with success: every step done, then `message`.
@@ -52,16 +61,26 @@ impl Progress {
 
     /// Ends with a failure of the step under way: what failed, the error, and what to do.
     pub async fn failed(&mut self, error: &str, what_to_do: &str) {
-        let failed_step = self.done.pop().unwrap_or_else(|| "Starting".to_owned());
-        let text = self.render(&format!(
-            "❌ {failed_step} failed: {error}\n\n**What to do:** {what_to_do}"
-        ));
+        let (failed_step, notes) = self
+            .done
+            .pop()
+            .unwrap_or_else(|| ("Starting".to_owned(), Vec::new()));
+        let mut last = format!("❌ {failed_step} failed: {error}");
+        for note in notes {
+            last.push_str(&format!("\n    {note}"));
+        }
+        last.push_str(&format!("\n\n**What to do:** {what_to_do}"));
+        let text = self.render(&last);
         self.show(text).await;
     }
 
     /// Done steps, then `last`.
     fn render(&self, last: &str) -> String {
-        let mut lines: Vec<String> = self.done.iter().map(|s| format!("✅ {s}")).collect();
+        let mut lines = Vec::new();
+        for (step, notes) in &self.done {
+            lines.push(format!("✅ {step}"));
+            lines.extend(notes.iter().map(|n| format!("    {n}")));
+        }
         lines.push(last.to_owned());
         lines.join("\n")
     }

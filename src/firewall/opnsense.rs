@@ -850,6 +850,7 @@ mod tests {
     #[test]
     fn debug_hides_secrets() {
         let cfg = FirewallSettings {
+            lease: std::time::Duration::from_secs(300),
             url: Url::parse("https://fw.example").unwrap(),
             key: SecretString::from("the-key".to_owned()),
             secret: SecretString::from("the-secret".to_owned()),

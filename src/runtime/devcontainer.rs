@@ -1,45 +1,101 @@
-//! Devcontainers on the VM: `devcontainer up`, and the container the agent runs in.
+//! Devcontainers on the VM: `devcontainer up`, the check of what it created, and the bot's
+//! containers found by label.
 //!
-//! A repository's own `.devcontainer/devcontainer.json` or `.devcontainer.json` (JSONC) is
-//! used as it is. Without one, [`fallback_config`] is written to a directory the bot owns on
-//! the VM (never into the repository) and passed with `--config`.
+//! # Which configuration
+//! `SM_REPO_DEVCONTAINER` ([`RepoConfigPolicy`]) decides what a repository's own
+//! `.devcontainer/devcontainer.json` (or `.devcontainer.json`) becomes:
+//! - `vetted` (default): read with `devcontainer read-configuration` in a scrubbed environment
+//!   (every `${localEnv:NAME}` it references set to a marker, `HOME` a neutral directory) and
+//!   rebuilt from an allow-list ([`super::vetting`]); what was dropped is listed in
+//!   [`UpResult::dropped`];
+//! - `ignore`: the generated configuration ([`super::vetting::fallback_config`]) always;
+//! - `trusted`: the repository's configuration as it is, with only the network and the state
+//!   mount imposed.
 //!
-//! Containers the bot starts carry its own labels ([`LABEL_MANAGED`], [`LABEL_WORKSPACE`]),
-//! given to `devcontainer up` as `--id-label`, so the same workspace reuses its container and
-//! the bot can find every container it made. Ids are always compared in full (`--no-trunc`).
+//! The result is written to the session's own directory on the VM (never into the
+//! repository) and passed with `--config`. The session directory,
+//! `$HOME/<state dir>/sessions/<session id>/`, also holds the session's Claude Code state
+//! (`claude/`, mounted at [`CLAUDE_STATE_TARGET`](super::vetting::CLAUDE_STATE_TARGET) and
+//! given to the agent as `CLAUDE_CONFIG_DIR`), so no state is shared between sessions and it
+//! survives container re-creation; it is removed when the session ends.
+//!
+//! # What was created is checked
+//! Features and base images can ask for privileges too, so after `up` the container itself is
+//! inspected ([`verify`]): not privileged, no added capabilities or devices, no host PID/IPC/UTS
+//! namespace, on `SM_CONTAINER_NETWORK`, and no mount but the workspace, the session's state
+//! directory and anonymous volumes. A container that fails is removed and the start fails,
+//! saying why (except in `trusted` mode).
+//!
+//! # Stops during `up`, and labels
+//! `devcontainer up` runs in a process group of its own whose id is kept in the session
+//! directory (`up.pid`), so a stop during the start kills it ([`remove_session`]) and removes
+//! whatever it created, found by label. Containers carry [`LABEL_MANAGED`], [`LABEL_SESSION`]
+//! and [`LABEL_WORKSPACE`] (given to `devcontainer up` as `--id-label`), which the reconciler
+//! uses to find the ones no session owns. Ids are always compared in full (`--no-trunc`).
 //!
 //! `devcontainer up` prints one JSON line on stdout (`@devcontainers/cli` 0.89):
 //! `{"outcome":"success","containerId","remoteUser","remoteWorkspaceFolder"}` or
 //! `{"outcome":"error","message","description"}`; its logs go to stderr.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
 use super::shell::{QuoteError, Script};
 use super::ssh::{SshError, SshPool};
+use super::vetting::{self, Strictness, VetContext, VetError, CLAUDE_STATE_TARGET};
 
 /// Label on every container the bot starts.
 pub const LABEL_MANAGED: &str = "session-manager.managed";
 /// Label carrying the workspace folder on the VM.
 pub const LABEL_WORKSPACE: &str = "session-manager.workspace";
+/// Label carrying the id of the session the container belongs to.
+pub const LABEL_SESSION: &str = "session-manager.session";
+
+/// How a repository's own devcontainer configuration is used (`SM_REPO_DEVCONTAINER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display)]
+#[strum(serialize_all = "snake_case", ascii_case_insensitive)]
+pub enum RepoConfigPolicy {
+    /// Rebuilt from an allow-list: nothing of it runs on the VM or widens the container.
+    Vetted,
+    /// Never used: the generated configuration always.
+    Ignore,
+    /// Used as written (for operators who own every repository); only the network and the
+    /// state mount are imposed.
+    Trusted,
+}
 
 /// How containers are made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerLayout {
     /// `SM_CONTAINER_RUNTIME` (`podman` or `docker`).
     pub runtime: String,
-    /// `SM_CONTAINER_IMAGE`, for the fallback configuration.
+    /// `SM_CONTAINER_IMAGE`, for the generated configuration.
     pub image: String,
-    /// `SM_CONTAINER_NETWORK`, for the fallback configuration.
+    /// `SM_CONTAINER_NETWORK`: every container runs on it.
     pub network: String,
-    /// Where generated configurations are written on the VM.
-    pub config_dir: String,
+    /// Where the bot keeps its state on the VM, relative to the VM user's home.
+    pub state_dir: String,
     /// `SM_DEVCONTAINER_TIMEOUT_SECS`.
     pub up_timeout: Duration,
+    /// `SM_REPO_DEVCONTAINER`.
+    pub repo_config: RepoConfigPolicy,
 }
 
-/// What `devcontainer up` reported.
+/// Which configuration a container was started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// The generated one (the repository has none, or `ignore`).
+    Generated,
+    /// The repository's, vetted.
+    Vetted,
+    /// The repository's, trusted.
+    Trusted,
+}
+
+/// What `devcontainer up` reported, and how it came about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpResult {
     /// Full container id.
@@ -48,8 +104,12 @@ pub struct UpResult {
     pub remote_user: String,
     /// The workspace inside the container.
     pub remote_workspace_folder: String,
-    /// Whether the repository's own configuration was used.
-    pub own_config: bool,
+    /// Which configuration was used.
+    pub source: ConfigSource,
+    /// What was left out of the repository's configuration, one line each.
+    pub dropped: Vec<String>,
+    /// The session's directory on the VM (absolute).
+    pub session_dir: String,
 }
 
 /// Errors from devcontainer work.
@@ -70,26 +130,56 @@ pub enum DevcontainerError {
     /// The output could not be read.
     #[error("unexpected output from devcontainer up: {0}")]
     Output(String),
+    /// The repository's configuration could not be read.
+    #[error(transparent)]
+    Vet(#[from] VetError),
+    /// The configuration file or a build path leads outside the workspace.
+    #[error("the repository's devcontainer configuration refers to {0}, outside the repository")]
+    OutsideWorkspace(String),
+    /// A session id that is not one (ids are lowercase UUIDs: letters, digits and `-`).
+    #[error("{0:?} is not a session id")]
+    BadSessionId(String),
+    /// The container that was created breaks the rules; it was removed.
+    #[error("the container asked for {}, which is not allowed; it was removed", .0.join(", "))]
+    Violation(Vec<String>),
 }
 
-/// The configuration used when a repository has none: `SM_CONTAINER_IMAGE` on
-/// `SM_CONTAINER_NETWORK`, running as `claude`, with the shared volumes that keep Claude's
-/// configuration and conversations (`--resume` needs them) across containers. It is
-/// `devcontainer/devcontainer.json` with those two values filled in (a test keeps them equal).
-pub fn fallback_config(image: &str, network: &str) -> Value {
-    json!({
-        "image": image,
-        "remoteUser": "claude",
-        "runArgs": [format!("--network={network}")],
-        "mounts": [
-            "source=claude-config-shared,target=/home/claude/.claude,type=volume",
-            "source=claude-mem-shared,target=/home/claude/.claude-mem,type=volume"
-        ]
-    })
+/// The session's directory on the VM, relative to the VM user's home.
+///
+/// # Errors
+/// [`DevcontainerError::BadSessionId`] unless the id is letters, digits and `-` only (it names
+/// a directory that is removed with the session).
+pub fn session_dir_relative(
+    layout: &ContainerLayout,
+    session_id: &str,
+) -> Result<String, DevcontainerError> {
+    let valid = !session_id.is_empty()
+        && session_id.len() <= 64
+        && session_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !session_id.starts_with('-');
+    if !valid {
+        return Err(DevcontainerError::BadSessionId(
+            session_id.chars().take(80).collect(),
+        ));
+    }
+    Ok(format!(
+        "{}/sessions/{session_id}",
+        layout.state_dir.trim_end_matches('/')
+    ))
 }
 
-/// Runs `devcontainer up` for `workspace` (a path on the VM). `config_name` names the
-/// generated fallback file (e.g. the session id) when the repository has no configuration.
+/// What the preparation found on the VM.
+struct Prepared {
+    session_dir: String,
+    ctx: VetContext,
+    /// `read-configuration`'s JSON, when the repository has a configuration to use.
+    read: Option<String>,
+}
+
+/// Runs `devcontainer up` for `workspace` (a path on the VM) as session `session_id`, with the
+/// configuration [`ContainerLayout::repo_config`] calls for, then checks what was created.
 ///
 /// # Errors
 /// [`DevcontainerError`]; an error outcome carries the CLI's message.
@@ -97,37 +187,154 @@ pub async fn up(
     pool: &SshPool,
     layout: &ContainerLayout,
     workspace: &str,
-    config_name: &str,
+    session_id: &str,
 ) -> Result<UpResult, DevcontainerError> {
-    let config_path = format!(
-        "{}/{config_name}/devcontainer.json",
-        layout.config_dir.trim_end_matches('/')
-    );
-    let fallback = fallback_config(&layout.image, &layout.network).to_string();
+    let prepared = prepare(pool, layout, workspace, session_id).await?;
+    let (config, dropped, build_paths, source) = match (&prepared.read, layout.repo_config) {
+        (Some(read), RepoConfigPolicy::Vetted) => {
+            let v = vetting::vet(read, Strictness::Vetted, &prepared.ctx)?;
+            (v.config, v.dropped, v.build_paths, ConfigSource::Vetted)
+        }
+        (Some(read), RepoConfigPolicy::Trusted) => {
+            let v = vetting::vet(read, Strictness::Trusted, &prepared.ctx)?;
+            (v.config, v.dropped, v.build_paths, ConfigSource::Trusted)
+        }
+        _ => (
+            vetting::fallback_config(&layout.image, &prepared.ctx),
+            Vec::new(),
+            Vec::new(),
+            ConfigSource::Generated,
+        ),
+    };
     let mut s = Script::new();
     s.set("ws", workspace)?
-        .set("cfg", &config_path)?
-        .set("fallback", &fallback)?
+        .set("dir", &prepared.session_dir)?
+        .set("config", &config.to_string())?
         .set("runtime", &layout.runtime)?
         .set("managed", &format!("{LABEL_MANAGED}=true"))?
+        .set("sessionlabel", &format!("{LABEL_SESSION}={session_id}"))?
         .set("wslabel", &format!("{LABEL_WORKSPACE}={workspace}"))?
-        .raw(r#"set -- --docker-path "$runtime" --workspace-folder "$ws" --id-label "$managed" --id-label "$wslabel""#)
-        .raw(r#"if [ -f "$ws/.devcontainer/devcontainer.json" ] || [ -f "$ws/.devcontainer.json" ]; then echo "own-config" >&2; own=yes; else mkdir -p "$(dirname "$cfg")"; printf '%s\n' "$fallback" > "$cfg"; own=no; set -- "$@" --config "$cfg"; fi"#)
-        .raw(r#"devcontainer up "$@" </dev/null 2>"$cfg.log.$$" && status=0 || status=$?"#)
-        .raw(r#"echo "own=$own""#)
-        .raw(r#"tail -n 20 "$cfg.log.$$" >&2 2>/dev/null; rm -f "$cfg.log.$$""#)
+        .raw(r#"printf '%s\n' "$config" > "$dir/devcontainer.json""#)
+        .raw(r#"ws_real=$(realpath "$ws")"#)
+        .command("set", &std::iter::once("--").chain(build_paths.iter().map(String::as_str)).collect::<Vec<_>>())?
+        .raw(r#"for p in "$@"; do r=$(realpath -m "$p"); case "$r/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "$p"; exit 3 ;; esac; done"#)
+        .raw(r#"setsid devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
+        .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
+        .raw(r#"wait "$!" && status=0 || status=$?"#)
+        .raw(r#"rm -f "$dir/up.pid""#)
+        .raw(r#"cat "$dir/up.out"; tail -n 20 "$dir/up.log" >&2"#)
         .raw(r#"exit "$status""#);
-    // The generated file's directory must exist for the log even with an own config.
-    let mut prepared = Script::new();
-    prepared
-        .set("cfg", &config_path)?
-        .raw(r#"mkdir -p "$(dirname "$cfg")""#);
-    pool.run(&prepared).await?;
     let out = pool.run_with_timeout(&s, layout.up_timeout).await?;
-    let own_config = out.stdout.lines().any(|l| l.trim() == "own=yes");
-    parse_up_output(&out.stdout, &out.stderr).map(|mut r| {
-        r.own_config = own_config;
-        r
+    if let Some(path) = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sm-outside="))
+    {
+        return Err(DevcontainerError::OutsideWorkspace(path.to_owned()));
+    }
+    let parsed = parse_up_output(&out.stdout, &out.stderr)?;
+    if source != ConfigSource::Trusted {
+        let problems = verify(
+            pool,
+            layout,
+            &parsed.container_id,
+            workspace,
+            &prepared.session_dir,
+        )
+        .await?;
+        if !problems.is_empty() {
+            let _ = remove(pool, &layout.runtime, &parsed.container_id).await;
+            return Err(DevcontainerError::Violation(problems));
+        }
+    }
+    Ok(UpResult {
+        container_id: parsed.container_id,
+        remote_user: parsed.remote_user,
+        remote_workspace_folder: parsed.remote_workspace_folder,
+        source,
+        dropped,
+        session_dir: prepared.session_dir,
+    })
+}
+
+/// Makes the session's directory and, when the repository's configuration is to be used,
+/// reads it with the devcontainer CLI in a scrubbed environment.
+async fn prepare(
+    pool: &SshPool,
+    layout: &ContainerLayout,
+    workspace: &str,
+    session_id: &str,
+) -> Result<Prepared, DevcontainerError> {
+    let mut s = Script::new();
+    s.set("ws", workspace)?
+        .set("rel", &session_dir_relative(layout, session_id)?)?
+        .set("base", layout.state_dir.trim_end_matches('/'))?
+        .set("runtime", &layout.runtime)?
+        .set(
+            "mode",
+            if layout.repo_config == RepoConfigPolicy::Ignore {
+                "ignore"
+            } else {
+                "read"
+            },
+        )?
+        .raw(r#"dir="$HOME/$rel"; neutral="$HOME/$base/neutral-home""#)
+        .raw(r#"mkdir -p "$dir/claude" "$neutral"; chmod 700 "$HOME/$base" "$dir""#)
+        .raw(r#"printf 'sm-dir=%s\nsm-home=%s\nsm-path=%s\n' "$dir" "$neutral" "$PATH""#)
+        .raw(r#"cfg=; for f in "$ws/.devcontainer/devcontainer.json" "$ws/.devcontainer.json"; do if [ -e "$f" ] || [ -L "$f" ]; then cfg=$f; break; fi; done"#)
+        .raw(r#"if [ "$mode" = ignore ] || [ -z "$cfg" ]; then exit 0; fi"#)
+        .raw(r#"ws_real=$(realpath "$ws"); for f in "$cfg" "$ws/.devcontainer"; do if [ -e "$f" ]; then case "$(realpath "$f")/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "${f#"$ws"/}"; exit 0 ;; esac; fi; done"#)
+        .raw(r#"names=$(grep -rhoE '(localEnv|env):[A-Za-z_][A-Za-z0-9_]*' "$ws/.devcontainer" "$ws/.devcontainer.json" 2>/dev/null | sed -E 's/^(localEnv|env)://' | sort -u | head -n 200 || true)"#)
+        .raw(r#"set --; for n in $names; do case "$n" in PATH|HOME) ;; *) set -- "$@" "$n=@@sm-localenv:$n@@" ;; esac; done"#)
+        .raw(r#"echo sm-config"#)
+        .raw(r#"env -i PATH="$PATH" HOME="$neutral" LANG=C.UTF-8 "$@" devcontainer read-configuration --docker-path "$runtime" --workspace-folder "$ws" 2>"$dir/read.log" || { echo sm-read-failed; tail -n 5 "$dir/read.log" >&2; }"#);
+    let out = pool.run(&s).await?;
+    if !out.success() {
+        return Err(DevcontainerError::Output(format!(
+            "cannot prepare the session's directory (exit status {:?}): {}",
+            out.status,
+            last_lines(&out.stderr, 5)
+        )));
+    }
+    let field = |key: &str| {
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    if let Some(path) = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sm-outside="))
+    {
+        return Err(DevcontainerError::OutsideWorkspace(path.to_owned()));
+    }
+    let session_dir = field("sm-dir=");
+    if session_dir.is_empty() {
+        return Err(DevcontainerError::Output(
+            "the session's directory was not reported".into(),
+        ));
+    }
+    let mut lines = out.stdout.lines();
+    let read = if lines.any(|l| l == "sm-config") {
+        let rest: Vec<&str> = lines.collect();
+        if rest.contains(&"sm-read-failed") {
+            return Err(VetError::Unreadable(last_lines(&out.stderr, 5)).into());
+        }
+        Some(rest.join("\n"))
+    } else {
+        None
+    };
+    Ok(Prepared {
+        ctx: VetContext {
+            network: layout.network.clone(),
+            session_dir: session_dir.clone(),
+            neutral_home: field("sm-home="),
+            path: field("sm-path="),
+        },
+        session_dir,
+        read,
     })
 }
 
@@ -136,24 +343,16 @@ pub async fn up(
 /// # Errors
 /// [`DevcontainerError::Up`] for an error outcome, [`DevcontainerError::Output`] when no
 /// result line is found.
-pub fn parse_up_output(stdout: &str, stderr: &str) -> Result<UpResult, DevcontainerError> {
+pub fn parse_up_output(stdout: &str, stderr: &str) -> Result<Parsed, DevcontainerError> {
     let result = stdout
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .find(|v| v.get("outcome").is_some());
     let Some(result) = result else {
-        let tail: String = stderr
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n");
         return Err(DevcontainerError::Output(format!(
-            "no result line; last log lines:\n{tail}"
+            "no result line; last log lines:\n{}",
+            last_lines(stderr, 5)
         )));
     };
     let field = |k: &str| {
@@ -177,14 +376,186 @@ pub fn parse_up_output(stdout: &str, stderr: &str) -> Result<UpResult, Devcontai
             "success without a containerId".into(),
         ));
     }
-    Ok(UpResult {
+    Ok(Parsed {
         container_id,
         remote_user: Some(field("remoteUser"))
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| "root".into()),
         remote_workspace_folder: field("remoteWorkspaceFolder"),
-        own_config: false,
     })
+}
+
+/// The fields of a successful `devcontainer up` result line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    /// Full container id.
+    pub container_id: String,
+    /// User the agent runs as (`root` when the CLI names none).
+    pub remote_user: String,
+    /// The workspace inside the container.
+    pub remote_workspace_folder: String,
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The parts of `podman container inspect` the check reads.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Inspected {
+    #[serde(default)]
+    host_config: HostConfig,
+    #[serde(default)]
+    mounts: Vec<Mount>,
+    #[serde(default)]
+    network_settings: NetworkSettings,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct HostConfig {
+    #[serde(default)]
+    privileged: bool,
+    #[serde(default)]
+    cap_add: Option<Vec<String>>,
+    #[serde(default)]
+    devices: Option<Vec<Value>>,
+    #[serde(default)]
+    network_mode: String,
+    #[serde(default)]
+    pid_mode: String,
+    #[serde(default)]
+    ipc_mode: String,
+    #[serde(rename = "UTSMode", default)]
+    uts_mode: String,
+    #[serde(default)]
+    security_opt: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Mount {
+    #[serde(rename = "Type", default)]
+    kind: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    destination: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct NetworkSettings {
+    #[serde(default)]
+    networks: Option<BTreeMap<String, Value>>,
+}
+
+/// Checks a created container (see the module documentation). Returns what is wrong, one
+/// short phrase each; empty when it is fine.
+///
+/// # Errors
+/// [`DevcontainerError`] when it cannot be inspected.
+pub async fn verify(
+    pool: &SshPool,
+    layout: &ContainerLayout,
+    container_id: &str,
+    workspace: &str,
+    session_dir: &str,
+) -> Result<Vec<String>, DevcontainerError> {
+    let mut s = Script::new();
+    s.command(&layout.runtime, &["container", "inspect", container_id])?;
+    let out = pool.run(&s).await?;
+    if !out.success() {
+        return Err(DevcontainerError::Output(format!(
+            "cannot inspect the new container: {}",
+            out.stderr.trim()
+        )));
+    }
+    Ok(violations(
+        &out.stdout,
+        &layout.network,
+        workspace,
+        session_dir,
+    ))
+}
+
+/// What is wrong with a container, from its `inspect` JSON (an array of one object).
+pub fn violations(inspect: &str, network: &str, workspace: &str, session_dir: &str) -> Vec<String> {
+    let parsed: Vec<Inspected> = match serde_json::from_str(inspect) {
+        Ok(parsed) => parsed,
+        Err(e) => return vec![format!("an inspection that cannot be read ({e})")],
+    };
+    let Some(c) = parsed.into_iter().next() else {
+        return vec!["an inspection without the container".into()];
+    };
+    let h = &c.host_config;
+    let mut problems = Vec::new();
+    if h.privileged {
+        problems.push("--privileged".to_owned());
+    }
+    if let Some(caps) = h.cap_add.as_ref().filter(|c| !c.is_empty()) {
+        problems.push(format!("added capabilities ({})", caps.join(", ")));
+    }
+    if h.devices.as_ref().is_some_and(|d| !d.is_empty()) {
+        problems.push("devices of the VM".into());
+    }
+    for (what, mode) in [
+        ("PID", &h.pid_mode),
+        ("IPC", &h.ipc_mode),
+        ("UTS", &h.uts_mode),
+    ] {
+        if mode == "host" {
+            problems.push(format!("the VM's {what} namespace"));
+        }
+    }
+    if let Some(opts) = &h.security_opt {
+        let widened: Vec<&String> = opts
+            .iter()
+            .filter(|o| o.as_str() != "label=disable")
+            .collect();
+        if !widened.is_empty() {
+            problems.push(format!(
+                "security options ({})",
+                widened
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    let on_network = if network == "host" {
+        h.network_mode == "host"
+    } else {
+        h.network_mode != "host"
+            && c.network_settings
+                .networks
+                .as_ref()
+                .is_some_and(|n| n.len() == 1 && n.contains_key(network))
+    };
+    if !on_network {
+        problems.push(format!("another network than {network}"));
+    }
+    let state = format!("{}/claude", session_dir.trim_end_matches('/'));
+    let workspace = workspace.trim_end_matches('/');
+    for m in &c.mounts {
+        let anonymous = m.kind == "volume"
+            && m.name.len() == 64
+            && m.name.bytes().all(|b| b.is_ascii_hexdigit());
+        let ours = m.kind == "bind"
+            && (m.source.trim_end_matches('/') == workspace
+                || (m.source.trim_end_matches('/') == state
+                    && m.destination == CLAUDE_STATE_TARGET));
+        if !(anonymous || ours) {
+            let what = if m.kind == "bind" { &m.source } else { &m.name };
+            problems.push(format!("a {} mount of {what}", m.kind));
+        }
+    }
+    problems
 }
 
 /// The state of a container, from `<runtime> inspect`.
@@ -261,14 +632,56 @@ pub async fn remove(
     }
 }
 
-/// Full ids of every container carrying [`LABEL_MANAGED`].
+/// Removes everything of a session on the VM: kills a `devcontainer up` still running for it
+/// (its whole process group), removes every container labelled with the session, and deletes
+/// the session's directory (its Claude Code state and generated configuration).
+///
+/// # Errors
+/// [`DevcontainerError`].
+pub async fn remove_session(
+    pool: &SshPool,
+    layout: &ContainerLayout,
+    session_id: &str,
+) -> Result<(), DevcontainerError> {
+    let mut s = Script::new();
+    s.set("rel", &session_dir_relative(layout, session_id)?)?
+        .set("runtime", &layout.runtime)?
+        .set("label", &format!("{LABEL_SESSION}={session_id}"))?
+        .raw(r#"dir="$HOME/$rel""#)
+        .raw(r#"if [ -f "$dir/up.pid" ]; then pid=$(cat "$dir/up.pid"); case "$pid" in ''|*[!0-9]*) ;; *) kill -TERM -- "-$pid" 2>/dev/null || true; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done; kill -KILL -- "-$pid" 2>/dev/null || true ;; esac; fi"#)
+        .raw(r#"for id in $("$runtime" ps -a --no-trunc --quiet --filter "label=$label"); do "$runtime" rm --force --time 5 "$id" >/dev/null; done"#)
+        .raw(r#"rm -rf "$dir" 2>/dev/null || "$runtime" unshare rm -rf "$dir""#);
+    let out = pool.run(&s).await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(DevcontainerError::Up {
+            message: last_lines(&out.stderr, 3),
+        })
+    }
+}
+
+/// A container carrying [`LABEL_MANAGED`], as the reconciler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedContainer {
+    /// Full id.
+    pub id: String,
+    /// [`LABEL_SESSION`], when set (containers of older versions lack it).
+    pub session: Option<String>,
+    /// [`LABEL_WORKSPACE`], when set.
+    pub workspace: Option<String>,
+    /// Whether it runs.
+    pub running: bool,
+}
+
+/// Every container carrying [`LABEL_MANAGED`].
 ///
 /// # Errors
 /// [`DevcontainerError`].
 pub async fn managed_containers(
     pool: &SshPool,
     runtime: &str,
-) -> Result<Vec<String>, DevcontainerError> {
+) -> Result<Vec<ManagedContainer>, DevcontainerError> {
     let mut s = Script::new();
     s.command(
         runtime,
@@ -276,18 +689,47 @@ pub async fn managed_containers(
             "ps",
             "--all",
             "--no-trunc",
-            "--quiet",
             "--filter",
             &format!("label={LABEL_MANAGED}=true"),
+            "--format",
+            "json",
         ],
     )?;
     let out = pool.run(&s).await?;
-    Ok(out
-        .stdout
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
+    if !out.success() {
+        return Err(DevcontainerError::Output(last_lines(&out.stderr, 3)));
+    }
+    parse_ps(&out.stdout)
+}
+
+/// Reads `ps --format json` (podman: one JSON array).
+fn parse_ps(stdout: &str) -> Result<Vec<ManagedContainer>, DevcontainerError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Entry {
+        id: String,
+        #[serde(default)]
+        labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        state: String,
+    }
+    let text = stdout.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries: Vec<Entry> = serde_json::from_str(text)
+        .map_err(|e| DevcontainerError::Output(format!("cannot read the container list ({e})")))?;
+    Ok(entries
+        .into_iter()
+        .map(|e| {
+            let labels = e.labels.unwrap_or_default();
+            ManagedContainer {
+                id: e.id,
+                session: labels.get(LABEL_SESSION).cloned(),
+                workspace: labels.get(LABEL_WORKSPACE).cloned(),
+                running: e.state.eq_ignore_ascii_case("running"),
+            }
+        })
         .collect())
 }
 
@@ -321,13 +763,69 @@ mod tests {
         ));
     }
 
+    const CLEAN: &str = r#"[{"HostConfig":{"Privileged":false,"CapAdd":[],"Devices":[],"NetworkMode":"host","PidMode":"private","IpcMode":"shareable","UTSMode":"private","SecurityOpt":["label=disable"]},
+      "Mounts":[{"Type":"bind","Source":"/ws/w","Destination":"/workspaces/w"},{"Type":"bind","Source":"/s/x/claude","Destination":"/session-manager/claude"},
+                {"Type":"volume","Name":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","Destination":"/var/lib/x"}],
+      "NetworkSettings":{"Networks":{}}}]"#;
+
     #[test]
-    fn the_fallback_uses_image_network_and_shared_volumes() {
-        let c = fallback_config("localhost/claude-sandbox:test", "isolated");
-        assert_eq!(c["image"], "localhost/claude-sandbox:test");
-        assert_eq!(c["runArgs"][0], "--network=isolated");
-        let mounts = c["mounts"].to_string();
-        assert!(mounts.contains("claude-config-shared") && mounts.contains("claude-mem-shared"));
-        assert_eq!(c["remoteUser"], "claude");
+    fn a_clean_container_passes_and_each_widening_is_named() {
+        assert_eq!(
+            violations(CLEAN, "host", "/ws/w/", "/s/x"),
+            Vec::<String>::new()
+        );
+        let bad = CLEAN
+            .replace("\"Privileged\":false", "\"Privileged\":true")
+            .replace("\"CapAdd\":[]", "\"CapAdd\":[\"SYS_ADMIN\"]")
+            .replace("\"PidMode\":\"private\"", "\"PidMode\":\"host\"")
+            .replace(
+                "[\"label=disable\"]",
+                "[\"label=disable\",\"seccomp=unconfined\"]",
+            )
+            .replace("\"Source\":\"/ws/w\"", "\"Source\":\"/home/claude\"");
+        let problems = violations(&bad, "host", "/ws/w", "/s/x").join("; ");
+        for expected in [
+            "--privileged",
+            "SYS_ADMIN",
+            "PID namespace",
+            "seccomp=unconfined",
+            "bind mount of /home/claude",
+        ] {
+            assert!(problems.contains(expected), "{expected} in {problems}");
+        }
+        let named = CLEAN.replace(
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "claude-config-shared",
+        );
+        assert!(violations(&named, "host", "/ws/w", "/s/x")[0].contains("claude-config-shared"));
+        assert!(violations(CLEAN, "isolated", "/ws/w", "/s/x")[0].contains("network"));
+        let isolated = CLEAN
+            .replace("\"NetworkMode\":\"host\"", "\"NetworkMode\":\"bridge\"")
+            .replace("\"Networks\":{}", "\"Networks\":{\"isolated\":{}}");
+        assert!(violations(&isolated, "isolated", "/ws/w", "/s/x").is_empty());
+        assert!(!violations("garbage", "host", "/ws/w", "/s/x").is_empty());
+    }
+
+    #[test]
+    fn the_container_list_is_read_with_labels() {
+        let list = r#"[{"Id":"aaa","Labels":{"session-manager.managed":"true","session-manager.session":"s1","session-manager.workspace":"/w"},"State":"running"},
+                       {"Id":"bbb","Labels":null,"State":"exited"}]"#;
+        let parsed = parse_ps(list).expect("list");
+        assert_eq!(parsed[0].session.as_deref(), Some("s1"));
+        assert!(parsed[0].running && !parsed[1].running);
+        assert_eq!(parse_ps("").expect("empty"), Vec::new());
+    }
+
+    #[test]
+    fn the_policy_is_read_case_insensitively() {
+        assert_eq!(
+            "Vetted".parse::<RepoConfigPolicy>().ok(),
+            Some(RepoConfigPolicy::Vetted)
+        );
+        assert_eq!(
+            "trusted".parse::<RepoConfigPolicy>().ok(),
+            Some(RepoConfigPolicy::Trusted)
+        );
+        assert!("open".parse::<RepoConfigPolicy>().is_err());
     }
 }

@@ -2,10 +2,23 @@
 //!
 //! A [`Script`] is assembled from fixed fragments (`&'static str`, so they can only come from
 //! the program text) and values, which are always quoted by `shlex` (POSIX single-quote rules;
-//! a NUL byte is refused, as no shell can carry it). The script then runs as
-//! `bash -lc <script>` so the user's login `PATH` applies (non-interactive SSH commands get a
-//! minimal one), and the SSH layer quotes that whole argument once more for the remote login
-//! shell.
+//! a NUL byte is refused, as no shell can carry it). The SSH layer runs it in a plain bash
+//! started from a login shell (`bash -lc 'exec bash -c "$1"' sm-script <script>`), so the
+//! user's login `PATH` applies (non-interactive SSH commands get a minimal one), and quotes
+//! that whole command once more for the remote login shell.
+//!
+//! # A scrubbed environment
+//!
+//! The login shell reads the VM user's profile, which is where an operator keeps secrets such
+//! as `GH_TOKEN`. Every script therefore starts by taking `GH_TOKEN` into a shell variable that
+//! is not exported (`sm_gh_token`: only the git credential helper gets it, see
+//! [`super::git`]) and removing every exported variable but [`BASE_ENV`] and the names the
+//! script keeps on purpose ([`Script::keeping`], e.g. the bare names of `SM_CONTAINER_ENV` for
+//! the agent). So `devcontainer up`, git, podman and whatever they start see `PATH`, `HOME`,
+//! `USER`, `LANG` and what rootless podman needs, nothing else.
+//!
+//! Values never go on a command line of the VM when they are secret: the whole script is
+//! visible in `ps` there. Secret values reach a remote process on its stdin instead.
 
 use std::fmt;
 
@@ -29,17 +42,70 @@ pub fn quote(value: &str) -> Result<String, QuoteError> {
         })
 }
 
+/// The variables every remote command keeps: what programs need to run, and what rootless
+/// podman needs to find its runtime directory and user bus.
+pub const BASE_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "XDG_RUNTIME_DIR",
+    "DBUS_SESSION_BUS_ADDRESS",
+];
+
+/// Takes `GH_TOKEN` into an unexported variable, then unsets every exported variable whose
+/// name is not in `sm_keep` (a space-separated list set just before). Readonly variables of
+/// bash itself cannot be unset and are not secrets.
+const SCRUB_ENV: &str = r#"sm_gh_token=${GH_TOKEN:-}
+for sm_v in $(compgen -e); do case " $sm_keep " in *" $sm_v "*) ;; *) unset "$sm_v" 2>/dev/null || true ;; esac; done
+unset sm_v
+export LANG="${LANG:-C.UTF-8}""#;
+
 /// A shell script for the remote login shell.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Script {
     lines: Vec<String>,
 }
 
+impl Default for Script {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Script {
-    /// An empty script that stops at the first failing command (`set -eu`).
+    /// An empty script that stops at the first failing command (`set -eu`) and runs in the
+    /// scrubbed environment (see the module documentation).
     pub fn new() -> Self {
+        Self::keeping::<&str>(&[])
+    }
+
+    /// Like [`Script::new`], keeping also the exported variables `names` (each a valid
+    /// variable name; anything else is ignored).
+    pub fn keeping<S: AsRef<str>>(names: &[S]) -> Self {
+        let keep: Vec<&str> = BASE_ENV
+            .iter()
+            .copied()
+            .chain(
+                names
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .filter(|n| is_variable_name(n)),
+            )
+            .collect();
         Self {
-            lines: vec!["set -eu".to_owned()],
+            lines: vec![
+                "set -eu".to_owned(),
+                // Names are `[A-Za-z_][A-Za-z0-9_]*`: nothing to quote, but quote anyway.
+                format!(
+                    "sm_keep={}",
+                    shlex::try_quote(&keep.join(" "))
+                        .map(|q| q.into_owned())
+                        .unwrap_or_default()
+                ),
+                SCRUB_ENV.to_owned(),
+            ],
         }
     }
 
@@ -126,6 +192,15 @@ impl fmt::Debug for Script {
     }
 }
 
+/// Whether `name` is a shell variable name (`[A-Za-z_][A-Za-z0-9_]*`).
+pub fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn quote_named(value: &str, what: &str) -> Result<String, QuoteError> {
     shlex::try_quote(value)
         .map(|q| q.into_owned())
@@ -185,6 +260,38 @@ mod tests {
             assert_eq!(&run_locally(&script), value);
         }
         assert!(!canary.exists(), "a value was executed");
+    }
+
+    #[test]
+    fn the_environment_is_scrubbed_and_the_token_kept_unexported() {
+        let mut script = Script::keeping(&["KEEP_ME", "not a name"]);
+        script.raw(r#"printf '%s|%s|%s|%s|%s\n' "${GH_TOKEN:-}" "${SECRET_X:-}" "${KEEP_ME:-}" "$sm_gh_token" "${PATH:+path}""#);
+        script.raw(r#"bash -c 'printf "%s|%s\n" "${sm_gh_token:-}" "${GH_TOKEN:-}"'"#);
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script.render())
+            .env("GH_TOKEN", "tok")
+            .env("SECRET_X", "x")
+            .env("KEEP_ME", "kept")
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("||kept|tok|path"),
+            "only kept names stay exported"
+        );
+        assert_eq!(
+            lines.next(),
+            Some("|"),
+            "children see neither the token nor its copy"
+        );
     }
 
     #[test]

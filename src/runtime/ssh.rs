@@ -9,6 +9,8 @@
 //!   and checked strictly. Accepting a new key is possible only when explicitly enabled.
 //! - The private key (content or path) is copied into a private temporary directory with mode
 //!   0600, which is removed when the pool is dropped.
+//! - Scripts run as `bash -lc 'exec bash -c "$1"' sm-script <script>`: the login shell gives the
+//!   user's `PATH`, then hands over to a plain bash (see [`Script`] for the environment).
 //! - [`SshPool::run`] bounds a command by the configured timeout on both ends: the remote
 //!   command runs under coreutils `timeout`, which kills its whole process group, and the local
 //!   wait gives up a little later.
@@ -28,6 +30,12 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use super::shell::Script;
+
+/// What the login shell runs: nothing but replacing itself with a plain bash running the
+/// script (its first argument). The login shell reads the profile (the user's `PATH`); being
+/// replaced, it never runs `~/.bash_logout`, whose own commands would otherwise run under the
+/// script's `set -e` and could change its exit status (Debian's does: `clear_console`).
+const LOGIN_THEN_SCRIPT: &str = r#"exec bash -c "$1""#;
 
 /// How to authenticate.
 #[derive(Clone)]
@@ -337,7 +345,14 @@ impl SshPool {
         let secs = timeout.as_secs().max(1).to_string();
         let mut command = lease.session.command("timeout");
         command
-            .args(["--kill-after=5", secs.as_str(), "bash", "-lc"])
+            .args([
+                "--kill-after=5",
+                secs.as_str(),
+                "bash",
+                "-lc",
+                LOGIN_THEN_SCRIPT,
+                "sm-script",
+            ])
             .arg(script.render())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -368,7 +383,7 @@ impl SshPool {
         let lease = self.lease().await?;
         let mut command = Session::to_command(Arc::clone(&lease.session), "bash");
         command
-            .arg("-lc")
+            .args(["-lc", LOGIN_THEN_SCRIPT, "sm-script"])
             .arg(script.render())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -8,8 +8,10 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::agent::stream_json::{self, AgentEvent};
+use crate::config::EnvEntry;
 use crate::runtime::shell::{QuoteError, Script};
 use crate::runtime::ssh::{RemoteProcess, SshError};
+use crate::runtime::vetting::CLAUDE_STATE_TARGET;
 use crate::store::{Session, SessionKind, StoreError};
 
 use super::{AgentContainer, Manager, NETWORK_PROMPT};
@@ -103,6 +105,13 @@ impl Agent {
             lines: BufReader::new(stdout).lines(),
             stderr,
         };
+        if let Err(e) = agent
+            .write(&env_preamble(&manager.config.container_env))
+            .await
+        {
+            agent.close().await;
+            return Err(AgentError::Write(e));
+        }
         match tokio::time::timeout(AGENT_READY_TIMEOUT, agent.initialize()).await {
             Ok(Ok(())) => Ok(agent),
             Ok(Err(e)) => {
@@ -165,8 +174,33 @@ impl Agent {
     }
 }
 
+/// What the agent's script reads from stdin before the agent starts: one `NAME=<base64>` line
+/// per `NAME=value` entry of `SM_CONTAINER_ENV`, then an empty line. The values are secrets as
+/// far as the VM is concerned: on a command line they would show in `ps`.
+fn env_preamble(entries: &[EnvEntry]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for entry in entries {
+        if let EnvEntry::Set(name, value) = entry {
+            out.push_str(name);
+            out.push('=');
+            out.push_str(&base64::engine::general_purpose::STANDARD.encode(value));
+            out.push('\n');
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// Reads [`env_preamble`] in the agent's script (fixed text): each valid name is exported with
+/// its decoded value, so `podman exec -e NAME` passes it on without it ever being a word of a
+/// command line. bash reads a pipe byte by byte, so the agent's own input stays in the pipe.
+const READ_ENV: &str = r#"while IFS= read -r sm_line && [ -n "$sm_line" ]; do sm_n=${sm_line%%=*}; case "$sm_n" in ''|[0-9]*|*[!A-Za-z0-9_]*) continue ;; esac; export "$sm_n=$(printf '%s' "${sm_line#*=}" | base64 -d)"; done"#;
+
 /// The remote script that runs the agent in the container: `<runtime> exec -i -u <user> -w
-/// <folder> -e … <container> <SM_CLAUDE_COMMAND> -p --input-format stream-json …`.
+/// <folder> -e NAME … <container> <SM_CLAUDE_COMMAND> -p --input-format stream-json …`. Every
+/// `SM_CONTAINER_ENV` name is passed as a bare `-e NAME`: the value comes from the VM's
+/// environment (kept for this script) or from [`env_preamble`].
 fn agent_script(
     manager: &Manager,
     session: &Session,
@@ -175,6 +209,13 @@ fn agent_script(
     resume: bool,
 ) -> Result<Script, QuoteError> {
     let config = &manager.config;
+    let names: Vec<&str> = config
+        .container_env
+        .iter()
+        .map(|e| match e {
+            EnvEntry::FromVm(name) | EnvEntry::Set(name, _) => name.as_str(),
+        })
+        .collect();
     let mut words: Vec<String> = vec![
         "--".into(),
         config.containers.runtime.clone(),
@@ -185,9 +226,13 @@ fn agent_script(
         "-w".into(),
         container.folder.clone(),
     ];
-    for entry in &config.container_env {
+    for name in &names {
         words.push("-e".into());
-        words.push(entry.exec_arg());
+        words.push((*name).to_owned());
+    }
+    if container.private_state {
+        words.push("-e".into());
+        words.push(format!("CLAUDE_CONFIG_DIR={CLAUDE_STATE_TARGET}"));
     }
     words.push(container.id.clone());
     words.extend(config.claude_command.iter().cloned());
@@ -219,7 +264,18 @@ fn agent_script(
     }
     // `set -- <runtime> <args>` puts every word, quoted, into "$@"; `exec` replaces the shell
     // so the agent's stdio is the channel's.
-    let mut script = Script::new();
-    script.command("set", &words)?.raw("exec \"$@\"");
+    let from_vm: Vec<&str> = config
+        .container_env
+        .iter()
+        .filter_map(|e| match e {
+            EnvEntry::FromVm(name) => Some(name.as_str()),
+            EnvEntry::Set(..) => None,
+        })
+        .collect();
+    let mut script = Script::keeping(&from_vm);
+    script
+        .raw(READ_ENV)
+        .command("set", &words)?
+        .raw("exec \"$@\"");
     Ok(script)
 }

@@ -53,14 +53,20 @@ impl Manager {
                 problems.push(format!("stopping its sessions: {e}"));
             }
         }
-        let runtime = &self.config.containers.runtime;
+        let layout = &self.config.containers;
+        // Whatever runs or was made for the session: a `devcontainer up` still under way, its
+        // containers (found by label), its private directory.
+        if let Err(e) = devcontainer::remove_session(&self.ssh, layout, &session.id).await {
+            problems.push(format!("removing the container: {e}"));
+        }
         if let Some(container) = &session.container_id {
+            // Containers of older versions carry no session label.
             match self
                 .store
                 .container_users(container, Some(&session.id))
                 .await
             {
-                Ok(0) => match devcontainer::remove(&self.ssh, runtime, container).await {
+                Ok(0) => match devcontainer::remove(&self.ssh, &layout.runtime, container).await {
                     Ok(()) => {
                         let _ = self.store.mark_container_removed(container).await;
                     }
@@ -70,26 +76,41 @@ impl Manager {
                 Err(e) => problems.push(format!("checking the container's users: {e}")),
             }
         }
+        let git = &self.config.git;
+        let (org, repo) = (&session.repo_org, &session.repo_name);
         match &session.worktree {
             Some(name) => {
-                if let Err(e) = git::remove_worktree(
-                    &self.ssh,
-                    &self.config.git,
-                    &session.repo_org,
-                    &session.repo_name,
-                    name,
-                    self.config.git_timeout,
-                )
-                .await
-                {
-                    problems.push(format!("removing the worktree: {e}"));
+                // Only the session that holds the worktree removes it (one refused because the
+                // name was taken must not remove the owner's work). Sessions of older versions
+                // took no lock: theirs is removed as before.
+                let lock = git.worktree_lock(org, repo, name);
+                match self.store.lock_holder(&lock).await {
+                    Ok(Some(holder)) if holder != session.id => {}
+                    Ok(holder) => {
+                        match git::remove_worktree(
+                            &self.ssh,
+                            git,
+                            org,
+                            repo,
+                            name,
+                            self.config.git_timeout,
+                        )
+                        .await
+                        {
+                            Ok(()) if holder.is_some() => {
+                                if let Err(e) = self.store.unlock(&lock, &session.id).await {
+                                    problems.push(format!("releasing the worktree: {e}"));
+                                }
+                            }
+                            Ok(()) => {}
+                            Err(e) => problems.push(format!("removing the worktree: {e}")),
+                        }
+                    }
+                    Err(e) => problems.push(format!("checking the worktree's owner: {e}")),
                 }
             }
             None => {
-                let lock = self
-                    .config
-                    .git
-                    .clone_lock(&session.repo_org, &session.repo_name);
+                let lock = git.clone_lock(org, repo);
                 if let Err(e) = self.store.unlock(&lock, &session.id).await {
                     problems.push(format!("releasing the clone: {e}"));
                 }

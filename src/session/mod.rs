@@ -135,6 +135,9 @@ pub(crate) struct AgentContainer {
     id: String,
     user: String,
     folder: String,
+    /// Whether the session's private state directory is mounted (sessions of older versions
+    /// kept Claude Code's state in the container's home).
+    private_state: bool,
 }
 
 /// A session and where it runs.

@@ -2,9 +2,9 @@
 //! again), and what can go wrong doing it.
 
 use crate::chat::progress::Progress;
-use crate::runtime::devcontainer::{self, ContainerState, DevcontainerError};
-use crate::runtime::git::{self, GitError};
-use crate::store::{EndReason, LockOutcome, Session, StoreError};
+use crate::runtime::devcontainer::{self, ConfigSource, ContainerState, DevcontainerError};
+use crate::runtime::git::{self, GitError, Workspace};
+use crate::store::{ContainerDetails, EndReason, LockOutcome, Session, StoreError};
 
 use super::{short_id, AgentContainer, Manager, SessionPlan};
 
@@ -21,7 +21,17 @@ pub enum StartError {
         /// The session holding the clone.
         holder: String,
     },
-    /// The clone lock could not be taken (storage).
+    /// Another session works in the worktree.
+    #[error("the worktree `{name}` of `{slug}` belongs to session `{}`", short_id(.holder))]
+    WorktreeInUse {
+        /// `org/repo`.
+        slug: String,
+        /// The worktree's name.
+        name: String,
+        /// The session holding it.
+        holder: String,
+    },
+    /// The clone or worktree lock could not be taken (storage).
     #[error("cannot lock the clone: {0}")]
     Lock(#[source] StoreError),
     /// Cloning or checking out failed.
@@ -45,7 +55,7 @@ pub enum StartError {
         /// `org/repo`, for the hint.
         slug: String,
     },
-    /// Resuming: the container could not be checked.
+    /// Resuming: the container could not be checked or started again.
     #[error("cannot check the container: {0}")]
     Inspect(#[source] DevcontainerError),
     /// The agent did not start.
@@ -62,6 +72,9 @@ impl StartError {
         match self {
             Self::CloneInUse { slug, .. } => format!(
                 "start with `--worktree` to work in a separate worktree, e.g. `start {slug} --worktree`"
+            ),
+            Self::WorktreeInUse { slug, .. } => format!(
+                "pick another worktree name, or `--worktree` alone for one of its own, e.g. `start {slug} --worktree`"
             ),
             Self::Lock(_) | Self::Record(_) => "try again".into(),
             Self::Clone(_) => "check the repository and branch names, and that GH_TOKEN on the VM can read a private repository".into(),
@@ -81,6 +94,7 @@ impl StartError {
             Self::ContainerGone { .. } => EndReason::ContainerGone,
             Self::Stopped => EndReason::UserRequested,
             Self::CloneInUse { .. }
+            | Self::WorktreeInUse { .. }
             | Self::Clone(_)
             | Self::Worktree(_)
             | Self::Container(_)
@@ -115,23 +129,61 @@ impl Manager {
                         slug: session.repo_slug(),
                     })
                 }
+                Ok(ContainerState::Stopped) if session.container.is_some() => {
+                    devcontainer::start(&self.ssh, runtime, container)
+                        .await
+                        .map_err(StartError::Inspect)?;
+                }
                 Ok(_) => {}
                 Err(e) => return Err(StartError::Inspect(e)),
+            }
+            // The container is there: run the agent in it as recorded. (A session of an
+            // older version recorded no details: `devcontainer up` below finds its container.)
+            if let Some(details) = &session.container {
+                plan.container = Some(AgentContainer {
+                    id: container.to_owned(),
+                    user: details.user.clone(),
+                    folder: details.folder.clone(),
+                    private_state: true,
+                });
+                return Ok(());
             }
         } else if let Some(p) = progress.as_deref_mut() {
             p.step(&format!("Cloning `{}`", session.repo_slug())).await;
         }
         let workspace = match (&session.workspace_path, plan.resume) {
             (Some(path), true) => path.clone(),
-            _ => self.prepare_workspace(&session).await?,
+            _ => {
+                let Workspace { path, notes } = self.prepare_workspace(&session).await?;
+                if let Some(p) = progress.as_deref_mut() {
+                    for note in &notes {
+                        p.note(&note.line());
+                    }
+                }
+                path
+            }
         };
-        if let (false, Some(p)) = (plan.resume, progress) {
+        if let (false, Some(p)) = (plan.resume, progress.as_deref_mut()) {
             p.step("Starting the container").await;
         }
-        // `devcontainer up` reuses the labelled container (starting it if it was stopped).
         let up = devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
             .await
             .map_err(StartError::Container)?;
+        if let Some(p) = progress {
+            match up.source {
+                ConfigSource::Vetted if up.dropped.is_empty() => {
+                    p.note("The repository's devcontainer.json is used as it is (nothing needed dropping).");
+                }
+                ConfigSource::Vetted => {
+                    p.note("Left out of the repository's devcontainer.json (it would act on the VM or widen the container):");
+                    for line in &up.dropped {
+                        p.note(&format!("• {line}"));
+                    }
+                }
+                ConfigSource::Trusted => p.note("⚠️ The repository's devcontainer.json is used as it is (SM_REPO_DEVCONTAINER=trusted)."),
+                ConfigSource::Generated => {}
+            }
+        }
         if let Err(e) = self
             .store
             .record_container(&up.container_id, &self.config.vm_host, &workspace)
@@ -139,39 +191,57 @@ impl Manager {
         {
             tracing::warn!(error = %e, "cannot record the container");
         }
+        let details = ContainerDetails {
+            session_dir: up.session_dir.clone(),
+            user: up.remote_user.clone(),
+            folder: up.remote_workspace_folder.clone(),
+        };
         self.store
-            .set_session_container(&session.id, Some(&up.container_id), Some(&workspace))
+            .set_session_container(
+                &session.id,
+                Some(&up.container_id),
+                Some(&workspace),
+                Some(&details),
+            )
             .await
             .map_err(StartError::Record)?;
         plan.session.container_id = Some(up.container_id.clone());
         plan.session.workspace_path = Some(workspace);
+        plan.session.container = Some(details);
         plan.container = Some(AgentContainer {
             id: up.container_id,
             user: up.remote_user,
             folder: up.remote_workspace_folder,
+            private_state: true,
         });
         Ok(())
     }
 
-    /// The main clone (locked for this session) or a worktree of it. Returns its path.
-    async fn prepare_workspace(&self, session: &Session) -> Result<String, StartError> {
+    /// The main clone (locked for this session) or a worktree of it (likewise). Returns its
+    /// path and what git did that the thread should hear about.
+    async fn prepare_workspace(&self, session: &Session) -> Result<Workspace, StartError> {
         let git = &self.config.git;
         let (org, repo) = (&session.repo_org, &session.repo_name);
-        if session.worktree.is_none() {
-            match self
-                .store
-                .try_lock(&git.clone_lock(org, repo), &session.id)
-                .await
-            {
-                Ok(LockOutcome::Acquired) => {}
-                Ok(LockOutcome::Held { holder }) => {
-                    return Err(StartError::CloneInUse {
+        let lock = match &session.worktree {
+            None => git.clone_lock(org, repo),
+            Some(name) => git.worktree_lock(org, repo, name),
+        };
+        match self.store.try_lock(&lock, &session.id).await {
+            Ok(LockOutcome::Acquired) => {}
+            Ok(LockOutcome::Held { holder }) => {
+                return Err(match &session.worktree {
+                    None => StartError::CloneInUse {
                         slug: session.repo_slug(),
                         holder,
-                    })
-                }
-                Err(e) => return Err(StartError::Lock(e)),
+                    },
+                    Some(name) => StartError::WorktreeInUse {
+                        slug: session.repo_slug(),
+                        name: name.clone(),
+                        holder,
+                    },
+                })
             }
+            Err(e) => return Err(StartError::Lock(e)),
         }
         let clone_branch = match session.worktree {
             None => session.branch.as_deref(),
@@ -183,17 +253,23 @@ impl Manager {
             .map_err(StartError::Clone)?;
         match &session.worktree {
             None => Ok(clone),
-            Some(name) => git::ensure_worktree(
-                &self.ssh,
-                git,
-                org,
-                repo,
-                session.branch.as_deref(),
-                name,
-                timeout,
-            )
-            .await
-            .map_err(StartError::Worktree),
+            Some(name) => {
+                let mut worktree = git::ensure_worktree(
+                    &self.ssh,
+                    git,
+                    org,
+                    repo,
+                    session.branch.as_deref(),
+                    name,
+                    timeout,
+                )
+                .await
+                .map_err(StartError::Worktree)?;
+                let mut notes = clone.notes;
+                notes.append(&mut worktree.notes);
+                worktree.notes = notes;
+                Ok(worktree)
+            }
         }
     }
 }

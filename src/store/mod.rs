@@ -303,7 +303,7 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Records the container and workspace of a session.
+    /// Records the container and workspace of a session, and how to run the agent in it.
     ///
     /// # Errors
     /// [`StoreError::NotFound`]; [`StoreError::Database`].
@@ -312,13 +312,19 @@ impl Store {
         id: &str,
         container_id: Option<&str>,
         workspace_path: Option<&str>,
+        details: Option<&ContainerDetails>,
     ) -> StoreResult<()> {
         let done = sqlx::query(
-            "UPDATE sessions SET container_id = $2, workspace_path = $3, updated_at = $4 WHERE id = $1",
+            "UPDATE sessions SET container_id = $2, workspace_path = $3, session_dir = $4,
+                 container_user = $5, container_folder = $6, updated_at = $7
+             WHERE id = $1",
         )
         .bind(id)
         .bind(container_id)
         .bind(workspace_path)
+        .bind(details.map(|d| d.session_dir.as_str()))
+        .bind(details.map(|d| d.user.as_str()))
+        .bind(details.map(|d| d.folder.as_str()))
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
@@ -804,6 +810,43 @@ impl Store {
         }
     }
 
+    /// Takes (or renews) the named lease for `holder` until `now + ttl_ms` (Unix ms), or
+    /// reports who holds it. A lease whose holder is gone is taken over once it has expired; a
+    /// lock taken with [`Store::try_lock`] never expires.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: i64,
+        ttl_ms: i64,
+    ) -> StoreResult<LockOutcome> {
+        let taken: Option<String> = sqlx::query_scalar(
+            "INSERT INTO locks (name, holder, acquired_at, expires_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder,
+                 acquired_at = excluded.acquired_at, expires_at = excluded.expires_at
+             WHERE locks.holder = excluded.holder
+                OR (locks.expires_at IS NOT NULL AND locks.expires_at <= excluded.acquired_at)
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now)
+        .bind(now.saturating_add(ttl_ms))
+        .fetch_optional(&self.pool)
+        .await?;
+        if taken.is_some() {
+            return Ok(LockOutcome::Acquired);
+        }
+        match self.lock_holder(name).await? {
+            Some(current) if current != holder => Ok(LockOutcome::Held { holder: current }),
+            // Released between the two statements: try again.
+            _ => Box::pin(self.try_lease(name, holder, now, ttl_ms)).await,
+        }
+    }
+
     /// Releases the named lock if `holder` holds it. Returns whether it did.
     ///
     /// # Errors
@@ -1095,6 +1138,9 @@ struct SessionRow {
     worktree: Option<String>,
     workspace_path: Option<String>,
     container_id: Option<String>,
+    session_dir: Option<String>,
+    container_user: Option<String>,
+    container_folder: Option<String>,
     message_count: i64,
     compaction_count: i64,
     input_tokens: i64,
@@ -1147,6 +1193,14 @@ impl TryFrom<SessionRow> for Session {
             worktree: r.worktree,
             workspace_path: r.workspace_path,
             container_id: r.container_id,
+            container: match (r.session_dir, r.container_user, r.container_folder) {
+                (Some(session_dir), Some(user), Some(folder)) => Some(ContainerDetails {
+                    session_dir,
+                    user,
+                    folder,
+                }),
+                _ => None,
+            },
             stats: SessionStats {
                 message_count: r.message_count,
                 compaction_count: r.compaction_count,

@@ -191,6 +191,8 @@ pub struct Session {
     pub workspace_path: Option<String>,
     /// Full container id.
     pub container_id: Option<String>,
+    /// Where the container runs the agent, once known.
+    pub container: Option<ContainerDetails>,
     /// Counters.
     pub stats: SessionStats,
     /// Created (Unix ms).
@@ -249,6 +251,18 @@ impl Lifecycle {
             Self::Ended(_) => SessionState::Ended,
         }
     }
+}
+
+/// How to run the agent in a session's container, recorded when the container is made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerDetails {
+    /// The session's own directory on the VM (absolute): its Claude Code state and generated
+    /// devcontainer configuration.
+    pub session_dir: String,
+    /// The user the agent runs as in the container.
+    pub user: String,
+    /// The workspace folder in the container.
+    pub folder: String,
 }
 
 /// A new session id: a lowercase UUID v4.
