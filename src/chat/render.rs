@@ -1249,3 +1249,82 @@ fn code_span(s: &str) -> String {
     };
     format!("{fence}{pad}{s}{pad}{fence}")
 }
+
+// ---------------------------------------------------------------------------
+// Making agent text inert
+// ---------------------------------------------------------------------------
+
+/// U+2060 WORD JOINER: invisible, and breaks a mention's `@name` for the chat server.
+const WORD_JOINER: char = '\u{2060}';
+
+/// Makes agent text inert before it is posted: outside fenced code blocks and inline code
+/// spans (where nothing is rendered anyway, and code must stay exact),
+///
+/// * every mention (`@here`, `@channel`, `@all`, `@someone`) gets a word joiner after its `@`,
+///   so the chat server notifies nobody: agent text, which prompt injection can steer, must not
+///   reach past its thread;
+/// * every image (`![alt](url)`, `![alt][ref]`) becomes a plain link: a chat server or client
+///   fetches an image preview from outside the firewall, which would be a path around the
+///   egress control.
+///
+/// The result is the input but for those insertions and removals; applying it twice changes
+/// nothing more.
+pub fn neutralize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut fence: Option<Fence> = None;
+    for line in text.split_inclusive('\n') {
+        let content = line.strip_suffix('\n').unwrap_or(line);
+        match &fence {
+            Some(open) => {
+                if is_closer(content, open) {
+                    fence = None;
+                }
+                out.push_str(line);
+            }
+            None => {
+                if let Some(open) = parse_opener(content, usize::MAX) {
+                    fence = Some(open);
+                    out.push_str(line);
+                } else {
+                    neutralize_line(line, &mut out);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One line outside fenced code: mentions and images made inert, inline code spans kept.
+fn neutralize_line(line: &str, out: &mut String) {
+    let chars: Vec<char> = line.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '`' {
+            // An inline code span: a run of n backticks up to the next run of exactly n.
+            let run = chars[i..].iter().take_while(|&&b| b == '`').count();
+            let close = (i + run..chars.len()).find(|&j| {
+                chars[j] == '`'
+                    && chars[j..].iter().take_while(|&&b| b == '`').count() == run
+                    && (j == 0 || chars[j - 1] != '`')
+            });
+            let end = close.map_or(i + run, |j| j + run);
+            out.extend(&chars[i..end]);
+            i = end;
+            continue;
+        }
+        let at_word_start = i == 0 || !(chars[i - 1].is_alphanumeric() || chars[i - 1] == '_');
+        if c == '@' && at_word_start && chars.get(i + 1).is_some_and(|n| n.is_alphanumeric()) {
+            out.push('@');
+            out.push(WORD_JOINER);
+            i += 1;
+            continue;
+        }
+        if c == '!' && chars.get(i + 1) == Some(&'[') {
+            i += 1; // `![alt](url)` → `[alt](url)`
+            continue;
+        }
+        out.push(c);
+        i += 1;
+    }
+}

@@ -8,6 +8,9 @@
 //!
 //! A post that could not be created is created on the next operation for it (each operation
 //! carries the post's whole text), so a chat outage delays text but does not lose it.
+//!
+//! Every post's text is made inert first ([`neutralize`]): the agent's mentions notify nobody
+//! and its images are plain links.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::render::{tool_use_line, CoalesceConfig, PostOp, TurnRenderer};
+use super::render::{neutralize, tool_use_line, CoalesceConfig, PostOp, TurnRenderer};
 use super::{ChatOutbound, PostRef};
 
 /// How often the typing indicator is refreshed during a turn (Mattermost shows it ~5 s).
@@ -65,8 +68,8 @@ impl Output {
     async fn perform(&mut self, ops: Vec<PostOp>) {
         for op in ops {
             let (slot, text, is_create) = match op {
-                PostOp::Create { slot, text } => (slot, text, true),
-                PostOp::Update { slot, text } => (slot, text, false),
+                PostOp::Create { slot, text } => (slot, neutralize(&text), true),
+                PostOp::Update { slot, text } => (slot, neutralize(&text), false),
             };
             if self.slots.len() <= slot {
                 self.slots.resize(slot + 1, None);

@@ -15,7 +15,7 @@
 //! The result is written to the session's own directory on the VM (never into the
 //! repository) and passed with `--config`. The session directory,
 //! `$HOME/<state dir>/sessions/<session id>/`, also holds the session's Claude Code state
-//! (`claude/`, mounted at [`CLAUDE_STATE_TARGET`](super::vetting::CLAUDE_STATE_TARGET) and
+//! (`claude/`, mounted at [`CLAUDE_STATE_TARGET`] and
 //! given to the agent as `CLAUDE_CONFIG_DIR`), so no state is shared between sessions and it
 //! survives container re-creation; it is removed when the session ends.
 //!
@@ -218,6 +218,7 @@ pub async fn up(
         .raw(r#"ws_real=$(realpath "$ws")"#)
         .command("set", &std::iter::once("--").chain(build_paths.iter().map(String::as_str)).collect::<Vec<_>>())?
         .raw(r#"for p in "$@"; do r=$(realpath -m "$p"); case "$r/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "$p"; exit 3 ;; esac; done"#)
+        .raw(r#""$runtime" ps -a --external --no-trunc --quiet > "$dir/external.before" 2>/dev/null || true"#)
         .raw(r#"setsid devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
         .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
         .raw(r#"wait "$!" && status=0 || status=$?"#)
@@ -648,7 +649,14 @@ pub async fn remove_session(
         .set("runtime", &layout.runtime)?
         .set("label", &format!("{LABEL_SESSION}={session_id}"))?
         .raw(r#"dir="$HOME/$rel""#)
-        .raw(r#"if [ -f "$dir/up.pid" ]; then pid=$(cat "$dir/up.pid"); case "$pid" in ''|*[!0-9]*) ;; *) kill -TERM -- "-$pid" 2>/dev/null || true; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done; kill -KILL -- "-$pid" 2>/dev/null || true ;; esac; fi"#)
+        // An interrupted `podman build` stops its RUN step (a RUN container is outside the
+        // process group); then TERM, then KILL for what is left of the group.
+        .raw(r#"sm_signal() { kill "-$1" -- "-$pid" 2>/dev/null || return 0; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.5; done; }"#)
+        .raw(r#"if [ -f "$dir/up.pid" ]; then pid=$(cat "$dir/up.pid"); case "$pid" in ''|*[!0-9]*) ;; *) sm_signal INT; sm_signal TERM; kill -KILL -- "-$pid" 2>/dev/null || true ;; esac"#)
+        // Build containers the interrupted `up` left (buildah working containers carry no
+        // labels: those that were not there before it started).
+        .raw(r#"  for id in $("$runtime" ps -a --external --no-trunc --quiet 2>/dev/null); do if ! grep -qxF "$id" "$dir/external.before" 2>/dev/null && [ "$("$runtime" ps -a --external --no-trunc --filter "id=$id" --format '{{.Command}}' 2>/dev/null)" = buildah ]; then "$runtime" rm --force "$id" >/dev/null 2>&1 || true; fi; done"#)
+        .raw("fi")
         .raw(r#"for id in $("$runtime" ps -a --no-trunc --quiet --filter "label=$label"); do "$runtime" rm --force --time 5 "$id" >/dev/null; done"#)
         .raw(r#"rm -rf "$dir" 2>/dev/null || "$runtime" unshare rm -rf "$dir""#);
     let out = pool.run(&s).await?;

@@ -446,7 +446,9 @@ impl Actor {
     }
 
     /// Starts the agent process. With `fresh`, a new conversation id is chosen (and stored)
-    /// first; otherwise the stored conversation is resumed (or started, the first time).
+    /// first; otherwise the stored conversation is resumed (or started, the first time). A
+    /// conversation the CLI has no record of (the agent was lost before its first turn was
+    /// written) is started under the same id instead: nothing of it existed to lose.
     async fn spawn_agent(&mut self, fresh: bool) -> Result<Agent, AgentError> {
         let session = &mut self.plan.session;
         let (conversation, resume) = match (&session.agent_session_id, fresh) {
@@ -463,20 +465,41 @@ impl Actor {
             // A new conversation's running total starts from zero.
             self.last_total_cost = 0.0;
         }
-        Agent::start(
+        let started = Agent::start(
             &self.manager,
             &self.plan.session,
             self.plan.container.as_ref(),
             &conversation,
             resume,
         )
-        .await
+        .await;
+        match started {
+            Err(e) if resume && e.is_no_conversation() => {
+                info!(session = %self.plan.session.id, %conversation, "the conversation had no turn yet: starting it under the same id");
+                self.last_total_cost = 0.0;
+                Agent::start(
+                    &self.manager,
+                    &self.plan.session,
+                    self.plan.container.as_ref(),
+                    &conversation,
+                    false,
+                )
+                .await
+            }
+            other => other,
+        }
     }
 
     /// Replaces the agent process: a lost one quietly, or after a turn for `restart`/`clear`
     /// (told in the thread).
     async fn replace_agent(&mut self, old: Agent, how: Replace) -> Result<Agent, AgentError> {
         old.close().await;
+        if let (Replace::Resume, Some(container)) = (how, &self.plan.container) {
+            // The agent may be lost because its container was stopped.
+            if let Err(e) = self.manager.revive_container(&container.id).await {
+                warn!(session = %self.plan.session.id, error = %e, "cannot check the container before resuming");
+            }
+        }
         let agent = self.spawn_agent(how == Replace::Clear).await?;
         let note = match how {
             Replace::Resume => return Ok(agent),
@@ -681,7 +704,9 @@ impl Actor {
                     .set_session_state(&self.plan.session.id, SessionState::Idle)
                     .await;
                 if result.is_error {
-                    let why = result.result.unwrap_or_else(|| result.subtype.clone());
+                    let why = crate::chat::render::neutralize(
+                        &result.result.unwrap_or_else(|| result.subtype.clone()),
+                    );
                     self.manager
                         .say(
                             &self.plan.session,

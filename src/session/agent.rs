@@ -45,13 +45,16 @@ pub enum AgentError {
     /// Reading the agent failed.
     #[error("reading Claude failed: {0}")]
     Read(#[source] std::io::Error),
-    /// The agent exited before it was ready.
-    #[error("Claude exited right after starting")]
-    Exited,
+    /// The agent exited before it was ready; the CLI's last words (stderr), when it said any.
+    #[error("Claude exited right after starting{}", if .0.is_empty() { String::new() } else { format!(": {}", .0) })]
+    Exited(String),
     /// The agent did not answer `initialize` in time.
     #[error("Claude did not answer within {0:?}")]
     NotReady(Duration),
 }
+
+/// How many of the agent's last stderr lines are kept, to say why it failed.
+const STDERR_TAIL: usize = 20;
 
 /// A running agent: its process, stdin, stdout lines and the task logging its stderr.
 pub(super) struct Agent {
@@ -60,6 +63,19 @@ pub(super) struct Agent {
     /// Lines of the agent's stdout.
     pub(super) lines: tokio::io::Lines<BufReader<openssh::ChildStdout>>,
     stderr: Option<JoinHandle<()>>,
+    /// The last lines the agent wrote on stderr.
+    stderr_tail: StderrTail,
+}
+
+/// The last lines an agent wrote on stderr, shared with the task that reads them.
+type StderrTail = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>;
+
+impl AgentError {
+    /// Whether the CLI refused `--resume` because the conversation has no turn yet (nothing
+    /// was ever written for it).
+    pub fn is_no_conversation(&self) -> bool {
+        matches!(self, Self::Exited(why) if why.contains("No conversation found"))
+    }
 }
 
 impl Agent {
@@ -90,12 +106,20 @@ impl Agent {
             .stdout()
             .take()
             .ok_or(AgentError::Pipe("stdout"))?;
+        let stderr_tail: StderrTail = std::sync::Arc::default();
         let stderr = process.child.stderr().take().map(|stderr| {
             let id = session.id.clone();
+            let tail = std::sync::Arc::clone(&stderr_tail);
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     debug!(session = %id, stderr = %line, "agent stderr");
+                    if let Ok(mut tail) = tail.lock() {
+                        if tail.len() == STDERR_TAIL {
+                            tail.pop_front();
+                        }
+                        tail.push_back(line);
+                    }
                 }
             })
         });
@@ -104,6 +128,7 @@ impl Agent {
             stdin,
             lines: BufReader::new(stdout).lines(),
             stderr,
+            stderr_tail,
         };
         if let Err(e) = agent
             .write(&env_preamble(&manager.config.container_env))
@@ -114,6 +139,11 @@ impl Agent {
         }
         match tokio::time::timeout(AGENT_READY_TIMEOUT, agent.initialize()).await {
             Ok(Ok(())) => Ok(agent),
+            Ok(Err(AgentError::Exited(_))) => {
+                // Its reason is on stderr, read to the end once the process is gone.
+                let tail = agent.close().await;
+                Err(AgentError::Exited(tail))
+            }
             Ok(Err(e)) => {
                 agent.close().await;
                 Err(e)
@@ -133,18 +163,16 @@ impl Agent {
             .map_err(AgentError::Write)?;
         loop {
             match self.lines.next_line().await {
-                Ok(Some(line)) => {
-                    if let Ok(AgentEvent::ControlResponse {
+                Ok(Some(line)) => match stream_json::decode_line(&line) {
+                    Ok(AgentEvent::ControlResponse {
                         request_id: Some(id),
                         ..
-                    }) = stream_json::decode_line(&line)
-                    {
-                        if id == request_id {
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(None) => return Err(AgentError::Exited),
+                    }) if id == request_id => return Ok(()),
+                    // A result before it is ready: the CLI gave up (e.g. nothing to resume).
+                    Ok(AgentEvent::Result(_)) => return Err(AgentError::Exited(String::new())),
+                    _ => {}
+                },
+                Ok(None) => return Err(AgentError::Exited(String::new())),
                 Err(e) => return Err(AgentError::Read(e)),
             }
         }
@@ -156,21 +184,34 @@ impl Agent {
         self.stdin.flush().await
     }
 
-    /// Closes stdin (the CLI exits after its turn), waits briefly for the process, and stops
-    /// the stderr logger.
-    pub(super) async fn close(mut self) {
+    /// Closes stdin (the CLI exits after its turn), waits briefly for the process and for its
+    /// stderr to end, and returns the last lines it wrote there (joined, at most 500
+    /// characters).
+    pub(super) async fn close(mut self) -> String {
         let _ = self.stdin.shutdown().await;
         drop(self.stdin);
-        if tokio::time::timeout(AGENT_EXIT_GRACE, self.process.child.wait())
+        let exited = tokio::time::timeout(AGENT_EXIT_GRACE, self.process.child.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !exited {
             debug!("agent did not exit in time; its channel is closed");
         }
-        if let Some(stderr) = self.stderr.take() {
-            stderr.abort();
-            let _ = stderr.await;
+        if let Some(mut stderr) = self.stderr.take() {
+            if !exited
+                || tokio::time::timeout(Duration::from_secs(1), &mut stderr)
+                    .await
+                    .is_err()
+            {
+                stderr.abort();
+                let _ = stderr.await;
+            }
         }
+        let tail = self
+            .stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        tail.chars().take(500).collect()
     }
 }
 

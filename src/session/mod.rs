@@ -30,6 +30,7 @@ mod control;
 pub mod launch;
 pub mod markers;
 pub mod prepare;
+pub mod reconcile;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

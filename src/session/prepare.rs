@@ -155,6 +155,7 @@ impl Manager {
             (Some(path), true) => path.clone(),
             _ => {
                 let Workspace { path, notes } = self.prepare_workspace(&session).await?;
+                tracing::info!(session = %session.id, ?notes, "workspace ready");
                 if let Some(p) = progress.as_deref_mut() {
                     for note in &notes {
                         p.note(&note.line());
@@ -215,6 +216,25 @@ impl Manager {
             private_state: true,
         });
         Ok(())
+    }
+
+    /// Starts the session's container again when it was stopped (by hand, or by a VM restart)
+    /// so a lost agent can be resumed in it.
+    pub(super) async fn revive_container(&self, container_id: &str) -> Result<(), StartError> {
+        let runtime = &self.config.containers.runtime;
+        match devcontainer::inspect(&self.ssh, runtime, container_id).await {
+            Ok(ContainerState::Stopped) => {
+                tracing::info!(
+                    container = container_id,
+                    "the session's container was stopped; starting it again"
+                );
+                devcontainer::start(&self.ssh, runtime, container_id)
+                    .await
+                    .map_err(StartError::Inspect)
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(StartError::Inspect(e)),
+        }
     }
 
     /// The main clone (locked for this session) or a worktree of it (likewise). Returns its
