@@ -9,6 +9,7 @@
 pub mod mattermost;
 pub mod model_server;
 pub mod opnsense;
+pub mod teams;
 pub mod testbed;
 
 use std::net::SocketAddr;

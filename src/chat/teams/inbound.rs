@@ -6,7 +6,7 @@
 //!
 //! - **`message` with text**: a channel message that mentions the bot, a reply in a thread,
 //!   a personal or group chat message. The conversation reference is recorded, the message is
-//!   claimed in storage by its activity id ([`Store::claim_inbound_post`], so a redelivery is
+//!   claimed in storage by its activity id ([`Store::claim_inbound_post`](crate::store::Store::claim_inbound_post), so a redelivery is
 //!   handled once), and an [`InboundMessage`] is queued for the dispatcher; the answer is 200
 //!   with an empty body (TDOCS `conversation-messages.md`). When the queue stays full for
 //!   [`ENQUEUE_TIMEOUT`], or storage fails, the answer is 503 and nothing was taken.
