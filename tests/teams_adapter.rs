@@ -19,7 +19,9 @@ use session_manager::chat::{
     ActionCard, CardAction, CardClick, CardClickHandler, ChatError, ChatEvent, ChatOutbound,
     ClickError, ClickHandlers, ClickReply, InboundMessage, PostRef,
 };
-use session_manager::store::{new_session_id, NewSession, Platform, SessionKind, Store};
+use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
+use session_manager::session::{Delivery, SessionControl, SessionError};
+use session_manager::store::{new_session_id, NewSession, Platform, Session, SessionKind, Store};
 use support::teams::{FakeTeams, KeyChoice, TeamsUser};
 use support::TestDatabase;
 use tokio::sync::mpsc;
@@ -1073,5 +1075,126 @@ async fn malformed_requests_never_break_the_endpoint() {
     let activity = w.fake.channel_message(&w.channel, &w.olo, "status", true);
     assert_eq!(w.send(&activity).await.0, 200);
     w.next().await;
+    w.stop().await;
+}
+
+// ----- with the dispatcher ----------------------------------------------------------------------
+
+/// A session runtime that records what it is asked (the chat side is under test).
+#[derive(Default)]
+struct Sessions {
+    started: Mutex<Vec<(Session, PostRef)>>,
+    delivered: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait]
+impl SessionControl for Sessions {
+    async fn start(&self, session: Session, progress: PostRef) -> Result<(), SessionError> {
+        self.started
+            .lock()
+            .expect("started")
+            .push((session, progress));
+        Ok(())
+    }
+    async fn send(
+        &self,
+        session: &Session,
+        message: &InboundMessage,
+    ) -> Result<Delivery, SessionError> {
+        self.delivered
+            .lock()
+            .expect("delivered")
+            .push((session.id.clone(), message.text.clone()));
+        Ok(Delivery::Delivered)
+    }
+    async fn stop(&self, _session: &Session, _by: &str) -> Result<(), SessionError> {
+        Ok(())
+    }
+    async fn compact(&self, _session: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+    async fn clear(&self, _session: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+    async fn restart(&self, _session: &Session) -> Result<(), SessionError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispatcher() {
+    let mut w = world_with(Duration::from_millis(10)).await;
+    let sessions = Arc::new(Sessions::default());
+    let dispatcher = Dispatcher::new(
+        w.adapter.clone(),
+        w.store.clone(),
+        sessions.clone(),
+        DispatchConfig {
+            trigger: "@claude".into(),
+            default_org: None,
+            repo_host: "github.com".into(),
+            access: Access::Everyone,
+        },
+    );
+    let (_unused, placeholder) = mpsc::channel(1);
+    let events = std::mem::replace(&mut w.events, placeholder);
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(dispatcher.run(events, cancel.clone()));
+
+    let ask = w
+        .fake
+        .channel_message(&w.channel, &w.olo, "start acme/widgets", true);
+    assert_eq!(w.send(&ask).await.0, 200);
+    let started = Arc::clone(&sessions);
+    eventually("the session started", || {
+        !started.started.lock().expect("started").is_empty()
+    })
+    .await;
+    let (session, progress) = sessions.started.lock().expect("started")[0].clone();
+    // The session lives in a new thread of the channel where it was asked.
+    assert_eq!(session.platform, Platform::Teams);
+    assert_eq!(session.channel_id, w.channel);
+    assert_eq!(
+        w.fake.bot_threads(&w.channel),
+        vec![session.thread_id.clone()]
+    );
+    let thread = w.fake.thread(&w.channel, Some(&session.thread_id));
+    assert!(
+        thread[0].text.as_deref().is_some_and(
+            |t| t.contains("Session for `acme/widgets`") && t.contains("@Olo Brockhouse")
+        )
+    );
+    assert_eq!(
+        progress.root_id.as_deref(),
+        Some(session.thread_id.as_str())
+    );
+    let project = w
+        .store
+        .project_channel(Platform::Teams, "acme/widgets")
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(project.channel_id, w.channel);
+
+    // A reply in that thread reaches the session, as plain text.
+    let reply = w.fake.thread_reply(
+        &w.channel,
+        &session.thread_id,
+        &w.olo,
+        "please run the tests",
+        true,
+    );
+    assert_eq!(w.send(&reply).await.0, 200);
+    let delivered = Arc::clone(&sessions);
+    eventually("the reply delivered", || {
+        !delivered.delivered.lock().expect("delivered").is_empty()
+    })
+    .await;
+    assert_eq!(
+        sessions.delivered.lock().expect("delivered")[0],
+        (session.id.clone(), "please run the tests".to_owned())
+    );
+    cancel.cancel();
+    running.await.expect("dispatcher");
     w.stop().await;
 }

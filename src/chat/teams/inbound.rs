@@ -687,6 +687,36 @@ mod tests {
         assert!(unsupported_notice(&["an image".into()], true).contains("not supported yet"));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_never_panics(
+            text in ".{0,200}",
+            shown in ".{0,20}",
+            conversation in ".{0,60}",
+            kind in ".{0,12}",
+            html in ".{0,80}",
+        ) {
+            let entities = [mention("28:app", &shown), mention("29:x", &shown)];
+            let (rest, _) = strip_mentions(&text, &entities, "28:app");
+            let _ = addressed_text(&rest, "@claude", false);
+            let _ = addressed_text(&rest, "@claude", true);
+            let _ = unsupported_attachments(&[Attachment {
+                content_type: kind.clone(),
+                content: Some(json!(html)),
+                name: Some(text.clone()),
+                ..Attachment::default()
+            }]);
+            let activity: Activity = serde_json::from_value(json!({
+                "type": "message",
+                "conversation": { "id": conversation, "conversationType": kind },
+                "channelData": { "channel": { "id": html } },
+            })).expect("activity");
+            if let Some(place) = Place::of(&activity) {
+                proptest::prop_assert!(!place.channel_id.contains(";messageid=") || !place.is_channel());
+            }
+        }
+    }
+
     #[test]
     fn places_follow_the_conversation() {
         let activity: Activity = serde_json::from_value(json!({
