@@ -36,7 +36,11 @@
 //!   takes a value (`--auto-pull=true`), so it says `action = ArgAction::Set`.
 //! - A **rule involving several settings**, or one that only warns, is a line in the private
 //!   function `rules` (the host key unless `SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true`, the
-//!   legacy `SM_PROJECTS`).
+//!   legacy `SM_PROJECTS`, which chat platforms are configured).
+//! - A **group that is optional as a whole** (Mattermost, when Teams is configured) is an
+//!   `Option<Group>`; its fields keep their plain types but say `required = false` (clap
+//!   would otherwise require them even when the group is absent), and `rules` requires them
+//!   together. The group is `Some` exactly when one of its settings is set.
 //!
 //! So adding a setting is adding one field (and a line in `rules` if it has such a rule);
 //! `--help`, the README table (`cargo run -q -- config --markdown`), the `config` report and
@@ -143,9 +147,12 @@ pub enum CliCommand {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Settings (each flag is also an SM_* environment variable)")]
 pub struct Settings {
-    /// The Mattermost server.
+    /// The Mattermost server; `None` when `SM_MATTERMOST_URL` is unset (Teams only).
     #[command(flatten)]
-    pub mattermost: MattermostSettings,
+    pub mattermost: Option<MattermostSettings>,
+    /// The Microsoft Teams bot; enabled when `SM_TEAMS_APP_ID` is set.
+    #[command(flatten)]
+    pub teams: TeamsSettings,
     /// The VM the sessions run on.
     #[command(flatten)]
     pub vm: VmSettings,
@@ -185,37 +192,139 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
-/// `SM_MATTERMOST_*`: the Mattermost server.
+/// What to set for each Mattermost setting when Mattermost is configured (or no platform is).
+const MATTERMOST_REQUIRED: [(&str, &str); 3] = [
+    (
+        "SM_MATTERMOST_URL",
+        "the Mattermost base URL, e.g. https://chat.example.com (or set SM_TEAMS_APP_ID to use Microsoft Teams only)",
+    ),
+    ("SM_MATTERMOST_TOKEN", "the bot account's access token"),
+    ("SM_MATTERMOST_TEAM_ID", "the id of the team the bot serves"),
+];
+
+/// `SM_MATTERMOST_*`: the Mattermost server. Optional as a group: present exactly when one of
+/// its settings is set, and then all three are required (see `rules`).
 #[derive(Debug, Clone, Args)]
 pub struct MattermostSettings {
-    /// Mattermost server base URL, e.g. `https://chat.example.com` (required).
+    /// Mattermost server base URL, e.g. `https://chat.example.com`. Setting it enables
+    /// Mattermost; required unless SM_TEAMS_APP_ID is set.
     #[arg(
         id = "mattermost_url",
         long = "mattermost-url",
         env = "SM_MATTERMOST_URL",
         value_name = "URL",
-        value_parser = required("the Mattermost base URL, e.g. https://chat.example.com", http_url)
+        required = false,
+        value_parser = http_url
     )]
     pub url: Url,
-    /// Mattermost bot account access token (required, secret).
+    /// Mattermost bot account access token (secret; required with SM_MATTERMOST_URL).
     #[arg(
         id = "mattermost_token",
         long = "mattermost-token",
         env = "SM_MATTERMOST_TOKEN",
         hide_env_values = true,
         value_name = "TOKEN",
-        value_parser = required("the bot account's access token", secret_token)
+        required = false,
+        value_parser = secret_token
     )]
     pub token: SecretString,
-    /// Id of the Mattermost team the bot serves (required; 26 characters).
+    /// Id of the Mattermost team the bot serves (26 characters; required with
+    /// SM_MATTERMOST_URL).
     #[arg(
         id = "mattermost_team_id",
         long = "mattermost-team-id",
         env = "SM_MATTERMOST_TEAM_ID",
         value_name = "ID",
-        value_parser = required("the id of the team the bot serves", mattermost_id)
+        required = false,
+        value_parser = mattermost_id
     )]
     pub team_id: String,
+}
+
+/// The Bot Framework's OpenID metadata, where inbound tokens' signing keys are published
+/// (`shared/reference/wire-formats.md` §3.2; BBJS `authenticationConstants.ts`).
+pub const BOT_FRAMEWORK_OPENID_METADATA_URL: &str =
+    "https://login.botframework.com/v1/.well-known/openidconfiguration";
+
+/// `SM_TEAMS_*`: the Microsoft Teams bot (a Bot Framework / Azure Bot registration). Teams is
+/// enabled exactly when `SM_TEAMS_APP_ID` is set; the password is then required.
+#[derive(Debug, Clone, Args)]
+pub struct TeamsSettings {
+    /// Microsoft App ID (a GUID) of the bot's Azure Bot registration. Setting it enables
+    /// Microsoft Teams; inbound tokens must name it as their audience.
+    #[arg(
+        id = "teams_app_id",
+        long = "teams-app-id",
+        env = "SM_TEAMS_APP_ID",
+        value_name = "GUID",
+        value_parser = guid
+    )]
+    pub app_id: Option<String>,
+    /// Client secret of the bot's app registration (secret; required with SM_TEAMS_APP_ID).
+    #[arg(
+        id = "teams_app_password",
+        long = "teams-app-password",
+        env = "SM_TEAMS_APP_PASSWORD",
+        hide_env_values = true,
+        value_name = "SECRET",
+        value_parser = secret_token
+    )]
+    pub app_password: Option<SecretString>,
+    /// Tenant (directory) id of a single-tenant bot; unset for a multi-tenant bot. Selects the
+    /// tenant's token endpoint unless SM_TEAMS_TOKEN_URL is set.
+    #[arg(
+        id = "teams_tenant_id",
+        long = "teams-tenant-id",
+        env = "SM_TEAMS_TENANT_ID",
+        value_name = "TENANT",
+        value_parser = tenant
+    )]
+    pub tenant_id: Option<String>,
+    /// Where the bot gets its Connector token (OAuth client credentials). Unset: the Bot
+    /// Framework's (login.microsoftonline.com/botframework.com/oauth2/v2.0/token), or the
+    /// tenant's when SM_TEAMS_TENANT_ID is set.
+    #[arg(
+        id = "teams_token_url",
+        long = "teams-token-url",
+        env = "SM_TEAMS_TOKEN_URL",
+        value_name = "URL",
+        value_parser = http_url
+    )]
+    pub token_url: Option<Url>,
+    /// OpenID metadata of the issuer of inbound Bot Framework tokens (its JWKS verifies every
+    /// request to /api/messages).
+    #[arg(
+        id = "teams_openid_metadata_url",
+        long = "teams-openid-metadata-url",
+        env = "SM_TEAMS_OPENID_METADATA_URL",
+        default_value = BOT_FRAMEWORK_OPENID_METADATA_URL,
+        value_name = "URL",
+        value_parser = http_url
+    )]
+    pub openid_metadata_url: Url,
+}
+
+impl TeamsSettings {
+    /// Whether Teams is configured (`SM_TEAMS_APP_ID` is set).
+    pub fn enabled(&self) -> bool {
+        self.app_id.is_some()
+    }
+
+    /// The token endpoint: `SM_TEAMS_TOKEN_URL`, else
+    /// `https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token` with the tenant of a
+    /// single-tenant bot or `botframework.com` (`shared/reference/wire-formats.md` §3.1).
+    pub fn token_endpoint(&self) -> Url {
+        if let Some(url) = &self.token_url {
+            return url.clone();
+        }
+        let tenant = self.tenant_id.as_deref().unwrap_or("botframework.com");
+        let raw = format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token");
+        // The tenant passed `tenant` (letters, digits, '-', '.'), so the URL parses.
+        Url::parse(&raw).unwrap_or_else(|_| {
+            Url::parse("https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token")
+                .expect("a constant URL")
+        })
+    }
 }
 
 /// `SM_VM_*` and `SM_SSH_TIMEOUT_SECS`: the VM and how the bot logs in.
@@ -983,6 +1092,42 @@ fn rules(v: &Values, p: &mut Problems) {
             None => {}
         }
     }
+    // Chat platforms: Teams when its app id is set; Mattermost when any of its settings is,
+    // and also when nothing else is configured (today's default platform).
+    let teams = v.is_set("SM_TEAMS_APP_ID");
+    if teams && !v.is_set("SM_TEAMS_APP_PASSWORD") {
+        p.push(
+            "SM_TEAMS_APP_PASSWORD",
+            "is required: the client secret of the bot's app registration (SM_TEAMS_APP_ID is set)",
+        );
+    }
+    if !teams {
+        let dependent = [
+            "SM_TEAMS_APP_PASSWORD",
+            "SM_TEAMS_TENANT_ID",
+            "SM_TEAMS_TOKEN_URL",
+        ]
+        .into_iter()
+        .filter(|var| v.is_set(var))
+        .collect::<Vec<_>>();
+        if !dependent.is_empty() {
+            p.push(
+                "SM_TEAMS_APP_ID",
+                format!(
+                    "is required: the bot's Microsoft App ID ({} is set)",
+                    dependent.join(", ")
+                ),
+            );
+        }
+    }
+    let mattermost = MATTERMOST_REQUIRED.iter().any(|(var, _)| v.is_set(var));
+    if mattermost || !teams {
+        for (var, what) in MATTERMOST_REQUIRED {
+            if !v.is_set(var) {
+                p.push(var, format!("is required: {what}"));
+            }
+        }
+    }
     // SM_PROJECTS is legacy: accepted and ignored, with a warning when it is not empty.
     let projects = v.get::<serde_json::Map<String, serde_json::Value>>("SM_PROJECTS");
     if projects.is_some_and(|projects| !projects.is_empty()) {
@@ -1182,6 +1327,47 @@ fn secret_token(v: &str) -> Result<SecretString, String> {
         return Err("must not contain whitespace (a stray newline or space?)".into());
     }
     Ok(SecretString::from(v.to_owned()))
+}
+
+/// A GUID such as an Azure AD application or object id, lowercased.
+fn guid(v: &str) -> Result<String, String> {
+    if is_guid(v) {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "expected a GUID such as 0d9b645f-1c2e-4b5a-9d3c-2f1e0a9b8c7d, got {v:?}"
+        ))
+    }
+}
+
+/// Whether `v` is a GUID (`8-4-4-4-12` hexadecimal digits).
+pub fn is_guid(v: &str) -> bool {
+    let groups: Vec<&str> = v.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, len)| g.len() == len && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A tenant: its GUID, or a verified domain name such as `contoso.onmicrosoft.com`.
+fn tenant(v: &str) -> Result<String, String> {
+    let domain = v.contains('.')
+        && v.len() <= 253
+        && v.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if is_guid(v) || domain {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "expected a tenant id (a GUID) or a domain such as contoso.onmicrosoft.com, got {v:?}"
+        ))
+    }
 }
 
 fn mattermost_id(v: &str) -> Result<String, String> {
@@ -1966,9 +2152,6 @@ mod tests {
         assert_eq!(
             required,
             [
-                "SM_MATTERMOST_URL",
-                "SM_MATTERMOST_TOKEN",
-                "SM_MATTERMOST_TEAM_ID",
                 "SM_VM_HOST",
                 "SM_OPNSENSE_URL",
                 "SM_OPNSENSE_KEY",
@@ -1981,9 +2164,15 @@ mod tests {
             .filter(|arg| arg.is_required_set())
             .map(|arg| (arg.get_long().expect("long"), " "))
             .collect();
+        // Mattermost's settings are required together, and when no other platform is set.
+        let mattermost = [
+            "SM_MATTERMOST_URL",
+            "SM_MATTERMOST_TOKEN",
+            "SM_MATTERMOST_TEAM_ID",
+        ];
         for pairs in [Vec::new(), blank] {
             let err = args(&pairs).expect_err("nothing given");
-            for var in &required {
+            for var in required.iter().chain(&mattermost) {
                 let problem = err.0.iter().find(|p| p.var == *var).expect(var);
                 assert!(problem.message.starts_with("is required: "), "{problem}");
             }
@@ -2075,6 +2264,105 @@ mod tests {
         let markdown = markdown_reference();
         assert!(markdown.contains("| `SM_DATABASE_URL` | `--database-url` | (none) |"));
         assert!(markdown.contains("| `SM_ALLOWED_USERS` | `--allowed-users` | (empty) |"));
+    }
+
+    fn teams_only() -> Vec<(&'static str, &'static str)> {
+        let mut pairs = complete();
+        pairs.retain(|(f, _)| !f.starts_with("mattermost-"));
+        pairs.extend([
+            ("teams-app-id", "8E9F0A1B-2C3D-4E5F-8A9B-0C1D2E3F4A5B"),
+            ("teams-app-password", "s3cr3t-teams"),
+        ]);
+        pairs
+    }
+
+    #[test]
+    fn teams_alone_needs_no_mattermost_settings() {
+        let s = args(&teams_only()).expect("Teams alone is enough");
+        assert!(s.mattermost.is_none());
+        assert!(s.teams.enabled());
+        assert_eq!(
+            s.teams.app_id.as_deref(),
+            Some("8e9f0a1b-2c3d-4e5f-8a9b-0c1d2e3f4a5b")
+        );
+        assert_eq!(
+            s.teams.openid_metadata_url.as_str(),
+            BOT_FRAMEWORK_OPENID_METADATA_URL
+        );
+        assert_eq!(
+            s.teams.token_endpoint().as_str(),
+            "https://login.microsoftonline.com/botframework.com/oauth2/v2.0/token"
+        );
+        assert!(!format!("{s:?}").contains("s3cr3t-teams"), "secret");
+        let mut pairs = teams_only();
+        pairs.push(("teams-tenant-id", "0d9b645f-1c2e-4b5a-9d3c-2f1e0a9b8c7d"));
+        assert_eq!(
+            args(&pairs).expect("valid").teams.token_endpoint().as_str(),
+            "https://login.microsoftonline.com/0d9b645f-1c2e-4b5a-9d3c-2f1e0a9b8c7d/oauth2/v2.0/token"
+        );
+        pairs.push(("teams-token-url", "http://127.0.0.1:9/token"));
+        assert_eq!(
+            args(&pairs).expect("valid").teams.token_endpoint().as_str(),
+            "http://127.0.0.1:9/token"
+        );
+    }
+
+    #[test]
+    fn both_platforms_can_be_configured_and_mattermost_alone_is_unchanged() {
+        let mut pairs = complete();
+        pairs.extend(
+            teams_only()
+                .into_iter()
+                .filter(|(f, _)| f.starts_with("teams-")),
+        );
+        let s = args(&pairs).expect("both");
+        assert!(s.mattermost.is_some() && s.teams.enabled());
+        let s = args(&complete()).expect("Mattermost alone");
+        let mattermost = s.mattermost.expect("configured");
+        assert_eq!(mattermost.team_id, "abcdefghijklmnopqrstuvwxyz");
+        assert!(!s.teams.enabled());
+    }
+
+    #[test]
+    fn teams_and_mattermost_settings_are_required_together() {
+        // A Teams app id needs its password.
+        let mut pairs = teams_only();
+        pairs.retain(|(f, _)| *f != "teams-app-password");
+        let err = args(&pairs).expect_err("no password");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].var, "SM_TEAMS_APP_PASSWORD");
+        assert!(err.0[0].message.starts_with("is required: "));
+        // Teams settings without the app id name what is missing.
+        let mut pairs = complete();
+        pairs.push(("teams-tenant-id", "contoso.onmicrosoft.com"));
+        let err = args(&pairs).expect_err("no app id");
+        assert_eq!(err.0[0].var, "SM_TEAMS_APP_ID");
+        assert!(err.0[0].message.contains("SM_TEAMS_TENANT_ID"), "{err}");
+        // One Mattermost setting next to Teams asks for the other two.
+        let mut pairs = teams_only();
+        pairs.push(("mattermost-url", "https://chat.example.com"));
+        let err = args(&pairs).expect_err("half Mattermost");
+        let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["SM_MATTERMOST_TOKEN", "SM_MATTERMOST_TEAM_ID"]);
+        // Malformed Teams values.
+        for (flag, value, var) in [
+            ("teams-app-id", "not-a-guid", "SM_TEAMS_APP_ID"),
+            ("teams-tenant-id", "no spaces", "SM_TEAMS_TENANT_ID"),
+            ("teams-token-url", "ftp://x", "SM_TEAMS_TOKEN_URL"),
+            (
+                "teams-openid-metadata-url",
+                "nope",
+                "SM_TEAMS_OPENID_METADATA_URL",
+            ),
+            ("teams-app-password", "a b", "SM_TEAMS_APP_PASSWORD"),
+        ] {
+            let mut pairs = teams_only();
+            pairs.retain(|(f, _)| *f != flag);
+            pairs.push((flag, value));
+            let err = args(&pairs).expect_err(flag);
+            assert_eq!(err.0.len(), 1, "{flag}: {err}");
+            assert_eq!(err.0[0].var, var);
+        }
     }
 
     #[test]

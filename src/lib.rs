@@ -346,10 +346,15 @@ async fn run_chat(
         () = cancel.cancelled() => return,
         active = role.wait_for(|r| *r == Role::Active) => if active.is_err() { return },
     }
+    // Teams is not wired in here yet: with Teams alone configured the chat side stays off.
+    let Some(mattermost) = settings.mattermost.as_ref() else {
+        error!("SM_MATTERMOST_URL is not set, and serving Microsoft Teams alone is not wired in yet: the chat side is off");
+        return;
+    };
     let config = MattermostConfig {
-        url: settings.mattermost.url.clone(),
-        token: settings.mattermost.token.clone(),
-        team_id: settings.mattermost.team_id.clone(),
+        url: mattermost.url.clone(),
+        token: mattermost.token.clone(),
+        team_id: mattermost.team_id.clone(),
         channel_category: settings.chat.channel_category.clone(),
         request_timeout: Duration::from_secs(30),
         retry: RetryPolicy::default(),

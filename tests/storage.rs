@@ -48,6 +48,7 @@ on_both_backends!(
     unknown_stored_values_are_errors_not_panics,
     inbound_posts_are_claimed_once_and_keep_a_cursor,
     spawns_are_claimed_once_within_the_window,
+    teams_references_survive_a_new_pool_and_keep_known_fields,
 );
 
 fn new_session(thread: &str) -> NewSession {
@@ -1041,4 +1042,104 @@ async fn spawns_are_claimed_once_within_the_window(db: &TestDatabase) {
         .set_spawn_child(&orch.id, key, "child-1")
         .await
         .expect("record");
+}
+
+async fn teams_references_survive_a_new_pool_and_keep_known_fields(db: &TestDatabase) {
+    let store = db.store().await;
+    let channel = "19:6decf54d86d945e4b3924b63a9161a78@thread.tacv2";
+    assert!(store
+        .teams_conversation(channel)
+        .await
+        .expect("read")
+        .is_none());
+    let reference = TeamsConversation {
+        conversation_id: channel.into(),
+        conversation_type: "channel".into(),
+        service_url: "https://smba.trafficmanager.net/amer/".into(),
+        tenant_id: "0d9b645f-aaaa".into(),
+        team_id: "19:acca514e83cb497e960e0b014d405336@thread.tacv2".into(),
+        name: "General".into(),
+        bot_id: "28:app".into(),
+        updated_at: 1,
+    };
+    store
+        .upsert_teams_conversation(&reference)
+        .await
+        .expect("insert");
+    // A later activity without tenant, team or name (as in some invokes) keeps them; a new
+    // service URL replaces the old one.
+    store
+        .upsert_teams_conversation(&TeamsConversation {
+            service_url: "https://smba.trafficmanager.net/emea/".into(),
+            tenant_id: String::new(),
+            team_id: String::new(),
+            name: String::new(),
+            updated_at: 2,
+            ..reference.clone()
+        })
+        .await
+        .expect("update");
+    let again = db.store().await; // a new pool, as after a restart
+    let found = again
+        .teams_conversation(channel)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        found,
+        TeamsConversation {
+            service_url: "https://smba.trafficmanager.net/emea/".into(),
+            updated_at: 2,
+            ..reference
+        }
+    );
+
+    let user = TeamsUser {
+        user_id: "b130c271-d2eb-45f9-83ab-9eb3fe3788bc".into(),
+        account_id: "29:1aBjVi5Mw".into(),
+        name: "Olo Brockhouse".into(),
+        last_conversation_id: Some(channel.into()),
+        updated_at: 1,
+    };
+    store.upsert_teams_user(&user).await.expect("insert user");
+    store
+        .upsert_teams_user(&TeamsUser {
+            name: String::new(),
+            last_conversation_id: None,
+            updated_at: 2,
+            ..user.clone()
+        })
+        .await
+        .expect("update user");
+    let found = again
+        .teams_user(&user.user_id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        found,
+        TeamsUser {
+            updated_at: 2,
+            ..user.clone()
+        }
+    );
+    store
+        .upsert_teams_user(&TeamsUser {
+            last_conversation_id: Some("a:1personal".into()),
+            updated_at: 3,
+            ..user.clone()
+        })
+        .await
+        .expect("move");
+    assert_eq!(
+        again
+            .teams_user(&user.user_id)
+            .await
+            .expect("read")
+            .expect("stored")
+            .last_conversation_id
+            .as_deref(),
+        Some("a:1personal")
+    );
+    assert!(again.teams_user("nobody").await.expect("read").is_none());
 }

@@ -4,6 +4,8 @@
 //! [`ChatOutbound`]; nothing past the adapter knows which platform it talks to.
 //!
 //! - [`mattermost`]: REST API v4 client, WebSocket listener and the adapter.
+//! - [`teams`]: Microsoft Teams through the Bot Framework: the verified messaging endpoint,
+//!   the Connector client with pacing, Adaptive Cards, and the adapter.
 //! - [`progress`]: a progress post edited in place (start steps, ready or what failed).
 //! - [`render`]: agent output as chat posts: splitting under the post limit with balanced code
 //!   fences, coalescing streamed text into few edits, compact tool-use lines.
@@ -13,6 +15,7 @@ pub mod mattermost;
 pub mod progress;
 pub mod render;
 pub mod stream;
+pub mod teams;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -939,6 +939,99 @@ impl Store {
         Ok(done.rows_affected())
     }
 
+    // ----- Teams conversation references -------------------------------------------------
+
+    /// Records (or refreshes) a Teams conversation reference.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn upsert_teams_conversation(&self, c: &TeamsConversation) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO teams_conversations (conversation_id, conversation_type, service_url,
+                 tenant_id, team_id, name, bot_id, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (conversation_id) DO UPDATE SET
+                 conversation_type = excluded.conversation_type,
+                 service_url = excluded.service_url,
+                 tenant_id = CASE WHEN excluded.tenant_id = '' THEN teams_conversations.tenant_id
+                                  ELSE excluded.tenant_id END,
+                 team_id = CASE WHEN excluded.team_id = '' THEN teams_conversations.team_id
+                                ELSE excluded.team_id END,
+                 name = CASE WHEN excluded.name = '' THEN teams_conversations.name
+                             ELSE excluded.name END,
+                 bot_id = excluded.bot_id,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(&c.conversation_id)
+        .bind(&c.conversation_type)
+        .bind(&c.service_url)
+        .bind(&c.tenant_id)
+        .bind(&c.team_id)
+        .bind(&c.name)
+        .bind(&c.bot_id)
+        .bind(c.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A Teams conversation reference by conversation id (a channel id or a chat id).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn teams_conversation(
+        &self,
+        conversation_id: &str,
+    ) -> StoreResult<Option<TeamsConversation>> {
+        Ok(sqlx::query_as::<_, TeamsConversationRow>(
+            "SELECT * FROM teams_conversations WHERE conversation_id = $1",
+        )
+        .bind(conversation_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(TeamsConversation::from))
+    }
+
+    /// Records (or refreshes) a Teams user. A `None` `last_conversation_id` and an empty name
+    /// keep the stored values.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn upsert_teams_user(&self, u: &TeamsUser) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO teams_users (user_id, account_id, name, last_conversation_id, updated_at)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id) DO UPDATE SET
+                 account_id = excluded.account_id,
+                 name = CASE WHEN excluded.name = '' THEN teams_users.name ELSE excluded.name END,
+                 last_conversation_id = COALESCE(excluded.last_conversation_id,
+                                                 teams_users.last_conversation_id),
+                 updated_at = excluded.updated_at",
+        )
+        .bind(&u.user_id)
+        .bind(&u.account_id)
+        .bind(&u.name)
+        .bind(u.last_conversation_id.as_deref())
+        .bind(u.updated_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A Teams user by id (AAD object id, or `29:…` account id).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn teams_user(&self, user_id: &str) -> StoreResult<Option<TeamsUser>> {
+        Ok(
+            sqlx::query_as::<_, TeamsUserRow>("SELECT * FROM teams_users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(TeamsUser::from),
+        )
+    }
+
     // ----- orchestrator spawns ---------------------------------------------------------
 
     /// Claims a spawn for `parent_id`: `true` when no equal request (same key) was claimed
@@ -1332,6 +1425,54 @@ impl From<ContainerRow> for Container {
             workspace_folder: r.workspace_folder,
             created_at: r.created_at,
             removed_at: r.removed_at,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct TeamsConversationRow {
+    conversation_id: String,
+    conversation_type: String,
+    service_url: String,
+    tenant_id: String,
+    team_id: String,
+    name: String,
+    bot_id: String,
+    updated_at: i64,
+}
+
+impl From<TeamsConversationRow> for TeamsConversation {
+    fn from(r: TeamsConversationRow) -> Self {
+        TeamsConversation {
+            conversation_id: r.conversation_id,
+            conversation_type: r.conversation_type,
+            service_url: r.service_url,
+            tenant_id: r.tenant_id,
+            team_id: r.team_id,
+            name: r.name,
+            bot_id: r.bot_id,
+            updated_at: r.updated_at,
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct TeamsUserRow {
+    user_id: String,
+    account_id: String,
+    name: String,
+    last_conversation_id: Option<String>,
+    updated_at: i64,
+}
+
+impl From<TeamsUserRow> for TeamsUser {
+    fn from(r: TeamsUserRow) -> Self {
+        TeamsUser {
+            user_id: r.user_id,
+            account_id: r.account_id,
+            name: r.name,
+            last_conversation_id: r.last_conversation_id,
+            updated_at: r.updated_at,
         }
     }
 }

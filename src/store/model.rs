@@ -334,6 +334,48 @@ pub struct ProjectChannel {
     pub created_at: i64,
 }
 
+/// A Microsoft Teams conversation reference: what the bot needs to post into a Teams channel
+/// or chat without an inbound activity in hand (after a restart, for example). Follows the
+/// Bot Framework `ConversationReference` (`serviceUrl`, `conversation`, `bot`, tenant); see
+/// `shared/reference/wire-formats.md` §3.3–3.4. A channel thread's conversation id is
+/// `<conversation_id>;messageid=<root>`, so one record covers every thread of a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TeamsConversation {
+    /// The channel id (`19:…@thread.tacv2`, without `;messageid=`) or the chat's id.
+    pub conversation_id: String,
+    /// Teams' `conversation.conversationType`: `channel`, `personal` or `groupChat`.
+    pub conversation_type: String,
+    /// The activity's `serviceUrl`: the base of the Connector REST API for this conversation.
+    pub service_url: String,
+    /// The tenant (`conversation.tenantId` or `channelData.tenant.id`); `""` when unknown.
+    pub tenant_id: String,
+    /// The team (`channelData.team.id`); `""` outside a team.
+    pub team_id: String,
+    /// The channel's or chat's name when Teams sent one; `""` otherwise.
+    pub name: String,
+    /// The bot's account in this conversation (`recipient.id`, `28:<app id>`).
+    pub bot_id: String,
+    /// Last written (Unix ms).
+    pub updated_at: i64,
+}
+
+/// A Teams user the bot has heard from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TeamsUser {
+    /// The user's id as the rest of the bot sees it: the AAD object id (lowercase), or the
+    /// Teams account id (`29:…`) when Teams sent no AAD object id.
+    pub user_id: String,
+    /// The Teams account id (`from.id`, `29:…`).
+    pub account_id: String,
+    /// Display name (`from.name`); `""` when unknown.
+    pub name: String,
+    /// The conversation where the user last addressed the bot (a
+    /// [`TeamsConversation::conversation_id`]); a write with `None` keeps the stored one.
+    pub last_conversation_id: Option<String>,
+    /// Last written (Unix ms).
+    pub updated_at: i64,
+}
+
 /// The state of a network approval request.
 #[derive(
     Debug,

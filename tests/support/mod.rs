@@ -10,6 +10,7 @@ pub mod mattermost;
 pub mod model_server;
 pub mod opnsense;
 pub mod stack;
+pub mod teams;
 pub mod testbed;
 
 use std::net::SocketAddr;
