@@ -36,7 +36,9 @@
 //! | `start org/repo[@branch] [--worktree[=name]]` | [`Command::Start`] |
 //! | `orchestrate org/repo[@branch]` | [`Command::Orchestrate`] |
 //! | `stop <id-prefix>` (bare `stop` in a session thread) | [`Command::Stop`] |
-//! | `status`, `help` | [`Command::Status`], [`Command::Help`] |
+//! | `status [all]`, `help` | [`Command::Status`], [`Command::Help`] |
+//! | `invite @user`, `kick @user` (session thread only) | [`Command::Invite`], [`Command::Kick`] |
+//! | `join <id-prefix>` (bare `join` in a session thread) | [`Command::Join`] |
 //! | `compact`, `clear`, `restart`, `context` (session thread only) | unit variants |
 //!
 //! `org/` may be left out when a default organisation is configured.
@@ -234,19 +236,7 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
     CommandSpec {
         kind: CommandKind::Stop,
         word: "stop",
-        args: &[ArgSpec {
-            value: ValueKind {
-                placeholder: "<id-prefix>",
-                noun: "id prefix",
-                parse: |text, _, values| {
-                    values.id_prefix = Some(IdPrefix::parse(text)?);
-                    Ok(())
-                },
-            },
-            presence: Presence::ThreadDefault,
-            missing: |_| CommandError::MissingIdPrefix,
-            surplus: ArgSpec::UNEXPECTED,
-        }],
+        args: &[ID_ARG],
         summary: "stop the session whose id starts with the given prefix",
         thread_summary: Some("stop this thread's session (add an id prefix to stop another one)"),
         build: |values| {
@@ -259,8 +249,18 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
     CommandSpec {
         kind: CommandKind::Status,
         word: "status",
-        summary: "list the sessions",
-        build: |_| Some(Command::Status),
+        args: &[ArgSpec {
+            value: ALL,
+            presence: Presence::Optional,
+            missing: |command| CommandError::UnexpectedArgument {
+                command,
+                arg: String::new(),
+            },
+            surplus: ArgSpec::UNEXPECTED,
+        }],
+        summary: "list your sessions and those you were invited to (`status all`: every session, for admins)",
+        thread_summary: Some("show this session's state (`status all`: every session, for admins)"),
+        build: |values| Some(Command::Status { all: values.all }),
         ..CommandSpec::DEFAULT
     },
     CommandSpec {
@@ -302,7 +302,86 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         build: |_| Some(Command::Context),
         ..CommandSpec::DEFAULT
     },
+    CommandSpec {
+        kind: CommandKind::Invite,
+        word: "invite",
+        scope: Scope::ThreadOnly,
+        args: &[USER_ARG],
+        summary: "let a user talk to this session (its owner or an admin)",
+        build: |values| Some(Command::Invite { user: values.user? }),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Kick,
+        word: "kick",
+        scope: Scope::ThreadOnly,
+        args: &[USER_ARG],
+        summary: "take back an invitation (its owner or an admin)",
+        build: |values| Some(Command::Kick { user: values.user? }),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Join,
+        word: "join",
+        args: &[ID_ARG],
+        summary: "join the channel of the session whose id starts with the given prefix and follow \
+                  its thread (its owner, the people they invited and admins)",
+        thread_summary: Some("follow this thread (add an id prefix to join another session)"),
+        build: |values| {
+            Some(Command::Join {
+                target: values.id_prefix,
+            })
+        },
+        ..CommandSpec::DEFAULT
+    },
 ];
+
+/// The session argument of `stop` and `join`: an id prefix, or this thread's session.
+const ID_ARG: ArgSpec = ArgSpec {
+    value: ValueKind {
+        placeholder: "<id-prefix>",
+        noun: "id prefix",
+        parse: |text, _, values| {
+            values.id_prefix = Some(IdPrefix::parse(text)?);
+            Ok(())
+        },
+    },
+    presence: Presence::ThreadDefault,
+    missing: |command| CommandError::MissingIdPrefix { command },
+    surplus: ArgSpec::UNEXPECTED,
+};
+
+/// The user argument of `invite` and `kick`.
+const USER_ARG: ArgSpec = ArgSpec {
+    value: ValueKind {
+        placeholder: "@user",
+        noun: "user",
+        parse: |text, _, values| {
+            values.user = Some(UserName::parse(text)?);
+            Ok(())
+        },
+    },
+    presence: Presence::Required,
+    missing: |command| CommandError::MissingUser { command },
+    surplus: ArgSpec::UNEXPECTED,
+};
+
+/// The optional `all` of `status`.
+const ALL: ValueKind = ValueKind {
+    placeholder: "all",
+    noun: "`all`",
+    parse: |text, _, values| {
+        if text.eq_ignore_ascii_case("all") {
+            values.all = true;
+            Ok(())
+        } else {
+            Err(CommandError::UnexpectedArgument {
+                command: CommandKind::Status,
+                arg: text.to_owned(),
+            })
+        }
+    },
+};
 
 /// The repository argument of `start` and `orchestrate`.
 const REPO_ARG: ArgSpec = ArgSpec {
@@ -486,6 +565,10 @@ struct Values {
     id_prefix: Option<IdPrefix>,
     /// The `--worktree` option.
     worktree: Option<WorktreeChoice>,
+    /// A user argument.
+    user: Option<UserName>,
+    /// `all` was given.
+    all: bool,
     /// Values of the test-only table.
     #[cfg(test)]
     words: Vec<String>,
@@ -543,8 +626,11 @@ pub enum Command {
         /// `None`: the session that owns the thread the command was written in.
         target: Option<IdPrefix>,
     },
-    /// `status`: list sessions.
-    Status,
+    /// `status [all]`: list the asker's sessions (every session with `all`, for admins).
+    Status {
+        /// `status all`.
+        all: bool,
+    },
     /// `help`, or the bare trigger.
     Help,
     /// `compact` (session thread only): compact the session's context.
@@ -555,6 +641,22 @@ pub enum Command {
     Restart,
     /// `context` (session thread only): show the session's context usage.
     Context,
+    /// `invite @user` (session thread only): let a user talk to the session.
+    Invite {
+        /// Who.
+        user: UserName,
+    },
+    /// `kick @user` (session thread only): take back an invitation.
+    Kick {
+        /// Who.
+        user: UserName,
+    },
+    /// `join <id-prefix>`, or bare `join` in a session thread: become a member of the
+    /// session's project channel and follow its thread.
+    Join {
+        /// `None`: the session that owns the thread the command was written in.
+        target: Option<IdPrefix>,
+    },
 }
 
 impl Command {
@@ -565,12 +667,15 @@ impl Command {
             Command::Start { .. } => CommandKind::Start,
             Command::Orchestrate { .. } => CommandKind::Orchestrate,
             Command::Stop { .. } => CommandKind::Stop,
-            Command::Status => CommandKind::Status,
+            Command::Status { .. } => CommandKind::Status,
             Command::Help => CommandKind::Help,
             Command::Compact => CommandKind::Compact,
             Command::Clear => CommandKind::Clear,
             Command::Restart => CommandKind::Restart,
             Command::Context => CommandKind::Context,
+            Command::Invite { .. } => CommandKind::Invite,
+            Command::Kick { .. } => CommandKind::Kick,
+            Command::Join { .. } => CommandKind::Join,
         }
     }
 }
@@ -588,6 +693,10 @@ impl fmt::Display for Command {
             }
             Command::Orchestrate { repo } => write!(f, "orchestrate {repo}"),
             Command::Stop { target: Some(id) } => write!(f, "stop {id}"),
+            Command::Status { all: true } => f.write_str("status all"),
+            Command::Invite { user } => write!(f, "invite {user}"),
+            Command::Kick { user } => write!(f, "kick {user}"),
+            Command::Join { target: Some(id) } => write!(f, "join {id}"),
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -626,6 +735,12 @@ pub enum CommandKind {
     Restart,
     /// `context` (session thread only)
     Context,
+    /// `invite` (session thread only)
+    Invite,
+    /// `kick` (session thread only)
+    Kick,
+    /// `join`
+    Join,
 }
 
 impl CommandKind {
@@ -1278,6 +1393,64 @@ fn validate_worktree(value: &str) -> Result<(), InvalidReason> {
 
 validated_string!(WorktreeName, BadWorktree, validate_worktree);
 
+/// A chat user as named in a command: `@name` or `name`, 1–64 ASCII letters,
+/// digits, `.`, `_` and `-` after the optional `@`, not starting with `-`
+/// (Mattermost usernames are a subset). The `@` is not part of the value.
+///
+/// Built only by [`UserName::parse`] / [`FromStr`]; errors are
+/// [`CommandError::BadUser`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserName(String);
+
+impl UserName {
+    /// Maximum length in characters (without the `@`).
+    pub const MAX_LEN: usize = 64;
+
+    /// Validates `value` (with or without a leading `@`).
+    ///
+    /// # Errors
+    ///
+    /// [`CommandError::BadUser`] holding the value as typed and an
+    /// [`InvalidReason`].
+    pub fn parse(value: &str) -> Result<Self, CommandError> {
+        let name = value.strip_prefix('@').unwrap_or(value);
+        let valid = check_length(name, Self::MAX_LEN)
+            .and_then(|()| {
+                check_alphabet(name, |c| {
+                    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+                })
+            })
+            .and_then(|()| check_start(name, &['-', '.']));
+        match valid {
+            Ok(()) => Ok(UserName(name.to_owned())),
+            Err(reason) => Err(CommandError::BadUser {
+                value: value.to_owned(),
+                reason,
+            }),
+        }
+    }
+
+    /// The name, without `@`.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for UserName {
+    type Err = CommandError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Self::parse(value)
+    }
+}
+
+impl fmt::Display for UserName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "@{}", self.0)
+    }
+}
+
 /// The start of a session id (session ids are lowercase UUIDs): 4–36
 /// characters from `0-9`, `a-f` and `-`, not starting with `-`. Input is
 /// lowercased (ASCII) first, so `AB12` is accepted as `ab12`.
@@ -1535,11 +1708,12 @@ pub enum CommandError {
         /// The argument that followed `--worktree`.
         value: String,
     },
-    /// Bare `stop` outside a session thread.
-    #[error(
-        "`stop` needs the id prefix of the session to stop, or write it in the session's thread."
-    )]
-    MissingIdPrefix,
+    /// Bare `stop` or `join` outside a session thread.
+    #[error("`{command}` needs the id prefix of a session, or write it in the session's thread.")]
+    MissingIdPrefix {
+        /// The command.
+        command: CommandKind,
+    },
     /// Invalid organisation name.
     #[error("Invalid organisation name {}: {reason}.", quote(.value))]
     BadOrg {
@@ -1578,6 +1752,20 @@ pub enum CommandError {
     /// Invalid worktree name.
     #[error("Invalid worktree name {}: {reason}.", quote(.value))]
     BadWorktree {
+        /// The value as typed.
+        value: String,
+        /// What is wrong with it.
+        reason: InvalidReason,
+    },
+    /// `invite` / `kick` without a user.
+    #[error("`{command}` needs a user, e.g. `@alice`.")]
+    MissingUser {
+        /// The command.
+        command: CommandKind,
+    },
+    /// Invalid user name.
+    #[error("Invalid user name {}: {reason}.", quote(.value))]
+    BadUser {
         /// The value as typed.
         value: String,
         /// What is wrong with it.
@@ -1686,7 +1874,10 @@ impl CommandError {
             "An id prefix is the first 4 to 36 characters of a session id (`0-9`, `a-f`, `-`); \
              {} lists the sessions. {}",
             code_call(trigger, "status"),
-            usage(CommandKind::Stop)
+            usage(match self {
+                CommandError::MissingIdPrefix { command } => *command,
+                _ => CommandKind::Stop,
+            })
         );
 
         let help = match self {
@@ -1705,9 +1896,14 @@ impl CommandError {
             | CommandError::DuplicateFlag { command, .. }
             | CommandError::FlagNotAllowed { command, .. }
             | CommandError::UnexpectedArgument { command, .. }
-            | CommandError::ThreadOnly { command } => usage(*command),
+            | CommandError::ThreadOnly { command }
+            | CommandError::MissingUser { command } => usage(*command),
+            CommandError::BadUser { .. } => format!(
+                "User names use letters, digits, `.`, `_` and `-`. {}",
+                usage(CommandKind::Invite)
+            ),
             CommandError::WorktreeNameNeedsEquals { .. } => usage(CommandKind::Start),
-            CommandError::MissingIdPrefix | CommandError::BadIdPrefix { .. } => id_help,
+            CommandError::MissingIdPrefix { .. } | CommandError::BadIdPrefix { .. } => id_help,
             CommandError::BadOrg { .. } => format!("{ORG_RULES} {repo_form}"),
             CommandError::BadRepo { .. } => format!("{REPO_RULES} {repo_form}"),
             CommandError::BadBranch { .. } => format!("{BRANCH_RULES} {repo_form}"),

@@ -624,8 +624,9 @@ pub struct ChatSettings {
         value_parser = word
     )]
     pub bot_trigger: String,
-    /// Users allowed to start, stop and drive sessions: comma-separated user ids or usernames
-    /// (a JSON array is accepted too). Empty means any member of a channel the bot serves.
+    /// Users allowed to use the bot at all (start sessions; drive those they own or were invited
+    /// to): comma-separated user ids or usernames (a JSON array is accepted too). Empty means any
+    /// member of a channel the bot serves.
     #[arg(
         id = "allowed_users",
         long = "allowed-users",
@@ -646,6 +647,163 @@ pub struct ChatSettings {
         value_parser = list
     )]
     pub allowed_approvers: std::vec::Vec<String>,
+    /// Admins: may drive, stop and list every session (`status all`), from anywhere.
+    /// Comma-separated user ids or usernames, resolved to ids at start; an entry that cannot be
+    /// resolved is left out (fewer admins, never more).
+    #[arg(
+        id = "admin_users",
+        long = "admin-users",
+        env = "SM_ADMIN_USERS",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list
+    )]
+    pub admin_users: std::vec::Vec<String>,
+    /// Repositories sessions may be started on: comma-separated `org/*` or `org/repo` patterns
+    /// (case-insensitive). Unset means `SM_DEFAULT_ORG/*` when that is set, otherwise any
+    /// repository the VM's token can read (with a warning at start).
+    #[arg(
+        id = "allowed_repos",
+        long = "allowed-repos",
+        env = "SM_ALLOWED_REPOS",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list_of(RepoPattern::parse)
+    )]
+    pub allowed_repos: std::vec::Vec<RepoPattern>,
+    /// Type of the project channels the bot creates: private (only the session's owner and the
+    /// people they invite are added) or public. Existing channels keep their type.
+    #[arg(
+        id = "project_channel_privacy",
+        long = "project-channel-privacy",
+        env = "SM_PROJECT_CHANNEL_PRIVACY",
+        default_value = "private",
+        value_name = "TYPE",
+        value_parser = channel_privacy
+    )]
+    pub project_channel_privacy: ChannelPrivacy,
+}
+
+/// Who may see a project channel the bot creates (`SM_PROJECT_CHANNEL_PRIVACY`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelPrivacy {
+    /// Only its members (Mattermost channel type `P`).
+    Private,
+    /// Any member of the team (type `O`).
+    Public,
+}
+
+fn channel_privacy(v: &str) -> Result<ChannelPrivacy, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "private" => Ok(ChannelPrivacy::Private),
+        "public" => Ok(ChannelPrivacy::Public),
+        _ => Err(format!("expected private or public, got {v:?}")),
+    }
+}
+
+/// One entry of `SM_ALLOWED_REPOS`: `org/*` (every repository of an organisation) or
+/// `org/repo`, compared ASCII case-insensitively (as GitHub names are).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoPattern {
+    org: String,
+    /// `None` for `org/*`.
+    repo: Option<String>,
+}
+
+impl RepoPattern {
+    /// Parses `org/*` or `org/repo`.
+    ///
+    /// # Errors
+    /// A message naming the bad entry.
+    pub fn parse(v: &str) -> Result<Self, String> {
+        let bad = || format!("{v:?} is not org/* or org/repo");
+        let (org, repo) = v.split_once('/').ok_or_else(bad)?;
+        github_org(org).map_err(|_| bad())?;
+        let repo = match repo {
+            "*" => None,
+            name if !name.is_empty()
+                && name.len() <= 100
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) =>
+            {
+                Some(name.to_ascii_lowercase())
+            }
+            _ => return Err(bad()),
+        };
+        Ok(Self {
+            org: org.to_ascii_lowercase(),
+            repo,
+        })
+    }
+
+    /// `org/*` for an organisation.
+    pub fn whole_org(org: &str) -> Self {
+        Self {
+            org: org.to_ascii_lowercase(),
+            repo: None,
+        }
+    }
+
+    /// Whether `org/repo` matches.
+    pub fn matches(&self, org: &str, repo: &str) -> bool {
+        self.org.eq_ignore_ascii_case(org)
+            && self
+                .repo
+                .as_deref()
+                .is_none_or(|r| r.eq_ignore_ascii_case(repo))
+    }
+}
+
+impl fmt::Display for RepoPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.org, self.repo.as_deref().unwrap_or("*"))
+    }
+}
+
+/// The repositories sessions may be started on (`SM_ALLOWED_REPOS`, or its default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoAllowlist {
+    /// Any repository the VM's token can read.
+    Any,
+    /// These patterns.
+    Only(Vec<RepoPattern>),
+}
+
+impl RepoAllowlist {
+    /// Whether `org/repo` may be opened.
+    pub fn allows(&self, org: &str, repo: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(patterns) => patterns.iter().any(|p| p.matches(org, repo)),
+        }
+    }
+
+    /// The list as the settings give it (for refusals).
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Any => "any repository".into(),
+            Self::Only(patterns) => patterns
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+impl Settings {
+    /// The effective repository allowlist: `SM_ALLOWED_REPOS`, else `SM_DEFAULT_ORG/*`, else
+    /// any repository.
+    pub fn repo_allowlist(&self) -> RepoAllowlist {
+        if !self.chat.allowed_repos.is_empty() {
+            RepoAllowlist::Only(self.chat.allowed_repos.clone())
+        } else if let Some(org) = &self.repos.default_org {
+            RepoAllowlist::Only(vec![RepoPattern::whole_org(org)])
+        } else {
+            RepoAllowlist::Any
+        }
+    }
 }
 
 /// `SM_OPNSENSE_*`: how to reach the OPNsense API and which alias to manage (what
@@ -776,6 +934,17 @@ pub struct HttpSettings {
         value_parser = socket_addr
     )]
     pub listen_addr: SocketAddr,
+    /// Address for chat servers' requests alone (`/callback`), on a port of their own so a
+    /// firewall or NetworkPolicy can admit them from the chat server only. Unset: they are
+    /// served on SM_LISTEN_ADDR with `/health` and `/metrics`.
+    #[arg(
+        id = "callback_listen_addr",
+        long = "callback-listen-addr",
+        env = "SM_CALLBACK_LISTEN_ADDR",
+        value_name = "ADDR",
+        value_parser = socket_addr
+    )]
+    pub callback_listen_addr: Option<SocketAddr>,
     /// Requests per second each client IP may make, sustained.
     #[arg(
         id = "rate_limit_rps",
@@ -1132,6 +1301,27 @@ fn rules(v: &Values, p: &mut Problems) {
     let projects = v.get::<serde_json::Map<String, serde_json::Value>>("SM_PROJECTS");
     if projects.is_some_and(|projects| !projects.is_empty()) {
         p.warn("SM_PROJECTS is a legacy setting and is ignored: name the repository in `start org/repo` instead");
+    }
+    // Without an allowlist, any repository the VM's token can read may be opened: say so.
+    let no_allowlist = v
+        .get::<Vec<RepoPattern>>("SM_ALLOWED_REPOS")
+        .is_none_or(|p| p.is_empty());
+    if no_allowlist && !v.is_set("SM_DEFAULT_ORG") {
+        p.warn("SM_ALLOWED_REPOS and SM_DEFAULT_ORG are unset: any repository the VM's token can read may be opened in a session. Set SM_ALLOWED_REPOS (e.g. acme/*).");
+    }
+    // Chat servers' requests on a port of their own: it must be another port.
+    if let (Some(main), Some(callback)) = (
+        v.get::<SocketAddr>("SM_LISTEN_ADDR"),
+        v.get::<SocketAddr>("SM_CALLBACK_LISTEN_ADDR"),
+    ) {
+        if main.port() == callback.port() && main.port() != 0 {
+            p.push(
+                "SM_CALLBACK_LISTEN_ADDR",
+                format!(
+                    "must use another port than SM_LISTEN_ADDR ({main}), or be unset to share it"
+                ),
+            );
+        }
     }
     // Trusting repositories' devcontainer.json is the operator's explicit choice: say what it means.
     if v.get::<RepoConfigPolicy>("SM_REPO_DEVCONTAINER") == Some(RepoConfigPolicy::Trusted) {
@@ -1804,7 +1994,14 @@ mod tests {
         assert!(s.repos.projects.is_empty());
         assert!(!s.vm.insecure_accept_new_host_key);
         assert!(s.chat.allowed_users.is_empty());
-        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        assert!(s.chat.admin_users.is_empty());
+        assert_eq!(s.chat.project_channel_privacy, ChannelPrivacy::Private);
+        assert_eq!(s.repo_allowlist(), RepoAllowlist::Any);
+        assert_eq!(
+            s.warnings,
+            ["SM_ALLOWED_REPOS and SM_DEFAULT_ORG are unset: any repository the VM's token can read may be opened in a session. Set SM_ALLOWED_REPOS (e.g. acme/*)."],
+            "an open repository list is said at start"
+        );
         assert_eq!(s.chat.channel_category, "Claude Sessions");
         assert_eq!(s.chat.bot_trigger, "@claude");
         assert!(s.chat.allowed_approvers.is_empty());
@@ -2021,10 +2218,60 @@ mod tests {
     }
 
     #[test]
+    fn the_callback_port_is_optional_and_must_differ() {
+        let s = args(&complete()).expect("valid");
+        assert_eq!(s.http.callback_listen_addr, None);
+        let mut pairs = complete();
+        pairs.push(("callback-listen-addr", "0.0.0.0:8001"));
+        let s = args(&pairs).expect("valid");
+        assert_eq!(
+            s.http.callback_listen_addr,
+            Some("0.0.0.0:8001".parse().expect("addr"))
+        );
+        let mut pairs = complete();
+        pairs.push(("callback-listen-addr", "127.0.0.1:8000"));
+        let err = args(&pairs).expect_err("same port");
+        assert_eq!(err.0[0].var, "SM_CALLBACK_LISTEN_ADDR");
+        assert!(err.0[0].message.contains("another port"), "{:?}", err.0);
+    }
+
+    #[test]
+    fn the_repository_allowlist_and_its_defaults() {
+        let mut pairs = complete();
+        pairs.push(("allowed-repos", "Acme/*, tools/linter"));
+        let s = args(&pairs).expect("valid");
+        let list = s.repo_allowlist();
+        assert!(list.allows("acme", "anything") && list.allows("ACME", "x"));
+        assert!(list.allows("tools", "Linter") && !list.allows("tools", "linter-2"));
+        assert!(!list.allows("evil", "linter"));
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+
+        let mut pairs = complete();
+        pairs.push(("default-org", "acme"));
+        let s = args(&pairs).expect("valid");
+        assert_eq!(
+            s.repo_allowlist(),
+            RepoAllowlist::Only(vec![RepoPattern::whole_org("acme")]),
+            "unset: the default organisation"
+        );
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+
+        for bad in [
+            "acme", "acme/", "/x", "acme/a b", "acme/*/x", "-a/x", "acme/**",
+        ] {
+            let mut pairs = complete();
+            pairs.push(("allowed-repos", bad));
+            let err = args(&pairs).expect_err(bad);
+            assert_eq!(err.0[0].var, "SM_ALLOWED_REPOS", "{bad}");
+            assert!(err.0[0].message.contains("org/*"), "{bad}: {:?}", err.0);
+        }
+    }
+
+    #[test]
     fn repository_devcontainers_are_vetted_unless_trusted_and_trust_is_said_loudly() {
         let s = args(&complete()).expect("valid");
         assert_eq!(s.container.repo_devcontainer, RepoConfigPolicy::Vetted);
-        assert!(s.warnings.is_empty());
+        assert!(!s.warnings.iter().any(|w| w.contains("initializeCommand")));
         let mut pairs = complete();
         pairs.push(("repo-devcontainer", "trusted"));
         let s = args(&pairs).expect("valid");
@@ -2186,6 +2433,8 @@ mod tests {
             "SM_PROJECTS",
             "SM_ALLOWED_USERS",
             "SM_ALLOWED_APPROVERS",
+            "SM_ADMIN_USERS",
+            "SM_ALLOWED_REPOS",
             "SM_TRUSTED_PROXIES",
         ];
         for arg in setting_args() {
@@ -2213,7 +2462,8 @@ mod tests {
         pairs.extend([("container-env", ""), ("projects", " ")]);
         let s = args(&pairs).expect("valid");
         assert!(s.container.env.is_empty());
-        assert!(s.warnings.is_empty());
+        assert!(s.repos.projects.is_empty());
+        assert!(!s.warnings.iter().any(|w| w.contains("SM_PROJECTS")));
     }
 
     #[test]

@@ -14,7 +14,9 @@
 //!    session; with several the user is asked to reply in a thread, with none told how to start.
 //! 4. Anything else (other channels, threads without a session) is not for the bot.
 //!
-//! Who may start, stop and drive sessions is [`Access`]; others get a polite refusal.
+//! Who may do what is [`crate::access`]: the session's owner, its participants and admins.
+//! Anyone else who writes in a session's thread gets a short notice only they see, their text
+//! never reaches the agent, and refusals say who may do it instead.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -22,11 +24,16 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
+pub use crate::access::Access;
+use crate::access::{Act, Roles};
 use crate::chat::{ChatEvent, ChatOutbound, InboundMessage};
-use crate::command::{self, Command, ParseContext, RepoRef, WorktreeChoice};
-use crate::session::{launch, short_id, Delivery, Launch, LaunchError, Launched, SessionControl};
+use crate::command::{self, Command, ParseContext, RepoRef, UserName, WorktreeChoice};
+use crate::config::RepoAllowlist;
+use crate::session::{
+    launch, short_id, Delivery, Launch, LaunchError, Launched, SessionControl, SessionError,
+};
 use crate::store::{now_ms, Session, SessionKind, Store};
 use crate::workers::OrderedWorkers;
 
@@ -38,25 +45,6 @@ const WORKER_IDLE: Duration = Duration::from_secs(60);
 /// What the dispatcher answers when storage does not answer.
 const STORAGE_DOWN: &str = "Sorry, I cannot reach my database right now, so this message was not delivered. Please send it again in a minute.";
 
-/// Who may start, stop and drive sessions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone in a channel the bot serves.
-    Everyone,
-    /// Only these user ids.
-    Only(HashSet<String>),
-}
-
-impl Access {
-    /// Whether `user_id` may act.
-    pub fn allows(&self, user_id: &str) -> bool {
-        match self {
-            Self::Everyone => true,
-            Self::Only(ids) => ids.contains(user_id),
-        }
-    }
-}
-
 /// The dispatcher's fixed inputs.
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -66,8 +54,10 @@ pub struct DispatchConfig {
     pub default_org: Option<String>,
     /// Git host recorded on sessions (from `SM_GIT_BASE_URL`), e.g. `github.com`.
     pub repo_host: String,
-    /// `SM_ALLOWED_USERS`, resolved.
-    pub access: Access,
+    /// `SM_ALLOWED_USERS` and `SM_ADMIN_USERS`, resolved.
+    pub roles: Roles,
+    /// `SM_ALLOWED_REPOS` (or its default).
+    pub allowlist: RepoAllowlist,
 }
 
 /// Routes chat events. Cheap to clone.
@@ -239,9 +229,10 @@ impl Dispatcher {
         }
     }
 
+    /// A message for a session's agent: only from its owner, participants and admins.
     async fn forward(&self, message: &InboundMessage, session: &Session) {
-        if !self.inner.config.access.allows(&message.user_id) {
-            return self.refuse(message).await;
+        if !self.may(message, session, Act::Talk).await {
+            return;
         }
         if !session.state().is_active() {
             let why = session
@@ -275,6 +266,56 @@ impl Dispatcher {
         }
     }
 
+    /// Whether the author of `message` may `act` on `session`; if not, they are told (only
+    /// they) who may instead.
+    async fn may(&self, message: &InboundMessage, session: &Session, act: Act) -> bool {
+        let inner = &self.inner;
+        let participants = match inner.store.participants(&session.id).await {
+            Ok(participants) => participants,
+            Err(e) => {
+                error!(error = %e, "cannot read a session's participants");
+                self.reply(message, STORAGE_DOWN).await;
+                return false;
+            }
+        };
+        let role = inner
+            .config
+            .roles
+            .role(&message.user_id, session, &participants);
+        if role.may(act) {
+            return true;
+        }
+        info!(user = %message.user_id, session = %session.id, ?act, ?role, "refused");
+        if !inner.config.roles.may_use(&message.user_id) {
+            self.refuse(message).await;
+            return false;
+        }
+        let owner = self.name_of(&session.started_by).await;
+        let text = match act {
+            Act::Talk => format!(
+                "Your message was not passed to Claude: only this session's owner {owner}, the people they invited and admins can talk to it. Ask {owner} to `!invite` you."
+            ),
+            Act::Look => format!(
+                "Only this session's owner {owner}, the people they invited and admins can do that."
+            ),
+            Act::Manage => format!(
+                "Only this session's owner {owner} or an admin can do that to session `{}`.",
+                short_id(&session.id)
+            ),
+        };
+        self.notify(message, &text).await;
+        false
+    }
+
+    /// `@name` of a user id (or `someone` when the platform cannot say).
+    async fn name_of(&self, user_id: &str) -> String {
+        self.inner
+            .chat
+            .resolve_user(user_id)
+            .await
+            .map_or_else(|_| "someone".to_owned(), |u| format!("@{}", u.username))
+    }
+
     async fn command(
         &self,
         cmd: Command,
@@ -282,9 +323,27 @@ impl Dispatcher {
         thread_session: Option<Session>,
     ) {
         let trigger = self.inner.config.trigger.clone();
-        let needs_access = !matches!(cmd, Command::Help | Command::Status | Command::Context);
-        if needs_access && !self.inner.config.access.allows(&message.user_id) {
+        if cmd != Command::Help && !self.inner.config.roles.may_use(&message.user_id) {
             return self.refuse(message).await;
+        }
+        // Commands about this thread's session.
+        let needs = match &cmd {
+            Command::Context | Command::Compact => Some(Act::Look),
+            Command::Status { all: false } if thread_session.is_some() => Some(Act::Look),
+            Command::Clear | Command::Restart | Command::Invite { .. } | Command::Kick { .. } => {
+                Some(Act::Manage)
+            }
+            _ => None,
+        };
+        if let Some(act) = needs {
+            let Some(session) = &thread_session else {
+                return self
+                    .reply(message, "That command works in a session's thread.")
+                    .await;
+            };
+            if !self.may(message, session, act).await {
+                return;
+            }
         }
         match cmd {
             Command::Help => {
@@ -294,10 +353,22 @@ impl Dispatcher {
                 )
                 .await;
             }
-            Command::Status => self.status(message).await,
+            Command::Status { all } => match thread_session {
+                Some(session) if !all => {
+                    let text = status_text(std::slice::from_ref(&session), now_ms());
+                    self.reply(message, &text).await;
+                }
+                _ => self.status(message, all).await,
+            },
+            Command::Join { target } => {
+                let prefix = target.as_ref().map(|p| p.as_str());
+                if let Some(session) = self.target(message, "join", prefix, thread_session).await {
+                    self.join(message, &session).await;
+                }
+            }
             Command::Start { repo, worktree } => {
-                let kind = SessionKind::Standard;
-                self.start(message, &repo, worktree, kind).await;
+                self.start(message, &repo, worktree, SessionKind::Standard)
+                    .await;
             }
             Command::Orchestrate { repo } => {
                 self.start(message, &repo, None, SessionKind::Orchestrator)
@@ -307,18 +378,24 @@ impl Dispatcher {
                 self.stop(message, target.as_ref().map(|p| p.as_str()), thread_session)
                     .await
             }
-            Command::Context => match thread_session {
-                Some(session) => self.reply(message, &context_text(&session, now_ms())).await,
-                None => {
-                    self.reply(message, "`context` works in a session's thread.")
-                        .await
+            Command::Context => {
+                if let Some(session) = thread_session {
+                    self.reply(message, &context_text(&session, now_ms())).await;
                 }
-            },
+            }
+            Command::Invite { user } => {
+                if let Some(session) = thread_session {
+                    self.invite(message, &session, &user).await;
+                }
+            }
+            Command::Kick { user } => {
+                if let Some(session) = thread_session {
+                    self.kick(message, &session, &user).await;
+                }
+            }
             Command::Compact | Command::Clear | Command::Restart => {
                 let Some(session) = thread_session else {
-                    return self
-                        .reply(message, "That command works in a session's thread.")
-                        .await;
+                    return;
                 };
                 let sessions = &self.inner.sessions;
                 let (result, done) = match cmd {
@@ -343,55 +420,94 @@ impl Dispatcher {
         }
     }
 
+    /// The session a `stop`/`join` names: this thread's, or the active session whose id starts
+    /// with `prefix` among those the asker may see (their own, those they were invited to, every
+    /// one for admins), so an id prefix reveals nothing about other people's sessions. `None`
+    /// after telling the asker why.
+    async fn target(
+        &self,
+        message: &InboundMessage,
+        command: &str,
+        prefix: Option<&str>,
+        thread_session: Option<Session>,
+    ) -> Option<Session> {
+        let prefix = match (prefix, thread_session) {
+            (None, Some(session)) => return Some(session),
+            (None, None) => {
+                self.reply(
+                    message,
+                    &format!(
+                        "Say `{command}` in a session's thread, or name it: `{command} <id>`."
+                    ),
+                )
+                .await;
+                return None;
+            }
+            (Some(prefix), _) => prefix,
+        };
+        let inner = &self.inner;
+        let visible = async {
+            let mut visible = Vec::new();
+            for session in inner.store.active_sessions_by_prefix(prefix).await? {
+                let participants = inner.store.participants(&session.id).await?;
+                if inner
+                    .config
+                    .roles
+                    .role(&message.user_id, &session, &participants)
+                    .may(Act::Look)
+                {
+                    visible.push(session);
+                }
+            }
+            Ok::<_, crate::store::StoreError>(visible)
+        };
+        let found = match visible.await {
+            Ok(found) => found,
+            Err(e) => {
+                error!(error = %e, "cannot look sessions up");
+                self.reply(message, STORAGE_DOWN).await;
+                return None;
+            }
+        };
+        match <[Session; 1]>::try_from(found) {
+            Ok([one]) => Some(one),
+            Err(found) if found.is_empty() => {
+                self.reply(
+                    message,
+                    &format!("None of your active sessions has an id starting with `{prefix}`; `{} status` lists them.", inner.config.trigger),
+                )
+                .await;
+                None
+            }
+            Err(several) => {
+                let ids = several
+                    .iter()
+                    .map(|s| format!("`{}`", short_id(&s.id)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.reply(
+                    message,
+                    &format!("`{prefix}` matches several sessions ({ids}); give more of the id."),
+                )
+                .await;
+                None
+            }
+        }
+    }
+
+    /// `stop` in a session's thread, or `stop <prefix>` from anywhere: its owner or an admin.
     async fn stop(
         &self,
         message: &InboundMessage,
         prefix: Option<&str>,
         thread_session: Option<Session>,
     ) {
-        let session = match (prefix, thread_session) {
-            (None, Some(session)) => session,
-            (None, None) => {
-                return self
-                    .reply(
-                        message,
-                        "Say `stop` in a session's thread, or name it: `stop <id>`.",
-                    )
-                    .await
-            }
-            (Some(prefix), _) => match self.inner.store.active_sessions_by_prefix(prefix).await {
-                Ok(found) => match found.as_slice() {
-                    [one] => one.clone(),
-                    [] => {
-                        return self
-                            .reply(
-                                message,
-                                &format!("No active session has an id starting with `{prefix}`."),
-                            )
-                            .await
-                    }
-                    several => {
-                        let ids = several
-                            .iter()
-                            .map(|s| format!("`{}`", short_id(&s.id)))
-                            .collect::<Vec<_>>()
-                            .join(", ");
-                        return self
-                            .reply(message, &format!("`{prefix}` matches several sessions ({ids}); give more of the id."))
-                            .await;
-                    }
-                },
-                Err(e) => {
-                    error!(error = %e, "cannot look sessions up");
-                    return self
-                        .reply(
-                            message,
-                            "Sorry, I cannot reach my database right now; please try again.",
-                        )
-                        .await;
-                }
-            },
+        let Some(session) = self.target(message, "stop", prefix, thread_session).await else {
+            return;
         };
+        if !self.may(message, &session, Act::Manage).await {
+            return;
+        }
         if !session.state().is_active() {
             return self
                 .reply(
@@ -415,6 +531,178 @@ impl Dispatcher {
             Err(e) => {
                 self.reply(message, &format!("Could not stop it: {e}"))
                     .await
+            }
+        }
+    }
+
+    /// `invite @user`: the user may talk to the session from now on (and is added to its
+    /// channel and follows its thread).
+    async fn invite(&self, message: &InboundMessage, session: &Session, user: &UserName) {
+        let chat = &self.inner.chat;
+        let Ok(found) = chat.resolve_user(user.as_str()).await else {
+            return self
+                .reply(message, &format!("I do not know a user {user}."))
+                .await;
+        };
+        if found.id == session.started_by {
+            return self
+                .reply(message, &format!("{user} owns this session already."))
+                .await;
+        }
+        if !self.inner.config.roles.may_use(&found.id) {
+            return self
+                .reply(
+                    message,
+                    &format!("{user} may not use this bot (SM_ALLOWED_USERS), so an invitation would not let them in. Ask an administrator."),
+                )
+                .await;
+        }
+        match self
+            .inner
+            .store
+            .add_participant(&session.id, &found.id, &message.user_id, now_ms())
+            .await
+        {
+            Ok(false) => {
+                return self
+                    .reply(message, &format!("{user} was invited already."))
+                    .await
+            }
+            Ok(true) => {}
+            Err(e) => {
+                error!(error = %e, "cannot record a participant");
+                return self.reply(message, STORAGE_DOWN).await;
+            }
+        }
+        // An orchestrator's running children follow its participants.
+        for child in self.active_children(session).await {
+            if let Err(e) = self
+                .inner
+                .store
+                .add_participant(&child.id, &found.id, &message.user_id, now_ms())
+                .await
+            {
+                warn!(error = %e, session = %child.id, "cannot pass an invitation on to a child session");
+            }
+        }
+        if let Err(e) = chat
+            .add_channel_members(&session.channel_id, &[found.id.as_str()])
+            .await
+        {
+            warn!(error = %e, "cannot add the participant to the project channel");
+        }
+        let root = crate::chat::PostRef {
+            channel_id: session.channel_id.clone(),
+            post_id: session.thread_id.clone(),
+            root_id: None,
+        };
+        if let Err(e) = chat.follow_thread(&found.id, &root).await {
+            warn!(error = %e, "cannot make the participant follow the thread");
+        }
+        info!(session = %session.id, user = %found.id, by = %message.user_id, "participant invited");
+        let by = self.name_of(&message.user_id).await;
+        self.reply(
+            message,
+            &format!("@{} can now talk to this session (invited by {by}); only its owner and admins can stop it.", found.username),
+        )
+        .await;
+    }
+
+    /// `join`: the asker (owner, participant or admin) becomes a member of the session's
+    /// project channel and follows its thread; how admins reach a private channel.
+    async fn join(&self, message: &InboundMessage, session: &Session) {
+        if !self.may(message, session, Act::Look).await {
+            return;
+        }
+        let chat = &self.inner.chat;
+        if let Err(e) = chat
+            .add_channel_members(&session.channel_id, &[message.user_id.as_str()])
+            .await
+        {
+            warn!(error = %e, session = %session.id, "cannot add a member to the project channel");
+            return self
+                .notify(
+                    message,
+                    &format!("Could not add you to the session's channel: {e}"),
+                )
+                .await;
+        }
+        let root = crate::chat::PostRef {
+            channel_id: session.channel_id.clone(),
+            post_id: session.thread_id.clone(),
+            root_id: None,
+        };
+        if let Err(e) = chat.follow_thread(&message.user_id, &root).await {
+            warn!(error = %e, "cannot make the member follow the thread");
+        }
+        info!(session = %session.id, user = %message.user_id, "joined");
+        self.notify(
+            message,
+            &format!(
+                "You are a member of the channel of session `{}` and follow its thread: {}",
+                short_id(&session.id),
+                chat.permalink(&session.thread_id)
+            ),
+        )
+        .await;
+    }
+
+    /// The running children of an orchestrator (none for other sessions, or when storage
+    /// does not answer: the orchestrator's own record is what counts).
+    async fn active_children(&self, session: &Session) -> Vec<Session> {
+        if session.kind != SessionKind::Orchestrator {
+            return Vec::new();
+        }
+        match self.inner.store.children(&session.id).await {
+            Ok(children) => children
+                .into_iter()
+                .filter(|c| c.state().is_active())
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list an orchestrator's children");
+                Vec::new()
+            }
+        }
+    }
+
+    /// `kick @user`: takes an invitation back.
+    async fn kick(&self, message: &InboundMessage, session: &Session, user: &UserName) {
+        let Ok(found) = self.inner.chat.resolve_user(user.as_str()).await else {
+            return self
+                .reply(message, &format!("I do not know a user {user}."))
+                .await;
+        };
+        for child in self.active_children(session).await {
+            if let Err(e) = self
+                .inner
+                .store
+                .remove_participant(&child.id, &found.id)
+                .await
+            {
+                warn!(error = %e, session = %child.id, "cannot take an invitation back from a child session");
+            }
+        }
+        match self
+            .inner
+            .store
+            .remove_participant(&session.id, &found.id)
+            .await
+        {
+            Ok(true) => {
+                info!(session = %session.id, user = %found.id, by = %message.user_id, "participant removed");
+                self.reply(
+                    message,
+                    &format!("@{} can no longer talk to this session.", found.username),
+                )
+                .await;
+            }
+            Ok(false) => {
+                self.reply(message, &format!("{user} was not invited to this session."))
+                    .await
+            }
+            Err(e) => {
+                error!(error = %e, "cannot remove a participant");
+                self.reply(message, STORAGE_DOWN).await;
             }
         }
     }
@@ -451,6 +739,7 @@ impl Dispatcher {
                 "**{what} for `{repo}`**{worktree_label}, started by {starter}.\nReply in this thread to talk to Claude. Commands: `!help`."
             ),
             repo_host: &inner.config.repo_host,
+            allowlist: &inner.config.allowlist,
         };
         let slug = repo.slug();
         let launched = launch(
@@ -460,12 +749,37 @@ impl Dispatcher {
             request,
         )
         .await;
+        let trigger = &inner.config.trigger;
         let Launched {
             session, channel, ..
         } = match launched {
             Ok(launched) => launched,
             Err(e) => {
                 let text = match &e {
+                    LaunchError::NotAllowed { .. } => format!(
+                        "{}. Ask an administrator to add it to SM_ALLOWED_REPOS.",
+                        capitalize(&e.to_string())
+                    ),
+                    LaunchError::UnknownRepository(_) => format!(
+                        "{}. Check the name (`org/repo`), or ask an administrator whether the bot may read it.",
+                        capitalize(&e.to_string())
+                    ),
+                    LaunchError::CheckRepository(SessionError::VmUnavailable(_))
+                    | LaunchError::CheckRepository(_) => format!(
+                        "Could not check `{slug}` on the VM, so no session was started: {e}. Please try again in a minute."
+                    ),
+                    LaunchError::CloneInUse { .. } => format!(
+                        "{}. Start with `--worktree` to work in a worktree of your own, e.g. `{trigger} start {slug} --worktree`.",
+                        capitalize(&e.to_string())
+                    ),
+                    LaunchError::WorktreeInUse { .. } => format!(
+                        "{}. Pick another name, or `--worktree` alone for one of your own.",
+                        capitalize(&e.to_string())
+                    ),
+                    LaunchError::Storage(e) => {
+                        error!(error = %e, "cannot check the repository's locks");
+                        STORAGE_DOWN.to_owned()
+                    }
                     LaunchError::Channel(e) => {
                         warn!(error = %e, repo = %slug, "cannot prepare the project channel");
                         format!("Could not prepare the channel for `{slug}`: {e}")
@@ -498,8 +812,25 @@ impl Dispatcher {
         }
     }
 
-    async fn status(&self, message: &InboundMessage) {
-        let sessions = match self.inner.store.active_sessions().await {
+    /// `status`: the asker's sessions and those they were invited to; `status all`: every
+    /// session, for admins.
+    async fn status(&self, message: &InboundMessage, all: bool) {
+        let inner = &self.inner;
+        let is_admin = inner.config.roles.is_admin(&message.user_id);
+        if all && !is_admin {
+            return self
+                .notify(
+                    message,
+                    "Only admins can list every session (`status all`); `status` lists yours and those you were invited to.",
+                )
+                .await;
+        }
+        let sessions = if all {
+            inner.store.active_sessions().await
+        } else {
+            inner.store.active_sessions_of(&message.user_id).await
+        };
+        let sessions = match sessions {
             Ok(sessions) => sessions,
             Err(e) => {
                 error!(error = %e, "cannot list sessions");
@@ -515,9 +846,9 @@ impl Dispatcher {
     }
 
     async fn refuse(&self, message: &InboundMessage) {
-        self.reply(
+        self.notify(
             message,
-            "Sorry, you are not on the list of people who may start, stop or drive sessions here. Ask an administrator to add you to SM_ALLOWED_USERS.",
+            "Sorry, you are not on the list of people who may use this bot. Ask an administrator to add you to SM_ALLOWED_USERS.",
         )
         .await;
     }
@@ -533,6 +864,32 @@ impl Dispatcher {
         {
             warn!(error = %e, "cannot reply in chat");
         }
+    }
+
+    /// Tells only the message's author, in its thread.
+    async fn notify(&self, message: &InboundMessage, text: &str) {
+        if let Err(e) = self
+            .inner
+            .chat
+            .post_ephemeral(
+                &message.channel_id,
+                Some(message.thread_id()),
+                &message.user_id,
+                text,
+            )
+            .await
+        {
+            warn!(error = %e, "cannot notify the user");
+        }
+    }
+}
+
+/// The sentence with its first letter upper-cased.
+fn capitalize(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
     }
 }
 

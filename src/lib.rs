@@ -18,6 +18,7 @@
 //!
 //! ## Layout
 //!
+//! - [`access`]: who may do what: session owners, participants, admins, allowed users.
 //! - [`chat`]: the platform-neutral chat interface, the Mattermost adapter and output
 //!   rendering.
 //! - [`command`]: the in-chat command grammar (`start org/repo`, `stop`, …) as typed commands.
@@ -51,6 +52,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod agent;
 pub mod approval;
 pub mod chat;
@@ -82,13 +84,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::access::{Access, Roles};
 use crate::approval::{ApprovalConfig, Approvals, Approvers};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
 use crate::chat::{ChatOutbound, ClickHandlers};
 use crate::config::Settings;
-use crate::dispatch::{Access, DispatchConfig, Dispatcher};
+use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::firewall::opnsense::OpnsenseClient;
 use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
@@ -167,7 +170,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// When storage cannot be opened or the HTTP server fails.
 pub async fn serve(
     settings: Settings,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::get();
@@ -271,22 +274,37 @@ pub async fn serve(
         shutdown.clone(),
     ));
 
-    let app = http::router(AppState {
+    let state = AppState {
         store: store.clone(),
         health,
         limiter,
         metrics,
         role,
         clicks,
-    });
-    let addr = listener.local_addr().context("listener has no address")?;
-    info!(%addr, "HTTP server listening");
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await;
+    };
+    let server = match listeners.callback {
+        None => {
+            serve_http(
+                listeners.main,
+                http::router(state),
+                "HTTP server",
+                &shutdown,
+            )
+            .await
+        }
+        Some(callback) => {
+            let (ops, chat) = tokio::join!(
+                serve_http(
+                    listeners.main,
+                    http::operations_router(state.clone()),
+                    "/health, /metrics",
+                    &shutdown
+                ),
+                serve_http(callback, http::chat_router(state), "/callback", &shutdown),
+            );
+            ops.and(chat)
+        }
+    };
 
     shutdown.cancel();
     let joined = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -313,7 +331,47 @@ pub async fn serve(
             "stopped because the instance lock was lost (another instance may be active)"
         );
     }
-    server.context("HTTP server failed")
+    server
+}
+
+/// Where [`serve`] answers HTTP: one listener for everything, or chat servers' requests on a
+/// listener of their own (`SM_CALLBACK_LISTEN_ADDR`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// `/health` and `/metrics`, and `/callback` when `callback` is `None`.
+    pub main: TcpListener,
+    /// `/callback` alone.
+    pub callback: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(main: TcpListener) -> Self {
+        Self {
+            main,
+            callback: None,
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`; a failure cancels `shutdown` so the rest stops.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    what: &'static str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener has no address")?;
+    info!(%addr, routes = what, "HTTP server listening");
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await;
+    if served.is_err() {
+        shutdown.cancel();
+    }
+    served.with_context(|| format!("the HTTP server for {what} on {addr} failed"))
 }
 
 /// What `serve` shares with the chat side.
@@ -359,6 +417,7 @@ async fn run_chat(
         request_timeout: Duration::from_secs(30),
         retry: RetryPolicy::default(),
         websocket: WsSettings::default(),
+        channel_privacy: settings.chat.project_channel_privacy,
     };
     health.register("mattermost");
     let mut delay = Duration::from_secs(1);
@@ -380,14 +439,41 @@ async fn run_chat(
             }
         }
     };
-    let access = resolve_access(adapter.as_ref(), &settings.chat.allowed_users).await;
-    let approvers = match resolve_access(adapter.as_ref(), &settings.chat.allowed_approvers).await {
-        Access::Everyone => {
+    let users = match resolve_users(
+        adapter.as_ref(),
+        "SM_ALLOWED_USERS",
+        &settings.chat.allowed_users,
+    )
+    .await
+    {
+        None => {
+            warn!("SM_ALLOWED_USERS is empty: every member of a channel the bot serves may start sessions");
+            Access::Everyone
+        }
+        Some(ids) => Access::Only(ids),
+    };
+    let admins = resolve_users(
+        adapter.as_ref(),
+        "SM_ADMIN_USERS",
+        &settings.chat.admin_users,
+    )
+    .await
+    .unwrap_or_default();
+    let roles = Roles { users, admins };
+    let approvers = match resolve_users(
+        adapter.as_ref(),
+        "SM_ALLOWED_APPROVERS",
+        &settings.chat.allowed_approvers,
+    )
+    .await
+    {
+        None => {
             warn!("SM_ALLOWED_APPROVERS is empty: any member of a session's channel may approve or deny network access");
             Approvers::ChannelMembers
         }
-        Access::Only(ids) => Approvers::Only(ids),
+        Some(ids) => Approvers::Only(ids),
     };
+    let allowlist = settings.repo_allowlist();
     // Ownership is a tree: the runtime knows only where markers go; the approval flow, the
     // orchestrator and the marker router hold the runtime.
     let (markers_tx, markers_rx) = mpsc::channel(MARKER_QUEUE);
@@ -427,6 +513,7 @@ async fn run_chat(
             git: runtime_config(&settings).git,
             default_org: settings.repos.default_org.clone(),
             repo_host: repo_host.clone(),
+            allowlist: allowlist.clone(),
         },
     ));
     let markers_stop = CancellationToken::new();
@@ -463,7 +550,8 @@ async fn run_chat(
             trigger: settings.chat.bot_trigger.clone(),
             default_org: settings.repos.default_org.clone(),
             repo_host,
-            access,
+            roles,
+            allowlist,
         },
     );
     let (events_tx, events_rx) = mpsc::channel(256);
@@ -582,29 +670,31 @@ async fn vm_health_loop(ssh: Arc<SshPool>, health: HealthRegistry, cancel: Cance
     }
 }
 
-/// Resolves `SM_ALLOWED_USERS` (ids or usernames) to user ids. A name that cannot be resolved
-/// is left out (allowing fewer people, never more) and logged.
-async fn resolve_access(chat: &dyn ChatOutbound, allowed: &[String]) -> Access {
-    if allowed.is_empty() {
-        warn!("SM_ALLOWED_USERS is empty: every member of a channel the bot serves may start, stop and drive sessions");
-        return Access::Everyone;
+/// Resolves a list setting of users (`SM_ALLOWED_USERS`, `SM_ADMIN_USERS`,
+/// `SM_ALLOWED_APPROVERS`: ids or usernames) to user ids; `None` when the list is empty. An
+/// entry the platform does not know is left out (fewer people, never more), and logged under
+/// the setting's own name.
+async fn resolve_users(
+    chat: &dyn ChatOutbound,
+    setting: &'static str,
+    entries: &[String],
+) -> Option<std::collections::HashSet<String>> {
+    if entries.is_empty() {
+        return None;
     }
     let mut ids = std::collections::HashSet::new();
-    for entry in allowed {
+    for entry in entries {
         match chat.resolve_user(entry).await {
             Ok(user) => {
                 ids.insert(user.id);
             }
             Err(e) => {
-                error!(user = %entry, error = %e, "SM_ALLOWED_USERS names a user that cannot be found; left out")
+                warn!(setting, user = %entry, error = %e, "a listed user is not known on this platform; left out");
             }
         }
     }
-    info!(
-        users = ids.len(),
-        "only SM_ALLOWED_USERS may start, stop and drive sessions"
-    );
-    Access::Only(ids)
+    info!(setting, users = ids.len(), "users resolved");
+    Some(ids)
 }
 
 /// Resolves when the process receives SIGTERM or SIGINT (Ctrl-C).

@@ -67,13 +67,23 @@ fn main() -> ExitCode {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     anyhow::anyhow!("cannot listen on {addr} (SM_LISTEN_ADDR): {e}")
                 })?;
+                let callback = match settings.http.callback_listen_addr {
+                    Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                        anyhow::anyhow!("cannot listen on {addr} (SM_CALLBACK_LISTEN_ADDR): {e}")
+                    })?),
+                    None => None,
+                };
+                let listeners = session_manager::Listeners {
+                    main: listener,
+                    callback,
+                };
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 let signals = tokio::spawn(async move {
                     session_manager::shutdown_signal().await;
                     signal.cancel();
                 });
-                let result = session_manager::serve(settings, listener, shutdown).await;
+                let result = session_manager::serve(settings, listeners, shutdown).await;
                 signals.abort();
                 result
             }

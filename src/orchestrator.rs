@@ -26,7 +26,8 @@ use tracing::{info, warn};
 use crate::agent::markers::Marker;
 use crate::chat::ChatOutbound;
 use crate::command::{CommandError, IdPrefix, RepoRef, WorktreeChoice};
-use crate::runtime::git::{GitError, GitLayout};
+use crate::config::RepoAllowlist;
+use crate::runtime::git::GitLayout;
 use crate::session::{
     auto_worktree_name, launch, short_id, Launch, LaunchError, MarkerHandler, SessionControl,
     SessionError, SessionRuntime,
@@ -55,6 +56,8 @@ pub struct OrchestratorConfig {
     pub default_org: Option<String>,
     /// Git host recorded on sessions.
     pub repo_host: String,
+    /// `SM_ALLOWED_REPOS` (or its default): children are refused outside it.
+    pub allowlist: RepoAllowlist,
 }
 
 /// Handles the orchestrator markers. Share it in an [`Arc`].
@@ -98,17 +101,6 @@ pub enum SpawnError {
         active: usize,
         /// `SM_MAX_CHILD_SESSIONS`.
         max: usize,
-    },
-    /// The repository does not exist or cannot be read.
-    #[error("unknown repository {0}: it does not exist or cannot be read")]
-    UnknownRepository(String),
-    /// The repository could not be checked.
-    #[error("cannot check the repository {slug}: {}", one_line(&.source.to_string()))]
-    CheckRepository {
-        /// `org/repo`.
-        slug: String,
-        /// Why.
-        source: GitError,
     },
     /// Storage failed while listing sessions.
     #[error("cannot list your sessions: {0}")]
@@ -163,6 +155,18 @@ impl SpawnError {
 
 fn launch_message(slug: &str, e: &LaunchError) -> String {
     match e {
+        LaunchError::NotAllowed { .. } => {
+            format!(
+                "refused: {slug} is outside the repositories sessions may use (SM_ALLOWED_REPOS)"
+            )
+        }
+        LaunchError::UnknownRepository(_) => {
+            format!("unknown repository {slug}: it does not exist or cannot be read")
+        }
+        LaunchError::CheckRepository(e) => format!(
+            "cannot check the repository {slug}: {}",
+            one_line(&e.to_string())
+        ),
         LaunchError::Channel(e) => format!(
             "cannot prepare the channel for {slug}: {}",
             one_line(&e.to_string())
@@ -216,6 +220,17 @@ impl Orchestrator {
                 target: target.to_owned(),
                 source,
             })?;
+        // Outside the allowlist is a definite answer; say it before any limit.
+        let (org, name) = (repo.org().as_str(), repo.repo().as_str());
+        if !self.config.allowlist.allows(org, name) {
+            return Err(SpawnError::Launch {
+                slug: repo.slug(),
+                source: LaunchError::NotAllowed {
+                    slug: repo.slug(),
+                    allowed: self.config.allowlist.describe(),
+                },
+            });
+        }
         let active = self
             .store
             .children(&parent.id)
@@ -231,15 +246,6 @@ impl Orchestrator {
             });
         }
         let slug = repo.slug();
-        match self
-            .runtime
-            .repo_exists(repo.org().as_str(), repo.repo().as_str())
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => return Err(SpawnError::UnknownRepository(slug)),
-            Err(source) => return Err(SpawnError::CheckRepository { slug, source }),
-        }
         let kind_name: &'static str = kind.into();
         let key = format!(
             "{kind_name}|{}|{}|{}",
@@ -277,6 +283,7 @@ impl Orchestrator {
                 follow: false,
                 anchor,
                 repo_host: &self.config.repo_host,
+                allowlist: &self.config.allowlist,
             },
         )
         .await

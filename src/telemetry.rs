@@ -8,6 +8,10 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -67,9 +71,94 @@ pub fn init_tracing(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(OneLineFields).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Field formatting for the text log format: the default `name=value` layout, with every
+/// control, line-separating and invisible character in a value escaped (`\n`, `\u{202e}`), so
+/// a value that came from chat, a callback or an agent (a user id, a domain, a stderr line)
+/// can never start a forged log line or hide text. The JSON format needs no help: serde
+/// escapes strings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OneLineFields;
+
+impl<'w> FormatFields<'w> for OneLineFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> std::fmt::Result {
+        let mut visitor = OneLineVisitor {
+            writer,
+            padded: false,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct OneLineVisitor<'w> {
+    writer: Writer<'w>,
+    padded: bool,
+    result: std::fmt::Result,
+}
+
+impl OneLineVisitor<'_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let escaped = escape_for_log(value);
+        let sep = if self.padded { " " } else { "" };
+        self.padded = true;
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{sep}{escaped}"),
+            name => write!(
+                self.writer,
+                "{sep}{}={escaped}",
+                name.strip_prefix("r#").unwrap_or(name)
+            ),
+        };
+    }
+}
+
+impl Visit for OneLineVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, value);
+        } else {
+            self.write(field, &format!("{value:?}"));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.write(field, &value.to_string());
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.write(field, &format!("{value:?}"));
+    }
+}
+
+/// `text` with control characters (`\n`, `\r`, `\t`, the rest as `\u{…}`), the Unicode line
+/// and paragraph separators and invisible characters ([`crate::text::is_invisible`]) escaped.
+pub fn escape_for_log(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| {
+        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || crate::text::is_invisible(c)
+    };
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if bad(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The process-wide metrics recorder and its renderer.
@@ -146,4 +235,58 @@ fn describe() {
         names::BUILD_INFO,
         "Always 1; the version label tells which build runs."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What the text format writes for the events `emit` sends.
+    fn text_log(emit: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .fmt_fields(OneLineFields)
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = buffer.0.lock().expect("lock").clone();
+        String::from_utf8(bytes).expect("utf-8")
+    }
+
+    #[test]
+    fn hostile_field_values_cannot_forge_a_log_line() {
+        let forged =
+            "alice\n2026-12-06T00:00:00Z  INFO session_manager: admin approved\r\u{1b}[2J\u{202e}";
+        let user_id = forged.to_owned();
+        let log = text_log(|| {
+            tracing::warn!(user = %user_id, post = ?forged, domain = forged, "refused");
+            let e = std::io::Error::other(forged.to_owned());
+            tracing::error!(error = &e as &(dyn std::error::Error + 'static), "failed");
+        });
+        assert_eq!(log.lines().count(), 2, "one line per event: {log}");
+        assert!(!log.contains('\u{1b}') && !log.contains('\u{202e}') && !log.contains('\r'));
+        let first = log.lines().next().expect("line");
+        assert!(first.contains("refused user=alice\\n2026-12-06"), "{first}");
+        assert!(first.contains("\\u{1b}[2J\\u{202e}"), "{first}");
+        assert!(log.contains("error=alice\\n"), "{log}");
+        assert_eq!(escape_for_log("plain text: ok"), "plain text: ok");
+    }
 }

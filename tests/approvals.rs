@@ -124,6 +124,7 @@ async fn connect_adapter(fake: &FakeMattermost, store: &Store) -> MattermostAdap
             request_timeout: Duration::from_secs(10),
             retry: session_manager::chat::mattermost::rest::RetryPolicy::default(),
             websocket: Default::default(),
+            channel_privacy: session_manager::config::ChannelPrivacy::Private,
         },
         store.clone(),
     )

@@ -276,10 +276,10 @@ fn id_prefix_is_lowercased_and_matches() {
 #[test]
 fn status_help_and_bare_trigger() {
     let cases: Vec<(&str, ParseContext<'_>, Command)> = vec![
-        ("@claude status", top(), Command::Status),
-        ("@claude STATUS", top(), Command::Status),
-        ("!status", thread(), Command::Status),
-        ("@claude status", thread(), Command::Status),
+        ("@claude status", top(), Command::Status { all: false }),
+        ("@claude STATUS", top(), Command::Status { all: false }),
+        ("!status", thread(), Command::Status { all: false }),
+        ("@claude status", thread(), Command::Status { all: false }),
         ("@claude help", top(), Command::Help),
         ("!Help", thread(), Command::Help),
         ("@claude", top(), Command::Help),
@@ -378,7 +378,10 @@ fn empty_trigger_disables_trigger_addressing() {
     };
     assert_eq!(parse("status", &ctx), None);
     assert_eq!(parse(" start acme/api", &ctx), None);
-    assert_eq!(parse("!status", &ctx), Some(Ok(Command::Status)));
+    assert_eq!(
+        parse("!status", &ctx),
+        Some(Ok(Command::Status { all: false }))
+    );
 }
 
 #[test]
@@ -388,7 +391,10 @@ fn non_ascii_trigger_never_panics_on_char_boundaries() {
         default_org: None,
         in_session_thread: false,
     };
-    assert_eq!(parse("@cl\u{e9} status", &ctx), Some(Ok(Command::Status)));
+    assert_eq!(
+        parse("@cl\u{e9} status", &ctx),
+        Some(Ok(Command::Status { all: false }))
+    );
     assert_eq!(parse("@cl\u{c9} status", &ctx), None);
     assert_eq!(parse("@c\u{e9}\u{e9}", &ctx), None);
     assert_eq!(parse("\u{1f600}", &ctx), None);
@@ -838,7 +844,13 @@ fn malformed_cases() -> Vec<(String, ParseContext<'static>, CommandError)> {
                 command: CommandKind::Orchestrate,
             },
         ),
-        ("@claude stop".into(), top(), CommandError::MissingIdPrefix),
+        (
+            "@claude stop".into(),
+            top(),
+            CommandError::MissingIdPrefix {
+                command: CommandKind::Stop,
+            },
+        ),
         (
             "@claude start api".into(),
             top(),
@@ -1225,25 +1237,36 @@ fn help_text_lists_commands_for_the_context() {
     assert!(top_help.contains("`@claude start org/repo[@branch] [--worktree[=name]]`"));
     assert!(top_help.contains("`@claude orchestrate org/repo[@branch]`"));
     assert!(top_help.contains("`@claude stop <id-prefix>`"));
-    assert!(top_help.contains("`@claude status`"));
+    assert!(top_help.contains("`@claude status [all]`"));
+    assert!(top_help.contains("`@claude join <id-prefix>`"));
+    assert!(!top_help.contains("`@claude invite @user`"), "thread only");
     assert!(top_help.contains("`@claude help`"));
     assert!(!top_help.contains("`!compact`"));
     assert!(!top_help.contains("`@claude compact`"));
     assert_clean(&top_help);
 
     let thread_help = help_text(TRIGGER, true);
-    for word in ["compact", "clear", "restart", "context", "status", "help"] {
+    for word in [
+        "compact",
+        "clear",
+        "restart",
+        "context",
+        "status [all]",
+        "help",
+    ] {
         assert!(thread_help.contains(&format!("`!{word}`")), "{word}");
         assert!(thread_help.contains(&format!("`@claude {word}`")), "{word}");
     }
     assert!(thread_help.contains("`!stop [<id-prefix>]`"));
+    assert!(thread_help.contains("`!invite @user`") && thread_help.contains("`!kick @user`"));
+    assert!(thread_help.contains("`!join [<id-prefix>]`"));
     assert!(thread_help.contains("`!start org/repo[@branch] [--worktree[=name]]`"));
     assert_clean(&thread_help);
 
     // Hostile trigger configuration cannot break out of the code spans.
     let weird = help_text("@a`b\n", true);
     assert_clean(&weird);
-    assert!(weird.contains("`@a\\u{60}b status`"));
+    assert!(weird.contains("`@a\\u{60}b status [all]`"));
 }
 
 // ---------------------------------------------------------------------------

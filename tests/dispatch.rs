@@ -5,15 +5,16 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use async_trait::async_trait;
+use session_manager::access::{Access, Roles};
 use session_manager::chat::{
     ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
-use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
-use session_manager::session::{Delivery, SessionControl, SessionError};
-use session_manager::store::{EndReason, Platform, Session, SessionKind, SessionState, Store};
+use session_manager::config::RepoAllowlist;
+use session_manager::dispatch::{DispatchConfig, Dispatcher};
+use session_manager::store::{EndReason, Platform, Session, SessionKind, Store};
+use support::sessions::{Call, RecordingSessions};
 use support::TestDatabase;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +30,9 @@ struct Posted {
     id: String,
 }
 
+/// `(channel, root, user, text)` of a notice only one user sees.
+type Notice = (String, Option<String>, String, String);
+
 #[derive(Default)]
 struct RecordingChat {
     posts: Mutex<Vec<Posted>>,
@@ -36,11 +40,23 @@ struct RecordingChat {
     members: Mutex<Vec<(String, String)>>,
     follows: Mutex<Vec<(String, String)>>,
     updates: Mutex<Vec<(String, String)>>,
+    /// Every notice only one user sees.
+    ephemerals: Mutex<Vec<Notice>>,
 }
 
 impl RecordingChat {
     fn posts(&self) -> Vec<Posted> {
         self.posts.lock().expect("lock").clone()
+    }
+    /// The notices `user` alone saw.
+    fn notices_for(&self, user: &str) -> Vec<String> {
+        self.ephemerals
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, _, u, _)| u == user)
+            .map(|(_, _, _, text)| text.clone())
+            .collect()
     }
     fn replies_to(&self, root: &str) -> Vec<String> {
         self.posts()
@@ -81,6 +97,28 @@ impl ChatOutbound for RecordingChat {
             post_id: id,
             root_id: root_id.map(str::to_owned),
         })
+    }
+    async fn post_ephemeral(
+        &self,
+        channel_id: &str,
+        root_id: Option<&str>,
+        user_id: &str,
+        text: &str,
+    ) -> Result<(), ChatError> {
+        self.ephemerals.lock().expect("lock").push((
+            channel_id.into(),
+            root_id.map(str::to_owned),
+            user_id.into(),
+            text.into(),
+        ));
+        Ok(())
+    }
+    async fn add_channel_members(&self, channel_id: &str, users: &[&str]) -> Result<(), ChatError> {
+        let mut members = self.members.lock().expect("lock");
+        for user in users {
+            members.push((channel_id.to_owned(), (*user).to_owned()));
+        }
+        Ok(())
     }
     async fn update(&self, post: &PostRef, text: &str) -> Result<(), ChatError> {
         self.updates
@@ -146,91 +184,6 @@ impl ChatOutbound for RecordingChat {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Call {
-    Start(String),
-    Send(String, String),
-    Stop(String, String),
-    Compact(String),
-    Clear(String),
-    Restart(String),
-}
-
-/// Records calls; `start` moves the row to running like a real runtime would.
-struct RecordingSessions {
-    store: Store,
-    calls: Mutex<Vec<Call>>,
-    queue_next: Mutex<bool>,
-    jitter: bool,
-}
-
-impl RecordingSessions {
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().expect("lock").clone()
-    }
-}
-
-#[async_trait]
-impl SessionControl for RecordingSessions {
-    async fn start(&self, session: Session, _progress: PostRef) -> Result<(), SessionError> {
-        self.store
-            .set_session_state(&session.id, SessionState::Idle)
-            .await
-            .map_err(|_| SessionError::StorageUnavailable)?;
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Start(session.id));
-        Ok(())
-    }
-    async fn send(
-        &self,
-        session: &Session,
-        message: &InboundMessage,
-    ) -> Result<Delivery, SessionError> {
-        if self.jitter {
-            let pause = u64::from(message.post_id.bytes().map(u32::from).sum::<u32>() % 3);
-            tokio::time::sleep(Duration::from_millis(pause)).await;
-        }
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Send(session.id.clone(), message.text.clone()));
-        if std::mem::take(&mut *self.queue_next.lock().expect("lock")) {
-            return Ok(Delivery::Queued { position: 2 });
-        }
-        Ok(Delivery::Delivered)
-    }
-    async fn stop(&self, session: &Session, requested_by: &str) -> Result<(), SessionError> {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Stop(session.id.clone(), requested_by.into()));
-        Ok(())
-    }
-    async fn compact(&self, session: &Session) -> Result<(), SessionError> {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Compact(session.id.clone()));
-        Ok(())
-    }
-    async fn clear(&self, session: &Session) -> Result<(), SessionError> {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Clear(session.id.clone()));
-        Ok(())
-    }
-    async fn restart(&self, session: &Session) -> Result<(), SessionError> {
-        self.calls
-            .lock()
-            .expect("lock")
-            .push(Call::Restart(session.id.clone()));
-        Ok(())
-    }
-}
-
 struct World {
     _db: TestDatabase,
     store: Store,
@@ -241,15 +194,22 @@ struct World {
 }
 
 async fn world(access: Access, jitter: bool) -> World {
+    world_with(
+        Roles {
+            users: access,
+            admins: HashSet::new(),
+        },
+        RepoAllowlist::Any,
+        jitter,
+    )
+    .await
+}
+
+async fn world_with(roles: Roles, allowlist: RepoAllowlist, jitter: bool) -> World {
     let db = TestDatabase::sqlite();
     let store = db.store().await;
     let chat = Arc::new(RecordingChat::default());
-    let sessions = Arc::new(RecordingSessions {
-        store: store.clone(),
-        calls: Mutex::new(Vec::new()),
-        queue_next: Mutex::new(false),
-        jitter,
-    });
+    let sessions = Arc::new(RecordingSessions::new(store.clone(), jitter));
     let dispatcher = Dispatcher::new(
         chat.clone(),
         store.clone(),
@@ -258,7 +218,8 @@ async fn world(access: Access, jitter: bool) -> World {
             trigger: "@claude".into(),
             default_org: Some("acme".into()),
             repo_host: "github.com".into(),
-            access,
+            roles,
+            allowlist,
         },
     );
     World {
@@ -420,7 +381,7 @@ async fn thread_replies_reach_the_right_session_among_several() {
     let b = w.start("@claude start acme/widgets --worktree").await;
     let c = w.start("@claude start acme/gadgets").await;
     for (session, text) in [(&b, "to b"), (&a, "to a"), (&c, "to c"), (&a, "to a again")] {
-        w.say(BOB, &session.channel_id, Some(&session.thread_id), text)
+        w.say(ALICE, &session.channel_id, Some(&session.thread_id), text)
             .await;
     }
     let sends: Vec<Call> = w
@@ -447,7 +408,7 @@ async fn top_level_messages_follow_the_channel_rules() {
     let channel = a.channel_id.clone();
 
     // One active non-worker session: it gets the message.
-    w.say(BOB, &channel, None, "hello there").await;
+    w.say(ALICE, &channel, None, "hello there").await;
     assert_eq!(
         w.sessions.calls().last(),
         Some(&Call::Send(a.id.clone(), "hello there".into()))
@@ -456,7 +417,7 @@ async fn top_level_messages_follow_the_channel_rules() {
     // A second one: the user is asked to pick a thread, nothing is forwarded.
     let b = w.start("@claude start acme/widgets --worktree").await;
     let sends_before = w.sessions.calls().len();
-    let m = w.say(BOB, &channel, None, "which one?").await;
+    let m = w.say(ALICE, &channel, None, "which one?").await;
     assert_eq!(w.sessions.calls().len(), sends_before);
     let reply = w.chat.replies_to(&m.post_id).join("\n");
     assert!(
@@ -473,7 +434,7 @@ async fn top_level_messages_follow_the_channel_rules() {
             .await
             .expect("end");
     }
-    let m = w.say(BOB, &channel, None, "anyone?").await;
+    let m = w.say(ALICE, &channel, None, "anyone?").await;
     let reply = w.chat.replies_to(&m.post_id).join("\n");
     assert!(reply.contains("@claude start acme/widgets"), "{reply}");
     assert_eq!(w.sessions.calls().len(), sends_before);
@@ -507,10 +468,10 @@ async fn commands_are_handled_before_anything_is_forwarded() {
     let w = world(Access::Everyone, false).await;
     let a = w.start("@claude start acme/widgets").await;
     let t = Some(a.thread_id.as_str());
-    w.say(BOB, &a.channel_id, t, "!compact").await;
-    w.say(BOB, &a.channel_id, t, "@claude clear").await;
-    w.say(BOB, &a.channel_id, t, "!restart").await;
-    let m = w.say(BOB, &a.channel_id, t, "!context").await;
+    w.say(ALICE, &a.channel_id, t, "!compact").await;
+    w.say(ALICE, &a.channel_id, t, "@claude clear").await;
+    w.say(ALICE, &a.channel_id, t, "!restart").await;
+    let m = w.say(ALICE, &a.channel_id, t, "!context").await;
     assert!(
         w.chat
             .replies_to(&a.thread_id)
@@ -519,7 +480,7 @@ async fn commands_are_handled_before_anything_is_forwarded() {
         "context answered"
     );
     let _ = m;
-    w.say(BOB, &a.channel_id, t, "!stop").await;
+    w.say(ALICE, &a.channel_id, t, "!stop").await;
     let calls: Vec<Call> = w.sessions.calls().into_iter().skip(1).collect();
     assert_eq!(
         calls,
@@ -527,18 +488,18 @@ async fn commands_are_handled_before_anything_is_forwarded() {
             Call::Compact(a.id.clone()),
             Call::Clear(a.id.clone()),
             Call::Restart(a.id.clone()),
-            Call::Stop(a.id.clone(), BOB.into()),
+            Call::Stop(a.id.clone(), ALICE.into()),
         ],
         "no command text reached the agent"
     );
 
-    let status = w.say(BOB, GENERAL, None, "@claude status").await;
+    let status = w.say(ALICE, GENERAL, None, "@claude status").await;
     let reply = w.chat.replies_to(&status.post_id).join("\n");
     assert!(
         reply.contains(&a.id[..8]) && reply.contains("acme/widgets") && reply.contains("messages"),
         "{reply}"
     );
-    let help = w.say(BOB, GENERAL, None, "@claude help").await;
+    let help = w.say(ALICE, GENERAL, None, "@claude help").await;
     assert!(w
         .chat
         .replies_to(&help.post_id)
@@ -574,23 +535,29 @@ async fn malformed_commands_get_a_specific_reply_and_nothing_else() {
 }
 
 #[tokio::test]
-async fn only_allowed_users_may_start_stop_and_drive_sessions() {
+async fn only_allowed_users_may_use_the_bot_even_when_invited() {
     let w = world(Access::Only(HashSet::from([ALICE.to_owned()])), false).await;
     let refused = w
         .say(BOB, GENERAL, None, "@claude start acme/widgets")
         .await;
     assert!(w.store.active_sessions().await.expect("list").is_empty());
-    assert!(w
-        .chat
-        .replies_to(&refused.post_id)
-        .join("")
-        .contains("not on the list"));
+    assert!(
+        w.chat.replies_to(&refused.post_id).is_empty(),
+        "the refusal is not posted for everyone"
+    );
+    assert_eq!(
+        w.chat.notices_for(BOB),
+        ["Sorry, you are not on the list of people who may use this bot. Ask an administrator to add you to SM_ALLOWED_USERS."]
+    );
     assert!(
         w.chat.channels.lock().expect("lock").is_empty(),
         "no channel created for a refused start"
     );
 
     let a = w.start("@claude start acme/widgets").await;
+    // Even an invitation does not let someone outside SM_ALLOWED_USERS drive it.
+    w.say(ALICE, &a.channel_id, Some(&a.thread_id), "!invite @bob")
+        .await;
     let calls_before = w.sessions.calls().len();
     w.say(BOB, &a.channel_id, Some(&a.thread_id), "do something")
         .await;
@@ -600,23 +567,19 @@ async fn only_allowed_users_may_start_stop_and_drive_sessions() {
         calls_before,
         "bob cannot drive or stop it"
     );
-    let refusals = w
-        .chat
-        .replies_to(&a.thread_id)
-        .iter()
-        .filter(|r| r.contains("not on the list"))
-        .count();
+    let notices = w.chat.notices_for(BOB);
     assert_eq!(
-        refusals, 2,
-        "each refusal is said, nothing silently dropped"
+        notices.len(),
+        3,
+        "each refusal is said, only to bob: {notices:?}"
     );
-    // Anyone may ask for help and status.
-    let status = w.say(BOB, GENERAL, None, "@claude status").await;
-    assert!(w
-        .chat
-        .replies_to(&status.post_id)
-        .join("")
-        .contains(&a.id[..8]));
+    assert!(
+        notices.iter().all(|n| n.contains("not on the list")),
+        "an invitation cannot widen SM_ALLOWED_USERS: {notices:?}"
+    );
+    // Help stays open to anyone.
+    let help = w.say(BOB, GENERAL, None, "@claude help").await;
+    assert!(w.chat.replies_to(&help.post_id).join("").contains("start"));
     w.say(ALICE, &a.channel_id, Some(&a.thread_id), "go").await;
     assert_eq!(
         w.sessions.calls().last(),
@@ -629,7 +592,9 @@ async fn ended_sessions_and_queued_turns_are_explained() {
     let w = world(Access::Everyone, false).await;
     let a = w.start("@claude start acme/widgets").await;
     *w.sessions.queue_next.lock().expect("lock") = true;
-    let m = w.say(BOB, &a.channel_id, Some(&a.thread_id), "first").await;
+    let m = w
+        .say(ALICE, &a.channel_id, Some(&a.thread_id), "first")
+        .await;
     assert!(
         w.chat
             .replies_to(&a.thread_id)
@@ -643,7 +608,7 @@ async fn ended_sessions_and_queued_turns_are_explained() {
         .await
         .expect("end");
     let calls_before = w.sessions.calls().len();
-    w.say(BOB, &a.channel_id, Some(&a.thread_id), "hello?")
+    w.say(ALICE, &a.channel_id, Some(&a.thread_id), "hello?")
         .await;
     assert_eq!(w.sessions.calls().len(), calls_before);
     assert!(w
@@ -676,7 +641,7 @@ async fn stop_by_id_prefix() {
         .chat
         .replies_to(&m.post_id)
         .join("")
-        .contains("No active session"));
+        .contains("None of your active sessions"));
     let _ = a;
 }
 
@@ -692,7 +657,7 @@ async fn each_thread_keeps_its_order_under_load() {
     let runner = tokio::spawn(w.dispatcher.clone().run(rx, cancel.clone()));
     for i in 0..300 {
         let s = &threads[i % threads.len()];
-        let m = w.message(BOB, &s.channel_id, Some(&s.thread_id), &format!("{i}"));
+        let m = w.message(ALICE, &s.channel_id, Some(&s.thread_id), &format!("{i}"));
         tx.send(ChatEvent::Message(m)).await.expect("send");
     }
     drop(tx);

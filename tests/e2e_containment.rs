@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use session_manager::runtime::shell::Script;
 use session_manager::runtime::ssh::{HostKeyPolicy, SshConfig, SshKey, SshPool};
-use session_manager::store::{EndReason, SessionState};
+use session_manager::store::SessionState;
 use support::model_server::{Reply, Script as ModelScript};
 use support::stack::{BotProcess, Stack, READY_TIMEOUT};
 use support::testbed::Testbed;
@@ -432,8 +432,7 @@ async fn each_session_has_its_own_claude_state() {
         .on_last_user("which word", Reply::text("It was walrus."))
         .fallback(Reply::text("ok"));
     let mut stack = Stack::start(script).await;
-    let bob = stack.fake.add_user("bob");
-    stack.fake.add_channel_member(&stack.town, &bob);
+    let bob = stack.bob.clone();
 
     let (a_channel, a_root) = stack.start_session("@claude start acme/widgets").await;
     stack
@@ -534,7 +533,8 @@ async fn each_session_has_its_own_claude_state() {
     stack.finish().await;
 }
 
-/// Attack 4: a second session names a worktree another session works in.
+/// Attack 4: a second session names a worktree another session works in: refused where it was
+/// asked, before any thread or record is made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worktree_in_use_is_refused_and_the_owners_work_survives() {
     let id = unique();
@@ -549,8 +549,7 @@ async fn a_worktree_in_use_is_refused_and_the_owners_work_survives() {
         .on_last_user("still there", Reply::text("Still here."))
         .fallback(Reply::text("ok"));
     let stack = Stack::start(script).await;
-    let bob = stack.fake.add_user("bob");
-    stack.fake.add_channel_member(&stack.town, &bob);
+    let bob = stack.bob.clone();
     let name = format!("shared-{id}");
     let (channel, root) = stack
         .start_session(&format!("@claude start acme/widgets --worktree={name}"))
@@ -562,7 +561,8 @@ async fn a_worktree_in_use_is_refused_and_the_owners_work_survives() {
         .expect("post");
     wait_for_tool_output(&stack, &format!("wrote-{id}")).await;
 
-    stack
+    let sessions_before = stack.store.unended_sessions().await.expect("list").len();
+    let asked = stack
         .fake
         .post_as(
             &bob,
@@ -571,35 +571,26 @@ async fn a_worktree_in_use_is_refused_and_the_owners_work_survives() {
             &format!("@claude start acme/widgets --worktree={name}"),
         )
         .expect("post");
+    // Refused before anything is made, in the place where it was asked.
     let refused = stack
-        .wait_for("the refusal", Duration::from_secs(120), |s| {
-            s.fake
-                .posts()
-                .into_iter()
-                .find(|p| p.message.contains("❌") && p.message.contains(&format!("`{name}`")))
-        })
+        .wait_for_bot_post("the refusal", Some(&asked.id), &format!("`{name}`"))
         .await;
     assert!(
-        refused.message.contains(&owner.id[..8]),
-        "the refusal names the owner: {}",
+        refused.message.contains(&owner.id[..8]) && refused.message.contains("belongs to"),
+        "the refusal names the owner's session: {}",
         refused.message
     );
-    let intruder = stack
-        .store
-        .session_by_thread(
-            session_manager::store::Platform::Mattermost,
-            &refused.channel_id,
-            &refused.root_id,
-        )
-        .await
-        .expect("read")
-        .expect("the refused session");
-    let intruder = stack
-        .wait_for_state(&intruder.id, SessionState::Ended, Duration::from_secs(60))
-        .await;
     assert_eq!(
-        intruder.end().expect("ended").reason,
-        EndReason::StartFailed
+        stack.store.unended_sessions().await.expect("list").len(),
+        sessions_before,
+        "no session was recorded for the refused start"
+    );
+    assert!(
+        !stack.fake.posts().iter().any(|p| p.channel_id == channel
+            && p.root_id.is_empty()
+            && p.id != root
+            && p.message.contains("Session for")),
+        "no thread was opened for it"
     );
 
     let file = format!(

@@ -798,7 +798,10 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
 async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
     let stack = Stack::start_with(
         ModelScript::new().fallback(Reply::text("ok")),
-        &[("max-child-sessions", "2".into())],
+        &[
+            ("max-child-sessions", "2".into()),
+            ("allowed-repos", "acme/*".into()),
+        ],
     )
     .await;
     // A session of someone else's, which the orchestrator must not be able to stop.
@@ -807,7 +810,7 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         .await;
     let foreign = stack.session_at(&foreign_channel, &foreign_root).await;
     let plan = format!(
-        "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/does-not-exist] anything\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[STOP_SESSION: {}]\n",
+        "Here is the plan.\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/widgets] implement the parser\n\n[CREATE_SESSION: acme/does-not-exist] anything\n\n[CREATE_REVIEWER: acme/widgets] review the parser\n\n[CREATE_SESSION: not a repo!!]\n\n[CREATE_SESSION: elsewhere/tool] outside the allowlist\n\n[STOP_SESSION: {}]\n",
         &foreign.id[..8]
     );
     stack.model.set_script(
@@ -831,6 +834,14 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         .await;
     let orch = stack.session_at(&channel, &orch_root).await;
     assert_eq!(orch.kind, SessionKind::Orchestrator);
+    // bob, invited to the orchestrator, is a participant of the children it spawns.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "!invite @bob")
+        .expect("post");
+    stack
+        .wait_for_bot_post("the invitation", Some(&orch_root), "@bob can now talk")
+        .await;
     stack
         .fake
         .post_as(&stack.alice, &channel, Some(&orch_root), "plan the work")
@@ -868,6 +879,19 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         .clone();
     for child in [&worker, &reviewer] {
         assert_eq!(child.parent_id.as_deref(), Some(orch.id.as_str()));
+        assert_eq!(
+            child.started_by, stack.alice,
+            "the orchestrator's owner owns it"
+        );
+        assert_eq!(
+            stack
+                .store
+                .participants(&child.id)
+                .await
+                .expect("participants"),
+            std::slice::from_ref(&stack.bob),
+            "children inherit the orchestrator's participants"
+        );
         assert_eq!(
             child.channel_id, channel,
             "children live in the project channel"
@@ -958,6 +982,15 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
         told.iter()
             .any(|t| t.contains("[SESSION_ERROR: unknown repository acme/does-not-exist")),
         "an unknown repository"
+    );
+    assert!(
+        told.iter().any(|t| t.contains("[SESSION_ERROR:")
+            && t.contains("refused: elsewhere/tool is outside the repositories sessions may use (SM_ALLOWED_REPOS)")),
+        "a repository outside SM_ALLOWED_REPOS: {told:?}"
+    );
+    assert!(
+        stack.fake.channel_by_name("elsewhere-tool").is_none(),
+        "nothing made for it"
     );
     assert!(
         foreign_is_running(&stack, &foreign.id).await,

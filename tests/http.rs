@@ -322,3 +322,76 @@ async fn callback_rejects_malformed_bodies_with_a_reason() {
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn chat_servers_can_have_a_port_of_their_own() {
+    let db = TestDatabase::sqlite();
+    let main = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let callback = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let (main_addr, callback_addr) = (
+        main.local_addr().expect("addr"),
+        callback.local_addr().expect("addr"),
+    );
+    support::init_test_tracing();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(session_manager::serve(
+        settings(&db.url, &[]),
+        session_manager::Listeners {
+            main,
+            callback: Some(callback),
+        },
+        shutdown.clone(),
+    ));
+    let c = client();
+    let status = |addr: SocketAddr, method: &'static str, path: &'static str| {
+        let c = c.clone();
+        async move {
+            let url = format!("http://{addr}{path}");
+            let request = match method {
+                "GET" => c.get(url),
+                _ => c
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body("{}"),
+            };
+            request.send().await.expect("request").status()
+        }
+    };
+    // Wait until both listen and answer.
+    let mut up = false;
+    for _ in 0..100 {
+        if status(main_addr, "GET", "/health").await == StatusCode::OK {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "the operations port answers /health");
+    assert_eq!(status(main_addr, "GET", "/metrics").await, StatusCode::OK);
+    assert_eq!(
+        status(main_addr, "POST", "/callback").await,
+        StatusCode::NOT_FOUND,
+        "no callbacks on the operations port"
+    );
+    assert_eq!(
+        status(callback_addr, "POST", "/callback").await,
+        StatusCode::BAD_REQUEST,
+        "the callback port takes (and checks) callbacks"
+    );
+    for path in ["/health", "/metrics"] {
+        assert_eq!(
+            status(callback_addr, "GET", path).await,
+            StatusCode::NOT_FOUND,
+            "{path} is not on the chat servers' port"
+        );
+    }
+    shutdown.cancel();
+    served
+        .await
+        .expect("serve task")
+        .expect("serve stopped cleanly");
+}

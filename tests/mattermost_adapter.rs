@@ -18,7 +18,8 @@ use session_manager::chat::stream::{spawn_thread_output, TurnInput};
 use session_manager::chat::{
     ActionCard, CardAction, ChatEvent, ChatOutbound, InboundMessage, PostRef,
 };
-use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
+use session_manager::config::ChannelPrivacy;
+use session_manager::dispatch::{DispatchConfig, Dispatcher};
 use session_manager::health::HealthRegistry;
 use session_manager::session::{Delivery, SessionControl, SessionError};
 use session_manager::store::{Platform, ProjectChannel, Session, Store};
@@ -40,6 +41,7 @@ fn config(fake: &FakeMattermost) -> MattermostConfig {
         token: secrecy::SecretString::from(fake.bot_token()),
         team_id: fake.team_id(),
         channel_category: "Claude Sessions".into(),
+        channel_privacy: ChannelPrivacy::Public,
         request_timeout: Duration::from_secs(10),
         retry: RetryPolicy {
             max_retries: 5,
@@ -80,6 +82,9 @@ struct Accepting;
 
 #[async_trait]
 impl SessionControl for Accepting {
+    async fn repo_exists(&self, _org: &str, _repo: &str) -> Result<bool, SessionError> {
+        Ok(true)
+    }
     async fn start(&self, _session: Session, _progress: PostRef) -> Result<(), SessionError> {
         Ok(())
     }
@@ -119,7 +124,8 @@ async fn the_start_flow_creates_channel_category_and_root_post_with_the_real_sha
             trigger: "@claude".into(),
             default_org: None,
             repo_host: "github.com".into(),
-            access: Access::Everyone,
+            roles: session_manager::access::Roles::open(),
+            allowlist: session_manager::config::RepoAllowlist::Any,
         },
     );
     w.fake.clear_requests();

@@ -19,7 +19,7 @@ use session_manager::chat::{
     ActionCard, CardAction, CardClick, CardClickHandler, ChatError, ChatEvent, ChatOutbound,
     ClickError, ClickHandlers, ClickReply, InboundMessage, PostRef,
 };
-use session_manager::dispatch::{Access, DispatchConfig, Dispatcher};
+use session_manager::dispatch::{DispatchConfig, Dispatcher};
 use session_manager::session::{Delivery, SessionControl, SessionError};
 use session_manager::store::{new_session_id, NewSession, Platform, Session, SessionKind, Store};
 use support::teams::{FakeTeams, KeyChoice, TeamsUser};
@@ -1089,6 +1089,9 @@ struct Sessions {
 
 #[async_trait]
 impl SessionControl for Sessions {
+    async fn repo_exists(&self, _org: &str, _repo: &str) -> Result<bool, SessionError> {
+        Ok(true)
+    }
     async fn start(&self, session: Session, progress: PostRef) -> Result<(), SessionError> {
         self.started
             .lock()
@@ -1133,7 +1136,8 @@ async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispa
             trigger: "@claude".into(),
             default_org: None,
             repo_host: "github.com".into(),
-            access: Access::Everyone,
+            roles: session_manager::access::Roles::open(),
+            allowlist: session_manager::config::RepoAllowlist::Any,
         },
     );
     let (_unused, placeholder) = mpsc::channel(1);

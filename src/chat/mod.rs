@@ -124,13 +124,16 @@ pub enum ChatError {
     /// The platform answered something we could not read.
     #[error("unexpected answer from the chat server: {0}")]
     Decode(String),
+    /// The bot's own records (which channel belongs to which repository) could not be read.
+    #[error("cannot read the bot's records: {0}")]
+    Storage(String),
 }
 
 impl ChatError {
     /// Whether trying again later may succeed (rate limits, server errors, network).
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::RateLimited { .. } | Self::Transport(_) => true,
+            Self::RateLimited { .. } | Self::Transport(_) | Self::Storage(_) => true,
             Self::Api { status, .. } => *status >= 500,
             Self::Decode(_) => false,
         }
@@ -285,6 +288,27 @@ pub trait ChatOutbound: Send + Sync + 'static {
         text: &str,
     ) -> Result<PostRef, ChatError>;
 
+    /// Posts `text` in `channel_id` (in `root_id`'s thread when given) so that only `user_id`
+    /// sees it (a refusal, a notice). Where the platform cannot, the text is posted for
+    /// everyone with the user named.
+    ///
+    /// # Errors
+    /// [`ChatError`] after the client's own retries.
+    async fn post_ephemeral(
+        &self,
+        channel_id: &str,
+        root_id: Option<&str>,
+        user_id: &str,
+        text: &str,
+    ) -> Result<(), ChatError>;
+
+    /// Adds users to a channel (a participant invited into a session of a private project
+    /// channel).
+    ///
+    /// # Errors
+    /// [`ChatError`].
+    async fn add_channel_members(&self, channel_id: &str, users: &[&str]) -> Result<(), ChatError>;
+
     /// Replaces the text of a post the bot made.
     ///
     /// # Errors
@@ -317,6 +341,9 @@ pub trait ChatOutbound: Send + Sync + 'static {
 
     /// Finds or creates the channel that serves `repo_slug` (`org/repo`), makes sure the bot
     /// and `members` are in it, and files it under the configured sidebar category for them.
+    /// The channel is found through storage, never adopted by name alone: a name taken by
+    /// another repository's channel, or by one the bot did not make, gets a distinct name. A
+    /// new channel is private unless `SM_PROJECT_CHANNEL_PRIVACY=public`.
     ///
     /// # Errors
     /// [`ChatError`].

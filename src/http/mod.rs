@@ -51,16 +51,40 @@ pub struct AppState {
     pub clicks: ClickHandlers,
 }
 
-/// Builds the router. Serve it with
+/// Builds the router for one port: operations (`/health`, `/metrics`) and chat servers'
+/// requests (`/callback`) together. Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so the rate limiter sees the peer.
 pub fn router(state: AppState) -> Router {
+    layered(operations_routes(&state).merge(chat_routes(&state)), &state)
+}
+
+/// The operations port alone (`/health`, `/metrics`), when chat servers' requests have a port
+/// of their own (`SM_CALLBACK_LISTEN_ADDR`).
+pub fn operations_router(state: AppState) -> Router {
+    layered(operations_routes(&state), &state)
+}
+
+/// Chat servers' requests alone (`POST /callback`), for `SM_CALLBACK_LISTEN_ADDR`: a port a
+/// NetworkPolicy can open to the chat server only.
+pub fn chat_router(state: AppState) -> Router {
+    layered(chat_routes(&state), &state)
+}
+
+fn operations_routes(state: &AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .with_state(state.clone())
-        .merge(crate::chat::mattermost::callback::routes(
-            state.clicks.clone(),
-        ))
+}
+
+fn chat_routes(state: &AppState) -> Router {
+    crate::chat::mattermost::callback::routes(state.clicks.clone())
+}
+
+/// The layers every port shares: unknown paths 404, the rate limiter, request metrics, the
+/// body limit.
+fn layered(routes: Router, state: &AppState) -> Router {
+    routes
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), rate_limit))
         .layer(middleware::from_fn(record_metrics))

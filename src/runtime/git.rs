@@ -112,14 +112,14 @@ impl GitLayout {
         )
     }
 
-    /// The storage lock name that guards a main clone.
+    /// The storage lock name that guards a main clone ([`clone_lock`]).
     pub fn clone_lock(&self, org: &str, repo: &str) -> String {
-        format!("clone:{}/{org}/{repo}", self.host())
+        clone_lock(&self.host(), org, repo)
     }
 
-    /// The storage lock name that gives a worktree to one session.
+    /// The storage lock name that gives a worktree to one session ([`worktree_lock`]).
     pub fn worktree_lock(&self, org: &str, repo: &str, name: &str) -> String {
-        format!("worktree:{}/{org}/{repo}/{name}", self.host())
+        worktree_lock(&self.host(), org, repo, name)
     }
 
     /// The URL git's credential configuration is scoped to: the base URL's scheme, host and
@@ -151,6 +151,18 @@ impl GitLayout {
             .raw(SANITIZE);
         Ok(s)
     }
+}
+
+/// The storage lock name that guards the main clone of `org/repo` on `host`
+/// (`clone:<host>/<org>/<repo>`): held by the one session working in it.
+pub fn clone_lock(host: &str, org: &str, repo: &str) -> String {
+    format!("clone:{host}/{org}/{repo}")
+}
+
+/// The storage lock name that gives worktree `name` of `org/repo` on `host` to one session
+/// (`worktree:<host>/<org>/<repo>/<name>`).
+pub fn worktree_lock(host: &str, org: &str, repo: &str, name: &str) -> String {
+    format!("worktree:{host}/{org}/{repo}/{name}")
 }
 
 /// Something git work did that the thread should hear about.

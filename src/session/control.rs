@@ -20,6 +20,9 @@ pub enum SessionError {
     /// Storage could not be reached; the request was not carried out.
     #[error("the bot cannot reach its database right now; please try again in a minute")]
     StorageUnavailable,
+    /// The VM could not be reached or did not answer; what failed.
+    #[error("the VM cannot be reached right now ({0}); please try again in a minute")]
+    VmUnavailable(String),
 }
 
 /// How a message reached a session.
@@ -44,6 +47,13 @@ pub trait SessionControl: Send + Sync + 'static {
     /// # Errors
     /// [`SessionError`] when it cannot even begin.
     async fn start(&self, session: Session, progress: PostRef) -> Result<(), SessionError>;
+
+    /// Whether `org/repo` exists at `SM_GIT_BASE_URL` and the VM can read it (`git ls-remote`
+    /// on the VM, with its token).
+    ///
+    /// # Errors
+    /// [`SessionError::VmUnavailable`] when the check cannot run.
+    async fn repo_exists(&self, org: &str, repo: &str) -> Result<bool, SessionError>;
 
     /// Delivers a user's message to the session's agent, queueing it during a turn.
     ///

@@ -1,17 +1,29 @@
 //! Starting a session, the one way both a person (`start`, `orchestrate`) and an orchestrator
-//! (`[CREATE_SESSION: …]`) do it: the project channel (found or made, and recorded), the
-//! thread's anchor post, the session's record, the progress post, then the runtime brings it up
-//! in the background.
+//! (`[CREATE_SESSION: …]`) do it. First what can refuse it, before anything is made (so a
+//! refused start leaves no channel, thread or record): the repository allowlist, the
+//! repository's existence (`git ls-remote` on the VM), and a main clone or named worktree in
+//! use by another session (a session that is ending is waited for, briefly). Then the project
+//! channel (found or made, and recorded), the thread's anchor post, the session's record (an
+//! orchestrator's child inherits its participants), the progress post, and the runtime brings
+//! it up in the background.
+
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::chat::{ChannelRef, ChatError, ChatOutbound, PostRef};
 use crate::command::{RepoRef, WorktreeChoice};
+use crate::config::RepoAllowlist;
+use crate::runtime::git::{clone_lock, worktree_lock};
 use crate::store::{
-    new_session_id, now_ms, NewSession, ProjectChannel, Session, SessionKind, Store, StoreError,
+    new_session_id, now_ms, NewSession, ProjectChannel, Session, SessionKind, SessionState, Store,
+    StoreError,
 };
 
-use super::{auto_worktree_name, SessionControl, SessionError};
+use super::{auto_worktree_name, short_id, SessionControl, SessionError};
+
+/// How long a start waits for a session that is ending to let go of its clone or worktree.
+const ENDING_WAIT: Duration = Duration::from_secs(30);
 
 /// The first line of a new session's progress post.
 pub const STARTING_TEXT: &str = "⏳ Starting: preparing the repository…";
@@ -36,6 +48,8 @@ pub struct Launch<'a> {
     pub anchor: String,
     /// Git host recorded on the session (from `SM_GIT_BASE_URL`).
     pub repo_host: &'a str,
+    /// The repositories sessions may use.
+    pub allowlist: &'a RepoAllowlist,
 }
 
 /// A session that was recorded and handed to the runtime.
@@ -53,6 +67,41 @@ pub struct Launched {
 /// from [`LaunchError::Start`] on, the thread itself says what went wrong too.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// The repository is outside the allowlist.
+    #[error("`{slug}` is not among the repositories sessions may use here ({allowed})")]
+    NotAllowed {
+        /// `org/repo`.
+        slug: String,
+        /// The allowlist, for the message.
+        allowed: String,
+    },
+    /// The repository does not exist or the VM cannot read it.
+    #[error("`{0}` does not exist or cannot be read with the bot's token")]
+    UnknownRepository(String),
+    /// The repository could not be checked.
+    #[error("cannot check the repository: {0}")]
+    CheckRepository(#[source] SessionError),
+    /// Another session works in the main clone.
+    #[error("the main clone of `{slug}` is in use by session `{}`", short_id(.holder))]
+    CloneInUse {
+        /// `org/repo`.
+        slug: String,
+        /// The session holding it.
+        holder: String,
+    },
+    /// Another session works in the named worktree.
+    #[error("the worktree `{name}` of `{slug}` belongs to session `{}`", short_id(.holder))]
+    WorktreeInUse {
+        /// `org/repo`.
+        slug: String,
+        /// The worktree's name.
+        name: String,
+        /// The session holding it.
+        holder: String,
+    },
+    /// Storage failed while checking.
+    #[error("cannot check who works in the repository: {0}")]
+    Storage(#[source] StoreError),
     /// The project channel could not be found or made.
     #[error("cannot prepare the channel: {0}")]
     Channel(#[source] ChatError),
@@ -82,8 +131,50 @@ pub async fn launch(
 ) -> Result<Launched, LaunchError> {
     let repo = request.repo;
     let slug = repo.slug();
+    let (org, name) = (repo.org().as_str(), repo.repo().as_str());
+    if !request.allowlist.allows(org, name) {
+        return Err(LaunchError::NotAllowed {
+            slug,
+            allowed: request.allowlist.describe(),
+        });
+    }
+    match sessions.repo_exists(org, name).await {
+        Ok(true) => {}
+        Ok(false) => return Err(LaunchError::UnknownRepository(slug)),
+        Err(e) => return Err(LaunchError::CheckRepository(e)),
+    }
+    match &request.worktree {
+        None => {
+            let lock = clone_lock(request.repo_host, org, name);
+            if let Some(holder) = busy(store, &lock).await? {
+                return Err(LaunchError::CloneInUse { slug, holder });
+            }
+        }
+        Some(WorktreeChoice::Named(wt)) => {
+            let lock = worktree_lock(request.repo_host, org, name, wt.as_str());
+            if let Some(holder) = busy(store, &lock).await? {
+                return Err(LaunchError::WorktreeInUse {
+                    slug,
+                    name: wt.as_str().to_owned(),
+                    holder,
+                });
+            }
+        }
+        Some(WorktreeChoice::Auto) => {} // a name of its own
+    }
+    // An orchestrator's child inherits its participants: they are members of its channel too.
+    let inherited = match request.parent {
+        Some(parent) => store
+            .participants(&parent.id)
+            .await
+            .map_err(LaunchError::Storage)?,
+        None => Vec::new(),
+    };
+    let members: Vec<&str> = std::iter::once(request.started_by)
+        .chain(inherited.iter().map(String::as_str))
+        .collect();
     let channel = chat
-        .ensure_project_channel(&slug, &[request.started_by])
+        .ensure_project_channel(&slug, &members)
         .await
         .map_err(LaunchError::Channel)?;
     store
@@ -135,6 +226,15 @@ pub async fn launch(
             return Err(LaunchError::RecordSession(e));
         }
     };
+    if let Some(parent) = request.parent {
+        if let Err(e) = store
+            .copy_participants(&parent.id, &session.id, now_ms())
+            .await
+        {
+            // The owner and admins still reach it; the participants are told nothing wrong.
+            warn!(error = %e, session = %session.id, "cannot pass the orchestrator's participants on");
+        }
+    }
     let progress = match say(STARTING_TEXT).await {
         Ok(progress) => progress,
         Err(e) => {
@@ -158,4 +258,38 @@ pub async fn launch(
         channel,
         root,
     })
+}
+
+/// The live session holding `lock`, if any. A session that is ending is waited for (up to
+/// [`ENDING_WAIT`]); a lock left by an ended session is released.
+async fn busy(store: &Store, lock: &str) -> Result<Option<String>, LaunchError> {
+    let deadline = tokio::time::Instant::now() + ENDING_WAIT;
+    loop {
+        let Some(holder) = store
+            .lock_holder(lock)
+            .await
+            .map_err(LaunchError::Storage)?
+        else {
+            return Ok(None);
+        };
+        let state = store
+            .session(&holder)
+            .await
+            .map_err(LaunchError::Storage)?
+            .map(|s| s.state());
+        match state {
+            Some(SessionState::Stopping) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Some(SessionState::Ended) | None => {
+                // Left behind (a crash during a cleanup): nobody works there.
+                store
+                    .unlock(lock, &holder)
+                    .await
+                    .map_err(LaunchError::Storage)?;
+                return Ok(None);
+            }
+            Some(_) => return Ok(Some(holder)),
+        }
+    }
 }

@@ -327,6 +327,12 @@ impl SessionRuntime {
 
 #[async_trait]
 impl SessionControl for SessionRuntime {
+    async fn repo_exists(&self, org: &str, repo: &str) -> Result<bool, SessionError> {
+        SessionRuntime::repo_exists(self, org, repo)
+            .await
+            .map_err(|e| SessionError::VmUnavailable(e.to_string()))
+    }
+
     async fn start(&self, session: Session, progress: PostRef) -> Result<(), SessionError> {
         self.spawn_actor(
             SessionPlan {

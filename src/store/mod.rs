@@ -432,6 +432,92 @@ impl Store {
         }
     }
 
+    // ----- participants -------------------------------------------------------------------
+
+    /// Adds `user_id` to the users a session's owner invited. Returns `false` when they were
+    /// already in.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] (including an unknown session).
+    pub async fn add_participant(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        added_by: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO session_participants (session_id, user_id, added_by, added_at)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(session_id)
+        .bind(user_id)
+        .bind(added_by)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes back an invitation. Returns whether there was one.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn remove_participant(&self, session_id: &str, user_id: &str) -> StoreResult<bool> {
+        let done =
+            sqlx::query("DELETE FROM session_participants WHERE session_id = $1 AND user_id = $2")
+                .bind(session_id)
+                .bind(user_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The user ids a session's owner invited, in the order they were added.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn participants(&self, session_id: &str) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT user_id FROM session_participants WHERE session_id = $1
+             ORDER BY added_at, user_id",
+        )
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Gives `child` the participants of `parent` (an orchestrator's children inherit them).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn copy_participants(&self, parent: &str, child: &str, now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO session_participants (session_id, user_id, added_by, added_at)
+             SELECT $2, user_id, added_by, $3 FROM session_participants WHERE session_id = $1
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(parent)
+        .bind(child)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Active sessions `user_id` owns or was invited to, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn active_sessions_of(&self, user_id: &str) -> StoreResult<Vec<Session>> {
+        self.sessions_where(
+            "state IN ('starting', 'running', 'idle') AND (started_by = $1
+               OR id IN (SELECT session_id FROM session_participants WHERE user_id = $1))",
+            Some(user_id),
+        )
+        .await
+    }
+
     // ----- project channels ---------------------------------------------------------------
 
     /// Records the channel serving a repository, replacing an older record for it.

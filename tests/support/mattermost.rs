@@ -391,6 +391,46 @@ impl FakeMattermost {
         channel.id
     }
 
+    /// The direct-message channel (`"D"`, no team, named `{id}__{id}` with the ids sorted,
+    /// as `POST /api/v4/channels/direct` makes it) between two users; made on first use.
+    pub fn direct_channel(&self, a: &str, b: &str) -> String {
+        let mut st = self.shared.lock();
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        let name = format!("{lo}__{hi}");
+        if let Some(c) = st.channels.iter().find(|c| c.name == name) {
+            return c.id.clone();
+        }
+        let now = st.tick();
+        let channel = Channel {
+            id: new_id(),
+            create_at: now,
+            update_at: now,
+            delete_at: 0,
+            team_id: String::new(),
+            channel_type: "D".to_owned(),
+            display_name: String::new(),
+            name,
+            header: String::new(),
+            purpose: String::new(),
+            last_post_at: now,
+            total_msg_count: 0,
+            extra_update_at: 0,
+            creator_id: String::new(),
+            scheme_id: None,
+            props: None,
+            group_constrained: None,
+            shared: None,
+            total_msg_count_root: 0,
+            policy_id: None,
+            last_root_post_at: now,
+        };
+        let id = channel.id.clone();
+        st.channels.push(channel);
+        st.join_channel(&id, a);
+        st.join_channel(&id, b);
+        id
+    }
+
     /// Adds `user_id` to a channel silently (no system post, no event), like a setup step.
     pub fn add_channel_member(&self, channel_id: &str, user_id: &str) {
         self.shared.lock().join_channel(channel_id, user_id);
@@ -553,6 +593,16 @@ impl FakeMattermost {
         self.shared.lock().ephemerals.clone()
     }
 
+    /// Grants `user_id` the `create_post_ephemeral` permission, without which
+    /// `POST /api/v4/posts/ephemeral` answers 403 (as on a real server, where only system
+    /// admins hold it by default).
+    pub fn grant_ephemeral_posts(&self, user_id: &str) {
+        self.shared
+            .lock()
+            .ephemeral_posters
+            .insert(user_id.to_owned());
+    }
+
     /// The `OrderedSidebarCategories` JSON (`{"categories":[…],"order":[…]}`) of `user_id`
     /// for the team, exactly as `GET …/channels/categories` returns it (the default
     /// categories are created on first use, as the server does).
@@ -566,6 +616,17 @@ impl FakeMattermost {
     pub fn channel_by_name(&self, name: &str) -> Option<Channel> {
         let st = self.shared.lock();
         st.channels.iter().find(|c| c.name == name).cloned()
+    }
+
+    /// A channel by id.
+    pub fn channel_by_id(&self, id: &str) -> Option<Channel> {
+        let st = self.shared.lock();
+        st.channels.iter().find(|c| c.id == id).cloned()
+    }
+
+    /// How many channels exist (deleted ones and direct messages included).
+    pub fn channel_count(&self) -> usize {
+        self.shared.lock().channels.len()
     }
 
     /// The user ids of a channel's members, in join order.
@@ -795,6 +856,8 @@ struct State {
     followers: HashMap<String, Vec<String>>,
     typing: Vec<(String, String, String)>,
     ephemerals: Vec<(String, String)>,
+    /// Users holding `create_post_ephemeral` (on a real server only system admins do).
+    ephemeral_posters: HashSet<String>,
     requests: Vec<RecordedRequest>,
     failures: Vec<FailRule>,
     conns: Vec<WsConn>,
@@ -824,6 +887,7 @@ impl State {
             followers: HashMap::new(),
             typing: Vec::new(),
             ephemerals: Vec::new(),
+            ephemeral_posters: HashSet::new(),
             requests: Vec::new(),
             failures: Vec::new(),
             conns: Vec::new(),
@@ -2518,6 +2582,9 @@ async fn create_ephemeral_post(
     let Some(input) = request.post else {
         return Err(FakeError::invalid_body("post"));
     };
+    if !shared.lock().ephemeral_posters.contains(&caller.user_id) {
+        return Err(FakeError::forbidden());
+    }
     let post = shared.lock().send_ephemeral(
         &request.user_id,
         &caller.user_id,

@@ -9,6 +9,7 @@
 pub mod mattermost;
 pub mod model_server;
 pub mod opnsense;
+pub mod sessions;
 pub mod stack;
 pub mod teams;
 pub mod testbed;
@@ -260,7 +261,7 @@ impl TestApp {
         init_test_tracing();
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let serve = session_manager::serve(settings, listener, shutdown.clone());
+        let serve = session_manager::serve(settings, listener.into(), shutdown.clone());
         let handle = tokio::spawn(async move {
             let result = serve.await;
             if let Err(e) = &result {

@@ -22,7 +22,12 @@ pub struct Stack {
     pub db: TestDatabase,
     pub store: Store,
     pub vm: SshPool,
+    /// Starts the sessions.
     pub alice: String,
+    /// Another member of the team (no rights unless invited).
+    pub bob: String,
+    /// Another member of the team, named in `SM_ADMIN_USERS` when a test says so.
+    pub carol: String,
     pub town: String,
     /// Per-test directory on the VM for clones and worktrees.
     pub vm_root: String,
@@ -43,9 +48,18 @@ impl Stack {
         let tb = Testbed::load();
         let fake = FakeMattermost::start().await;
         let alice = fake.add_user("alice");
+        let bob = fake.add_user("bob");
+        let carol = fake.add_user("carol");
+        // Notices meant for one person stay private (the runbook grants this permission).
+        fake.grant_ephemeral_posts(&fake.bot_user_id());
         let town = fake.create_channel(
             "town-square",
-            &[alice.as_str(), fake.bot_user_id().as_str()],
+            &[
+                alice.as_str(),
+                bob.as_str(),
+                carol.as_str(),
+                fake.bot_user_id().as_str(),
+            ],
         );
         let model = ModelServer::start(script).await;
         let db = TestDatabase::sqlite();
@@ -91,6 +105,8 @@ impl Stack {
             store,
             vm,
             alice,
+            bob,
+            carol,
             town,
             vm_root,
             extra: extra

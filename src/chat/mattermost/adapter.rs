@@ -28,6 +28,7 @@ use crate::chat::render::split_message;
 use crate::chat::{
     ActionCard, ChannelRef, ChatError, ChatEvent, ChatOutbound, ChatUser, InboundMessage, PostRef,
 };
+use crate::config::ChannelPrivacy;
 use crate::health::{ComponentStatus, HealthRegistry};
 use crate::store::{now_ms, Platform, Store};
 
@@ -56,6 +57,8 @@ pub struct MattermostConfig {
     pub retry: RetryPolicy,
     /// WebSocket timing.
     pub websocket: WsSettings,
+    /// `SM_PROJECT_CHANNEL_PRIVACY`: the type of the project channels the bot creates.
+    pub channel_privacy: ChannelPrivacy,
 }
 
 /// The adapter. Share it in an [`Arc`].
@@ -66,6 +69,9 @@ pub struct MattermostAdapter {
     config: MattermostConfig,
     store: Store,
     started_at: i64,
+    /// Set once the server refused an ephemeral post (logged once, then the fallback is used
+    /// quietly).
+    no_ephemeral: std::sync::atomic::AtomicBool,
 }
 
 impl MattermostAdapter {
@@ -89,6 +95,7 @@ impl MattermostAdapter {
             config,
             store,
             started_at: now_ms(),
+            no_ephemeral: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -315,19 +322,19 @@ impl MattermostAdapter {
         }
     }
 
-    /// Finds the channel for `repo_slug` by storage, then by name, or creates it.
+    /// Finds the channel for `repo_slug` through storage, or creates one. A channel is never
+    /// adopted by its name alone: when the name is taken (by another repository's channel
+    /// whose name folds to the same, or by a channel the bot did not make), the new channel
+    /// gets the name with a short suffix derived from `repo_slug`.
     async fn find_or_create_channel(&self, repo_slug: &str) -> Result<ChannelRef, ChatError> {
-        if let Ok(Some(known)) = self
+        let known = self
             .store
             .project_channel(Platform::Mattermost, repo_slug)
             .await
-        {
-            if let Some(channel) = self
-                .client
-                .channel_by_name(&self.config.team_id, &known.channel_name)
-                .await?
-            {
-                if channel.id == known.channel_id && channel.delete_at == 0 {
+            .map_err(|e| ChatError::Storage(e.to_string()))?;
+        if let Some(known) = known {
+            if let Some(channel) = self.client.channel(&known.channel_id).await? {
+                if channel.delete_at == 0 {
                     return Ok(ChannelRef {
                         team_id: self.config.team_id.clone(),
                         channel_id: channel.id,
@@ -337,53 +344,68 @@ impl MattermostAdapter {
                 }
             }
         }
-        let name = channel_name(repo_slug);
-        if let Some(channel) = self
-            .client
-            .channel_by_name(&self.config.team_id, &name)
-            .await?
-        {
-            return Ok(ChannelRef {
-                team_id: self.config.team_id.clone(),
-                channel_id: channel.id,
-                name: channel.name,
-                created: false,
-            });
-        }
-        match self
-            .client
-            .create_channel(&self.config.team_id, &name, &display_name(repo_slug), false)
-            .await
-        {
-            Ok(channel) => Ok(ChannelRef {
-                team_id: self.config.team_id.clone(),
-                channel_id: channel.id,
-                name: channel.name,
-                created: true,
-            }),
-            // Someone created it at the same moment: use theirs.
-            Err(ChatError::Api {
-                status: 400,
-                ref code,
-                ..
-            }) if code.contains("exists") => {
-                let channel = self
-                    .client
-                    .channel_by_name(&self.config.team_id, &name)
-                    .await?
-                    .ok_or_else(|| {
-                        ChatError::Decode(format!("channel {name} exists but cannot be found"))
-                    })?;
-                Ok(ChannelRef {
-                    team_id: self.config.team_id.clone(),
-                    channel_id: channel.id,
-                    name: channel.name,
-                    created: false,
-                })
+        let private = self.config.channel_privacy == ChannelPrivacy::Private;
+        for name in channel_names(repo_slug) {
+            if self
+                .client
+                .channel_by_name(&self.config.team_id, &name)
+                .await?
+                .is_some()
+            {
+                continue; // someone else's (or another repository's): never adopted
             }
-            Err(e) => Err(e),
+            match self
+                .client
+                .create_channel(
+                    &self.config.team_id,
+                    &name,
+                    &display_name(repo_slug),
+                    private,
+                )
+                .await
+            {
+                Ok(channel) => {
+                    return Ok(ChannelRef {
+                        team_id: self.config.team_id.clone(),
+                        channel_id: channel.id,
+                        name: channel.name,
+                        created: true,
+                    })
+                }
+                // Taken at the same moment: try the next name.
+                Err(ChatError::Api {
+                    status: 400,
+                    ref code,
+                    ..
+                }) if code.contains("exists") => continue,
+                Err(e) => return Err(e),
+            }
         }
+        Err(ChatError::Decode(format!(
+            "no free channel name for {repo_slug}"
+        )))
     }
+}
+
+/// The names tried for `repo_slug`'s channel, in order: [`channel_name`], then that name with
+/// a suffix from a hash of the slug (`-1a2b3c`), then with a counter too; each within
+/// Mattermost's 64 characters.
+pub fn channel_names(repo_slug: &str) -> Vec<String> {
+    use sha2::Digest as _;
+    let base = channel_name(repo_slug);
+    let hash = hex::encode(sha2::Sha256::digest(repo_slug.as_bytes()));
+    let mut names = vec![base.clone()];
+    for n in 0..5 {
+        let suffix = if n == 0 {
+            format!("-{}", &hash[..6])
+        } else {
+            format!("-{}{n}", &hash[..6])
+        };
+        let keep = 64 - suffix.len();
+        let head: String = base.chars().take(keep).collect();
+        names.push(format!("{}{suffix}", head.trim_end_matches('-')));
+    }
+    names
 }
 
 #[async_trait]
@@ -441,6 +463,53 @@ impl ChatOutbound for MattermostAdapter {
             });
         }
         first.ok_or_else(|| ChatError::Decode("nothing was posted".into()))
+    }
+
+    /// Mattermost's ephemeral post (`POST /posts/ephemeral`). Without the bot's
+    /// `create_post_ephemeral` permission, the text goes to the thread for everyone, naming the
+    /// user (and a warning says what to grant).
+    async fn post_ephemeral(
+        &self,
+        channel_id: &str,
+        root_id: Option<&str>,
+        user_id: &str,
+        text: &str,
+    ) -> Result<(), ChatError> {
+        let post = CreatePost {
+            channel_id,
+            message: text,
+            root_id,
+            props: None,
+        };
+        match self.client.create_ephemeral_post(user_id, &post).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(403) => {
+                if !self
+                    .no_ephemeral
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!("the bot may not post ephemeral messages (grant its account the create_post_ephemeral permission, see the runbook); notices go into the thread, naming their reader");
+                }
+                let name = self
+                    .resolve_user(user_id)
+                    .await
+                    .map_or_else(|_| "someone".to_owned(), |u| format!("@{}", u.username));
+                self.post(channel_id, root_id, &format!("{name}: {text}"))
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn add_channel_members(&self, channel_id: &str, users: &[&str]) -> Result<(), ChatError> {
+        for user in users {
+            self.client.add_channel_member(channel_id, user).await?;
+            if let Err(e) = self.file_under_category(user, channel_id).await {
+                warn!(error = %e, user, "cannot put the project channel into the sidebar category");
+            }
+        }
+        Ok(())
     }
 
     /// Text longer than a post is cut at the limit with a visible note (the renderer keeps

@@ -179,6 +179,39 @@ impl MattermostClient {
             .await
     }
 
+    /// `POST /posts/ephemeral`: a post only `user_id` sees (`{"user_id", "post": {"channel_id",
+    /// "message", "root_id"}}`, answered 201). Mattermost gives this to users with the
+    /// `create_post_ephemeral` permission (system admins by default).
+    ///
+    /// # Errors
+    /// [`ChatError`] (403 without the permission).
+    pub async fn create_ephemeral_post(
+        &self,
+        user_id: &str,
+        post: &CreatePost<'_>,
+    ) -> Result<Post, ChatError> {
+        self.call(
+            Method::POST,
+            "posts/ephemeral",
+            &[],
+            Some(json!({ "user_id": user_id, "post": post })),
+        )
+        .await
+    }
+
+    /// `GET /channels/{id}`; `None` when there is no such channel (or it cannot be read).
+    ///
+    /// # Errors
+    /// [`ChatError`] other than 403/404.
+    pub async fn channel(&self, channel_id: &str) -> Result<Option<Channel>, ChatError> {
+        let path = format!("channels/{}", seg(channel_id));
+        match self.call(Method::GET, &path, &[], None).await {
+            Ok(channel) => Ok(Some(channel)),
+            Err(e) if matches!(e.status(), Some(403 | 404)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `PUT /posts/{id}/patch`.
     ///
     /// # Errors

@@ -463,6 +463,33 @@ impl ChatOutbound for TeamsAdapter {
         &self.bot_id
     }
 
+    /// A bot cannot post a message only one member of a Teams channel sees: the notice is a
+    /// reply in the thread, naming the user.
+    async fn post_ephemeral(
+        &self,
+        channel_id: &str,
+        root_id: Option<&str>,
+        user_id: &str,
+        text: &str,
+    ) -> Result<(), ChatError> {
+        let name = self
+            .resolve_user(user_id)
+            .await
+            .map_or_else(|_| "someone".to_owned(), |u| u.username);
+        self.post(channel_id, root_id, &format!("{name}: {text}"))
+            .await
+            .map(|_| ())
+    }
+
+    /// Teams channel membership is the team's (a bot adds no one): nothing to do.
+    async fn add_channel_members(
+        &self,
+        _channel_id: &str,
+        _users: &[&str],
+    ) -> Result<(), ChatError> {
+        Ok(())
+    }
+
     async fn post(
         &self,
         channel_id: &str,
