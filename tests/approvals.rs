@@ -26,23 +26,61 @@ use support::mattermost::{ClickOutcome, FakeMattermost};
 use support::TestDatabase;
 use tokio_util::sync::CancellationToken;
 
-/// Records alias additions; can be told to fail.
+/// A firewall alias in memory: records additions and removals; can be told to fail.
 #[derive(Default)]
 struct RecordingAlias {
+    /// What the alias holds now.
+    content: Mutex<Vec<String>>,
+    /// Every domain added, in order.
     added: Mutex<Vec<String>>,
+    /// Every domain removed, in order.
+    removed: Mutex<Vec<String>>,
     calls: Mutex<usize>,
     failing: Mutex<Option<ApplyError>>,
 }
 
+impl RecordingAlias {
+    fn check(&self) -> Result<(), ApplyError> {
+        *self.calls.lock().expect("lock") += 1;
+        match self.failing.lock().expect("lock").clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn holds(&self, domain: &str) -> bool {
+        self.content
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|d| d == domain)
+    }
+}
+
 #[async_trait]
 impl AliasWriter for RecordingAlias {
-    async fn add(&self, domain: &str) -> Result<(), ApplyError> {
-        *self.calls.lock().expect("lock") += 1;
-        if let Some(e) = self.failing.lock().expect("lock").clone() {
-            return Err(e);
-        }
+    async fn add(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
         self.added.lock().expect("lock").push(domain.to_owned());
-        Ok(())
+        if self.holds(domain) {
+            return Ok(false);
+        }
+        self.content.lock().expect("lock").push(domain.to_owned());
+        Ok(true)
+    }
+
+    async fn remove(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
+        self.removed.lock().expect("lock").push(domain.to_owned());
+        let mut content = self.content.lock().expect("lock");
+        let before = content.len();
+        content.retain(|d| d != domain);
+        Ok(content.len() != before)
+    }
+
+    async fn contains(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
+        Ok(self.holds(domain))
     }
 }
 
@@ -173,16 +211,19 @@ async fn world_with(
         firewall.unwrap_or_else(|| alias.clone() as Arc<dyn AliasWriter>),
         mailbox.clone(),
         ApprovalConfig {
-            callback_url: callback.clone(),
-            secret: secrecy::SecretString::from(SECRET.to_owned()),
-            ttl,
-            approvers: if only_alice {
-                Approvers::Only([alice.clone()].into_iter().collect())
-            } else {
-                Approvers::ChannelMembers
-            },
-            alias: "llm_approved_domains".into(),
-            lease: Duration::from_secs(300),
+            // alice owns the session; bob is an admin.
+            admins: [bob.clone()].into_iter().collect(),
+            ..ApprovalConfig::new(
+                callback.clone(),
+                secrecy::SecretString::from(SECRET.to_owned()),
+                ttl,
+                if only_alice {
+                    Approvers::Only([alice.clone()].into_iter().collect())
+                } else {
+                    Approvers::OwnerAndAdmins
+                },
+                "llm_approved_domains".into(),
+            )
         },
     );
     let clicks = session_manager::chat::ClickHandlers::new();
@@ -364,7 +405,10 @@ async fn approve_puts_the_domain_in_the_alias_and_tells_the_agent() {
         .into_iter()
         .map(|r| r.entry.action)
         .collect();
-    assert_eq!(audit, vec!["requested", "approved", "firewall_applied"]);
+    assert_eq!(
+        audit,
+        vec!["requested", "approved", "granted", "firewall_applied"]
+    );
     let records = w
         .store
         .audit_log(Some(&w.session.id), 50)
@@ -779,14 +823,13 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
         opnsense_client(&opn),
         w.mailbox.clone(),
-        ApprovalConfig {
-            callback_url: w.callback.clone(),
-            secret: secrecy::SecretString::from(SECRET.to_owned()),
-            ttl: Duration::from_secs(3600),
-            approvers: Approvers::ChannelMembers,
-            alias: ALIAS.into(),
-            lease: Duration::from_secs(300),
-        },
+        ApprovalConfig::new(
+            w.callback.clone(),
+            secrecy::SecretString::from(SECRET.to_owned()),
+            Duration::from_secs(3600),
+            Approvers::OwnerAndAdmins,
+            ALIAS.into(),
+        ),
     );
     // Make the retry due now rather than after its backoff.
     let _ = w
@@ -868,14 +911,13 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
             adapter.clone(),
             client(),
             mailbox.clone(),
-            ApprovalConfig {
-                callback_url: "http://127.0.0.1:9/callback".into(),
-                secret: secrecy::SecretString::from(SECRET.to_owned()),
-                ttl: Duration::from_secs(3600),
-                approvers: Approvers::ChannelMembers,
-                alias: ALIAS.into(),
-                lease: Duration::from_secs(300),
-            },
+            ApprovalConfig::new(
+                "http://127.0.0.1:9/callback".into(),
+                secrecy::SecretString::from(SECRET.to_owned()),
+                Duration::from_secs(3600),
+                Approvers::OwnerAndAdmins,
+                ALIAS.into(),
+            ),
         );
         replicas.push(replica);
     }
@@ -886,7 +928,14 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
             .await
             .expect("open");
         let outcome = store
-            .decide_approval(&request.id, Decision::Approve, &alice, "alice", now_ms())
+            .decide_approval(
+                &request.id,
+                Decision::Approve,
+                GrantScope::Ttl,
+                &alice,
+                "alice",
+                now_ms(),
+            )
             .await
             .expect("decide");
         assert!(matches!(outcome, DecideOutcome::Decided(_)));
