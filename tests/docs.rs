@@ -91,16 +91,20 @@ fn migrations_are_never_destructive_and_exist_for_both_backends() {
                 for (what, needed) in [
                     ("copies every row", format!("INSERT INTO {rebuilt}_NEW")),
                     ("reads the old table", format!("FROM {rebuilt};")),
-                    ("renames the copy", format!("ALTER TABLE {rebuilt}_NEW RENAME TO {rebuilt};")),
+                    (
+                        "renames the copy",
+                        format!("ALTER TABLE {rebuilt}_NEW RENAME TO {rebuilt};"),
+                    ),
                 ] {
                     assert!(
                         code.contains(&needed),
                         "{backend}/{file} drops {rebuilt} but never {what} ({needed})"
                     );
                 }
-                code = code
-                    .replace(&format!("DROP TABLE {rebuilt};"), "")
-                    .replace(&format!("ALTER TABLE {rebuilt}_NEW RENAME TO {rebuilt};"), "");
+                code = code.replace(&format!("DROP TABLE {rebuilt};"), "").replace(
+                    &format!("ALTER TABLE {rebuilt}_NEW RENAME TO {rebuilt};"),
+                    "",
+                );
             }
             // Dropping a CHECK constraint to widen it loses no data.
             let code = code.replace("DROP CONSTRAINT APPROVAL_STATE_CHECK", "");

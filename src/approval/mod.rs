@@ -233,6 +233,8 @@ pub struct Approvals {
     tasks: TaskTracker,
     /// This flow itself, for the background work it starts.
     me: std::sync::Weak<Approvals>,
+    /// Worker rounds completed.
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -262,6 +264,7 @@ impl Approvals {
             instance: uuid::Uuid::new_v4().to_string(),
             tasks: TaskTracker::new(),
             me: me.clone(),
+            rounds: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -694,6 +697,15 @@ impl Approvals {
             #[allow(clippy::cast_precision_loss)]
             gauge!(names::EGRESS_GRANTS_ACTIVE).set(live.len() as f64);
         }
+        self.rounds
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many worker rounds (expire, close, end grants, apply, remove) have completed: a
+    /// round that starts after an event has seen it, so a check that something did *not*
+    /// happen can wait for two more rounds instead of a fixed time.
+    pub fn rounds(&self) -> u64 {
+        self.rounds.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn work(&self, cancel: CancellationToken) {
