@@ -55,7 +55,14 @@ pub struct AppState {
 /// requests (`/callback`) together. Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so the rate limiter sees the peer.
 pub fn router(state: AppState) -> Router {
-    layered(operations_routes(&state).merge(chat_routes(&state)), &state)
+    router_with(state, None)
+}
+
+/// [`router`] plus a chat platform's own inbound routes (Teams' `POST /api/messages`), under
+/// the same rate limiting and metrics.
+pub fn router_with(state: AppState, platform: Option<Router>) -> Router {
+    let chat = chat_routes(&state).merge(platform.unwrap_or_default());
+    layered(operations_routes(&state).merge(chat), &state)
 }
 
 /// The operations port alone (`/health`, `/metrics`), when chat servers' requests have a port
@@ -67,7 +74,15 @@ pub fn operations_router(state: AppState) -> Router {
 /// Chat servers' requests alone (`POST /callback`), for `SM_CALLBACK_LISTEN_ADDR`: a port a
 /// NetworkPolicy can open to the chat server only.
 pub fn chat_router(state: AppState) -> Router {
-    layered(chat_routes(&state), &state)
+    chat_router_with(state, None)
+}
+
+/// [`chat_router`] plus a chat platform's own inbound routes (Teams' `POST /api/messages`).
+pub fn chat_router_with(state: AppState, platform: Option<Router>) -> Router {
+    layered(
+        chat_routes(&state).merge(platform.unwrap_or_default()),
+        &state,
+    )
 }
 
 fn operations_routes(state: &AppState) -> Router {
