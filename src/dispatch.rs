@@ -72,6 +72,9 @@ struct Inner {
     store: Store,
     sessions: Arc<dyn SessionControl>,
     config: DispatchConfig,
+    /// Per session, the "messages are queued" notice of the current turn, edited in place as
+    /// more messages queue up (one notice per turn, not one per message).
+    queued_notices: std::sync::Mutex<std::collections::HashMap<String, crate::chat::PostRef>>,
 }
 
 /// Which worker handles a message.
@@ -96,6 +99,7 @@ impl Dispatcher {
                 store,
                 sessions,
                 config,
+                queued_notices: std::sync::Mutex::default(),
             }),
         }
     }
@@ -252,18 +256,55 @@ impl Dispatcher {
                 .await;
         }
         match self.inner.sessions.send(session, message).await {
-            Ok(Delivery::Delivered) => {}
-            Ok(Delivery::Queued { position }) => {
-                self.reply(
-                    message,
-                    &format!("Claude is still working; your message is queued ({position} waiting) and will be delivered when this turn ends."),
-                )
-                .await;
+            Ok(Delivery::Delivered) => {
+                // No turn runs: the next queued message starts a new notice.
+                if let Ok(mut notices) = self.inner.queued_notices.lock() {
+                    notices.remove(&session.id);
+                }
             }
+            Ok(Delivery::Queued { position }) => self.queued(session, message, position).await,
             Err(e) => {
                 self.reply(message, &format!("Your message was not delivered: {e}"))
                     .await
             }
+        }
+    }
+
+    /// Says that messages wait for the running turn: the first queued message of a turn posts
+    /// a notice, later ones edit that notice with the new count.
+    async fn queued(&self, session: &Session, message: &InboundMessage, position: usize) {
+        let text = if position <= 1 {
+            "⏳ Claude is still working; 1 message is queued and will be delivered when this turn ends.".to_owned()
+        } else {
+            format!("⏳ Claude is still working; {position} messages are queued and will be delivered in order when this turn ends.")
+        };
+        let existing = if position <= 1 {
+            None
+        } else {
+            self.inner
+                .queued_notices
+                .lock()
+                .ok()
+                .and_then(|n| n.get(&session.id).cloned())
+        };
+        if let Some(notice) = existing {
+            if self.inner.chat.update(&notice, &text).await.is_ok() {
+                return;
+            }
+        }
+        let root = message.thread_id();
+        match self
+            .inner
+            .chat
+            .post(&message.channel_id, Some(root), &text)
+            .await
+        {
+            Ok(notice) => {
+                if let Ok(mut notices) = self.inner.queued_notices.lock() {
+                    notices.insert(session.id.clone(), notice);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot say that a message is queued"),
         }
     }
 

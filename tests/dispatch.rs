@@ -619,6 +619,69 @@ async fn ended_sessions_and_queued_turns_are_explained() {
 }
 
 #[tokio::test]
+async fn a_burst_of_queued_messages_gets_one_notice_per_turn_edited_in_place() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    w.sessions.positions.lock().expect("lock").extend(1..=30);
+    for i in 1..=30 {
+        w.say(
+            ALICE,
+            &a.channel_id,
+            Some(&a.thread_id),
+            &format!("message {i}"),
+        )
+        .await;
+    }
+    let notices: Vec<Posted> = w
+        .chat
+        .posts()
+        .into_iter()
+        .filter(|p| p.root.as_deref() == Some(a.thread_id.as_str()) && p.text.contains("queued"))
+        .collect();
+    assert_eq!(notices.len(), 1, "one notice, not thirty: {notices:?}");
+    let edits: Vec<String> = w
+        .chat
+        .updates
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(id, _)| *id == notices[0].id)
+        .map(|(_, text)| text.clone())
+        .collect();
+    assert_eq!(edits.len(), 29, "edited for each later message");
+    assert!(edits
+        .last()
+        .is_some_and(|t| t.contains("30 messages are queued")));
+    // The turn ended (a message went straight through); the next queue gets a new notice.
+    w.say(
+        ALICE,
+        &a.channel_id,
+        Some(&a.thread_id),
+        "delivered at once",
+    )
+    .await;
+    w.sessions.positions.lock().expect("lock").push_back(1);
+    w.say(ALICE, &a.channel_id, Some(&a.thread_id), "queued again")
+        .await;
+    let notices = w
+        .chat
+        .replies_to(&a.thread_id)
+        .into_iter()
+        .filter(|t| t.contains("queued"))
+        .count();
+    assert_eq!(notices, 2);
+    // Nothing was dropped: every message reached the session.
+    assert_eq!(
+        w.sessions
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Send(..)))
+            .count(),
+        32
+    );
+}
+
+#[tokio::test]
 async fn stop_by_id_prefix() {
     let w = world(Access::Everyone, false).await;
     let a = w.start("@claude start acme/widgets").await;

@@ -34,6 +34,8 @@ pub struct RecordingSessions {
     calls: Mutex<Vec<Call>>,
     /// The next `send` answers `Queued`.
     pub queue_next: Mutex<bool>,
+    /// Queue positions the next `send`s answer, in order (after `queue_next`).
+    pub positions: Mutex<std::collections::VecDeque<usize>>,
     /// `send` sleeps 0–2 ms (derived from the post id) to shake out ordering bugs.
     jitter: bool,
     /// `org/repo` slugs that do not exist (`repo_exists` answers false).
@@ -47,6 +49,7 @@ impl RecordingSessions {
             store,
             calls: Mutex::new(Vec::new()),
             queue_next: Mutex::new(false),
+            positions: Mutex::new(std::collections::VecDeque::new()),
             jitter,
             missing: Mutex::new(HashSet::new()),
         }
@@ -111,6 +114,9 @@ impl SessionControl for RecordingSessions {
         self.record(Call::Send(session.id.clone(), message.text.clone()));
         if std::mem::take(&mut *self.queue_next.lock().expect("lock")) {
             return Ok(Delivery::Queued { position: 2 });
+        }
+        if let Some(position) = self.positions.lock().expect("lock").pop_front() {
+            return Ok(Delivery::Queued { position });
         }
         Ok(Delivery::Delivered)
     }
