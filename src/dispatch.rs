@@ -38,7 +38,8 @@ use crate::session::{
 use crate::store::{now_ms, Session, SessionKind, Store};
 use crate::workers::OrderedWorkers;
 
-/// Messages a thread's worker holds before the dispatcher waits.
+/// Messages a thread's worker holds; past it, a message is refused with a notice to its
+/// sender (the dispatcher never waits for one thread).
 const WORKER_QUEUE: usize = 256;
 /// A worker with nothing to do for this long exits.
 const WORKER_IDLE: Duration = Duration::from_secs(60);
@@ -112,6 +113,8 @@ impl Dispatcher {
             let this = this.clone();
             async move { this.handle_guarded(message).await }
         });
+        // Notices to senders whose thread was full; awaited before returning.
+        let notices = tokio_util::task::TaskTracker::new();
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -124,9 +127,25 @@ impl Dispatcher {
                 channel_id: message.channel_id.clone(),
                 root_id: message.root_id.clone(),
             };
-            workers.send(key, message).await;
+            // Never wait for one thread: a flooded thread's extra messages are refused with a
+            // notice to their sender, and every other thread goes on at once.
+            if let Err(refused) = workers.try_send(key, message) {
+                warn!(channel = %refused.channel_id, post = %refused.post_id, "a thread's queue is full; message refused");
+                let this = self.clone();
+                notices.spawn(async move {
+                    this.notify(
+                        &refused,
+                        &format!(
+                            "Slow down: this thread already has {WORKER_QUEUE} messages waiting, so your message was not taken. Send it again once Claude has caught up."
+                        ),
+                    )
+                    .await;
+                });
+            }
         }
         workers.shutdown().await;
+        notices.close();
+        notices.wait().await;
     }
 
     /// Handles one message; a panic inside becomes an error reply, not a dead worker.
