@@ -527,6 +527,38 @@ pub struct ContainerSettings {
         value_parser = whole::<u32>(0, 1_000_000, "a whole number of messages (0 = never)")
     )]
     pub orchestrator_compact_threshold: u32,
+    /// Longest line of the agent's output (stream-json) the bot reads, in bytes; a longer one
+    /// ends that turn with an error in the thread instead of growing the bot's memory.
+    #[arg(
+        id = "max_agent_line_bytes",
+        long = "max-agent-line-bytes",
+        env = "SM_MAX_AGENT_LINE_BYTES",
+        default_value = "16777216",
+        value_name = "BYTES",
+        value_parser = whole::<usize>(1024, 1 << 30, "a whole number of bytes from 1024 to 1073741824")
+    )]
+    pub max_agent_line_bytes: usize,
+    /// Live sessions one person may have at once (0 = no limit). Sessions an orchestrator
+    /// spawns count for its orchestrator's limit (`SM_MAX_CHILD_SESSIONS`), not here.
+    #[arg(
+        id = "max_sessions_per_user",
+        long = "max-sessions-per-user",
+        env = "SM_MAX_SESSIONS_PER_USER",
+        default_value = "0",
+        value_name = "COUNT",
+        value_parser = whole::<u32>(0, 100_000, "a whole number of sessions (0 = no limit)")
+    )]
+    pub max_sessions_per_user: u32,
+    /// Live sessions in all, spawned ones included (0 = no limit).
+    #[arg(
+        id = "max_sessions",
+        long = "max-sessions",
+        env = "SM_MAX_SESSIONS",
+        default_value = "0",
+        value_name = "COUNT",
+        value_parser = whole::<u32>(0, 100_000, "a whole number of sessions (0 = no limit)")
+    )]
+    pub max_sessions: u32,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",

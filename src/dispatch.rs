@@ -60,6 +60,8 @@ pub struct DispatchConfig {
     pub roles: Roles,
     /// `SM_ALLOWED_REPOS` (or its default).
     pub allowlist: RepoAllowlist,
+    /// `SM_MAX_SESSIONS_PER_USER`, `SM_MAX_SESSIONS`.
+    pub limits: crate::session::SessionLimits,
 }
 
 /// Routes chat events. Cheap to clone.
@@ -810,6 +812,7 @@ impl Dispatcher {
             ),
             repo_host: &inner.config.repo_host,
             allowlist: &inner.config.allowlist,
+            limits: inner.config.limits,
         };
         let slug = repo.slug();
         let launched = launch(
@@ -838,6 +841,9 @@ impl Dispatcher {
                     | LaunchError::CheckRepository(_) => format!(
                         "Could not check `{slug}` on the VM, so no session was started: {e}. Please try again in a minute."
                     ),
+                    LaunchError::TooManyOfYours(_) | LaunchError::TooManySessions(_) => {
+                        capitalize(&e.to_string()) + "."
+                    }
                     LaunchError::CloneInUse { .. } => format!(
                         "{}. Start with `--worktree` to work in a worktree of your own, e.g. `{trigger} start {slug} --worktree`.",
                         capitalize(&e.to_string())

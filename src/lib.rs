@@ -503,6 +503,10 @@ async fn run_chat(
         }
     };
     let allowlist = settings.repo_allowlist();
+    let limits = session::SessionLimits {
+        per_user: settings.container.max_sessions_per_user,
+        total: settings.container.max_sessions,
+    };
     // Ownership is a tree: the runtime knows only where markers go; the approval flow, the
     // orchestrator and the marker router hold the runtime.
     let (markers_tx, markers_rx) = mpsc::channel(MARKER_QUEUE);
@@ -548,6 +552,7 @@ async fn run_chat(
             default_org: settings.repos.default_org.clone(),
             repo_host: repo_host.clone(),
             allowlist: allowlist.clone(),
+            limits,
         },
     ));
     let markers_stop = CancellationToken::new();
@@ -584,6 +589,7 @@ async fn run_chat(
         repo_host,
         roles,
         allowlist,
+        limits,
     };
     let sessions: Arc<dyn session::SessionControl> = Arc::new(runtime.clone());
     let mut chat_tasks = JoinSet::new();
@@ -721,6 +727,7 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
         orchestrator_compact_threshold: settings.container.orchestrator_compact_threshold,
+        max_agent_line_bytes: settings.container.max_agent_line_bytes,
     }
 }
 

@@ -58,6 +58,8 @@ pub struct OrchestratorConfig {
     pub repo_host: String,
     /// `SM_ALLOWED_REPOS` (or its default): children are refused outside it.
     pub allowlist: RepoAllowlist,
+    /// `SM_MAX_SESSIONS` (children count towards it).
+    pub limits: crate::session::SessionLimits,
 }
 
 /// Handles the orchestrator markers. Share it in an [`Arc`](std::sync::Arc).
@@ -286,6 +288,7 @@ impl Orchestrator {
                 anchor,
                 repo_host: &self.config.repo_host,
                 allowlist: &self.config.allowlist,
+                limits: self.config.limits,
             },
         )
         .await

@@ -207,6 +207,15 @@ async fn world(access: Access, jitter: bool) -> World {
 }
 
 async fn world_with(roles: Roles, allowlist: RepoAllowlist, jitter: bool) -> World {
+    world_full(roles, allowlist, jitter, Default::default()).await
+}
+
+async fn world_full(
+    roles: Roles,
+    allowlist: RepoAllowlist,
+    jitter: bool,
+    limits: session_manager::session::SessionLimits,
+) -> World {
     let db = TestDatabase::sqlite();
     let store = db.store().await;
     let chat = Arc::new(RecordingChat::default());
@@ -221,6 +230,7 @@ async fn world_with(roles: Roles, allowlist: RepoAllowlist, jitter: bool) -> Wor
             repo_host: "github.com".into(),
             roles,
             allowlist,
+            limits,
         },
     );
     World {
@@ -680,6 +690,71 @@ async fn a_burst_of_queued_messages_gets_one_notice_per_turn_edited_in_place() {
             .count(),
         32
     );
+}
+
+#[tokio::test]
+async fn sessions_per_user_and_in_all_are_capped_before_anything_is_made() {
+    let w = world_full(
+        Roles {
+            users: Access::Everyone,
+            admins: HashSet::new(),
+        },
+        RepoAllowlist::Any,
+        false,
+        session_manager::session::SessionLimits {
+            per_user: 1,
+            total: 2,
+        },
+    )
+    .await;
+    w.start("@claude start acme/one").await;
+    let count = |w: &World| {
+        w.sessions
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Start(..)))
+            .count()
+    };
+    let posts_before = w.chat.posts().len();
+    w.say(ALICE, GENERAL, None, "@claude start acme/two").await;
+    assert_eq!(count(&w), 1, "alice's second session was refused");
+    let refusal = w.chat.posts();
+    assert!(
+        refusal
+            .iter()
+            .any(|p| p.text.contains("SM_MAX_SESSIONS_PER_USER")),
+        "told why: {refusal:?}"
+    );
+    assert_eq!(
+        refusal.len(),
+        posts_before + 1,
+        "only the refusal: no channel, thread or progress post"
+    );
+    // bob may start one; then the bot is full for everyone.
+    w.say(BOB, GENERAL, None, "@claude start acme/three").await;
+    assert_eq!(count(&w), 2);
+    w.say(BOB, GENERAL, None, "@claude start acme/four").await;
+    assert_eq!(count(&w), 2);
+    assert!(w
+        .chat
+        .posts()
+        .iter()
+        .any(|p| p.text.contains("SM_MAX_SESSIONS)")));
+    // When a session ends, room is made.
+    let bobs = w
+        .store
+        .active_sessions()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|s| s.started_by == BOB)
+        .expect("bob's session");
+    w.store
+        .end_session(&bobs.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    w.say(BOB, GENERAL, None, "@claude start acme/five").await;
+    assert_eq!(count(&w), 3);
 }
 
 #[tokio::test]

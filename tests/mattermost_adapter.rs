@@ -126,6 +126,7 @@ async fn the_start_flow_creates_channel_category_and_root_post_with_the_real_sha
             repo_host: "github.com".into(),
             roles: session_manager::access::Roles::open(),
             allowlist: session_manager::config::RepoAllowlist::Any,
+            limits: Default::default(),
         },
     );
     w.fake.clear_requests();

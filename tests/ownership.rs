@@ -99,6 +99,7 @@ async fn world(privacy: ChannelPrivacy, ephemeral: bool) -> World {
                 admins: HashSet::from([carol.clone()]),
             },
             allowlist: RepoAllowlist::Only(vec![RepoPattern::parse("acme/*").expect("pattern")]),
+            limits: Default::default(),
         },
     );
     World {

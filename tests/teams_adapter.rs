@@ -1138,6 +1138,7 @@ async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispa
             repo_host: "github.com".into(),
             roles: session_manager::access::Roles::open(),
             allowlist: session_manager::config::RepoAllowlist::Any,
+            limits: Default::default(),
         },
     );
     let (_unused, placeholder) = mpsc::channel(1);

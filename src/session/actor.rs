@@ -165,6 +165,9 @@ pub(super) struct Actor {
     /// The message of the running turn, until the agent shows it got it (any output of the
     /// turn): if the agent is lost before that, the message is sent again to its successor.
     in_flight: Option<String>,
+    /// The agent is being replaced to abandon a turn the thread was already told about: no
+    /// message is sent again and no "connection lost" note is posted.
+    abandoning: bool,
     /// What to do once the current turn is over.
     pending: Pending,
     scanner: MarkerScanner,
@@ -191,6 +194,7 @@ impl Actor {
             outbox: VecDeque::new(),
             busy: false,
             in_flight: None,
+            abandoning: false,
             pending: Pending::None,
             scanner,
             seen_tools: HashSet::new(),
@@ -273,13 +277,23 @@ impl Actor {
         loop {
             let step = tokio::select! {
                 request = rx.recv() => self.on_request(request, &mut agent, queue, waiters).await,
-                line = agent.lines.next_line() => match line {
+                line = agent.next_line() => match line {
                     Ok(Some(line)) => {
                         self.on_line(&line, output).await;
                         Step::Continue
                     }
                     Ok(None) => Step::AgentLost("the agent's output ended".into()),
-                    Err(e) => Step::AgentLost(format!("reading the agent failed: {e}")),
+                    Err(e @ super::agent::LineError::TooLong(_)) => {
+                        // The turn ends here: the agent is restarted on the same conversation.
+                        // It answered the message (too long), so it is not sent again.
+                        self.in_flight = None;
+                        self.abandoning = true;
+                        self.manager
+                            .say(&self.plan.session, &format!("❌ {e}; this turn was ended. Ask for a shorter answer (for example, to write long output to a file)."))
+                            .await;
+                        Step::AgentLost(e.to_string())
+                    }
+                    Err(e) => Step::AgentLost(e.to_string()),
                 },
                 permit = markers.reserve(), if !self.outbox.is_empty() => {
                     match permit {
@@ -330,7 +344,9 @@ impl Actor {
                     if let Some(text) = unseen {
                         queue.push_front(text);
                     }
+                    let abandoned = std::mem::take(&mut self.abandoning);
                     match self.replace_agent(agent, Replace::Resume).await {
+                        Ok(new_agent) if abandoned => agent = new_agent,
                         Ok(new_agent) => {
                             agent = new_agent;
                             let note = if resend {

@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tracing::debug;
 
 use crate::agent::stream_json::{self, AgentEvent};
@@ -53,6 +55,20 @@ pub enum AgentError {
     NotReady(Duration),
 }
 
+/// Longest stderr line kept, in bytes; longer ones are skipped.
+const STDERR_MAX_LINE: usize = 64 * 1024;
+
+/// Why a line of the agent's output could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum LineError {
+    /// A line longer than the limit (bytes).
+    #[error("a line of Claude's output was longer than {0} bytes (SM_MAX_AGENT_LINE_BYTES)")]
+    TooLong(usize),
+    /// Reading failed.
+    #[error("reading the agent failed: {0}")]
+    Read(std::io::Error),
+}
+
 /// How many of the agent's last stderr lines are kept, to say why it failed.
 const STDERR_TAIL: usize = 20;
 
@@ -60,8 +76,10 @@ const STDERR_TAIL: usize = 20;
 pub(super) struct Agent {
     process: RemoteProcess,
     stdin: openssh::ChildStdin,
-    /// Lines of the agent's stdout.
-    pub(super) lines: tokio::io::Lines<BufReader<openssh::ChildStdout>>,
+    /// Lines of the agent's stdout, each at most `SM_MAX_AGENT_LINE_BYTES`.
+    lines: FramedRead<openssh::ChildStdout, LinesCodec>,
+    /// That limit, for messages.
+    max_line: usize,
     stderr: Option<JoinHandle<()>>,
     /// The last lines the agent wrote on stderr.
     stderr_tail: StderrTail,
@@ -111,8 +129,11 @@ impl Agent {
             let id = session.id.clone();
             let tail = std::sync::Arc::clone(&stderr_tail);
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
+                // Over-long stderr lines are skipped (the codec discards them), never buffered.
+                let mut lines =
+                    FramedRead::new(stderr, LinesCodec::new_with_max_length(STDERR_MAX_LINE));
+                while let Some(line) = lines.next().await {
+                    let Ok(line) = line else { continue };
                     debug!(session = %id, stderr = %line, "agent stderr");
                     if let Ok(mut tail) = tail.lock() {
                         if tail.len() == STDERR_TAIL {
@@ -126,7 +147,11 @@ impl Agent {
         let mut agent = Agent {
             process,
             stdin,
-            lines: BufReader::new(stdout).lines(),
+            lines: FramedRead::new(
+                stdout,
+                LinesCodec::new_with_max_length(manager.config.max_agent_line_bytes),
+            ),
+            max_line: manager.config.max_agent_line_bytes,
             stderr,
             stderr_tail,
         };
@@ -162,7 +187,7 @@ impl Agent {
             .await
             .map_err(AgentError::Write)?;
         loop {
-            match self.lines.next_line().await {
+            match self.next_line().await {
                 Ok(Some(line)) => match stream_json::decode_line(&line) {
                     Ok(AgentEvent::ControlResponse {
                         request_id: Some(id),
@@ -173,8 +198,25 @@ impl Agent {
                     _ => {}
                 },
                 Ok(None) => return Err(AgentError::Exited(String::new())),
-                Err(e) => return Err(AgentError::Read(e)),
+                Err(LineError::TooLong(_)) => {}
+                Err(LineError::Read(e)) => return Err(AgentError::Read(e)),
             }
+        }
+    }
+
+    /// The next line of the agent's stdout: `Ok(None)` at its end, [`LineError::TooLong`] for
+    /// a line over `SM_MAX_AGENT_LINE_BYTES` (the rest of that line is skipped, not buffered).
+    ///
+    /// # Errors
+    /// [`LineError`].
+    pub(super) async fn next_line(&mut self) -> Result<Option<String>, LineError> {
+        match self.lines.next().await {
+            None => Ok(None),
+            Some(Ok(line)) => Ok(Some(line)),
+            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                Err(LineError::TooLong(self.max_line))
+            }
+            Some(Err(LinesCodecError::Io(e))) => Err(LineError::Read(e)),
         }
     }
 

@@ -50,6 +50,18 @@ pub struct Launch<'a> {
     pub repo_host: &'a str,
     /// The repositories sessions may use.
     pub allowlist: &'a RepoAllowlist,
+    /// How many sessions may live at once.
+    pub limits: SessionLimits,
+}
+
+/// How many sessions may live at once (`SM_MAX_SESSIONS_PER_USER`, `SM_MAX_SESSIONS`); `0`
+/// means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Live sessions one person started themselves (spawned children do not count).
+    pub per_user: u32,
+    /// Live sessions in all.
+    pub total: u32,
 }
 
 /// A session that was recorded and handed to the runtime.
@@ -75,6 +87,12 @@ pub enum LaunchError {
         /// The allowlist, for the message.
         allowed: String,
     },
+    /// The person already has as many live sessions as `SM_MAX_SESSIONS_PER_USER` allows.
+    #[error("you already have {0} live sessions, the most one person may have here (SM_MAX_SESSIONS_PER_USER); stop one first")]
+    TooManyOfYours(u32),
+    /// The bot already runs as many sessions as `SM_MAX_SESSIONS` allows.
+    #[error("the bot already runs {0} sessions, the most it may run at once (SM_MAX_SESSIONS); try again when one has ended")]
+    TooManySessions(u32),
     /// The repository does not exist or the VM cannot read it.
     #[error("`{0}` does not exist or cannot be read with the bot's token")]
     UnknownRepository(String),
@@ -138,6 +156,7 @@ pub async fn launch(
             allowed: request.allowlist.describe(),
         });
     }
+    check_limits(store, &request).await?;
     match sessions.repo_exists(org, name).await {
         Ok(true) => {}
         Ok(false) => return Err(LaunchError::UnknownRepository(slug)),
@@ -262,6 +281,32 @@ pub async fn launch(
 
 /// The live session holding `lock`, if any. A session that is ending is waited for (up to
 /// [`ENDING_WAIT`]); a lock left by an ended session is released.
+/// Refuses a start past `SM_MAX_SESSIONS_PER_USER` (sessions the person started themselves) or
+/// `SM_MAX_SESSIONS` (all live sessions).
+async fn check_limits(store: &Store, request: &Launch<'_>) -> Result<(), LaunchError> {
+    let limits = request.limits;
+    if limits.per_user == 0 && limits.total == 0 {
+        return Ok(());
+    }
+    let live = store
+        .active_sessions()
+        .await
+        .map_err(LaunchError::Storage)?;
+    if limits.total > 0 && live.len() >= limits.total as usize {
+        return Err(LaunchError::TooManySessions(limits.total));
+    }
+    if limits.per_user > 0 && request.parent.is_none() {
+        let mine = live
+            .iter()
+            .filter(|s| s.started_by == request.started_by && s.parent_id.is_none())
+            .count();
+        if mine >= limits.per_user as usize {
+            return Err(LaunchError::TooManyOfYours(limits.per_user));
+        }
+    }
+    Ok(())
+}
+
 async fn busy(store: &Store, lock: &str) -> Result<Option<String>, LaunchError> {
     let deadline = tokio::time::Instant::now() + ENDING_WAIT;
     loop {

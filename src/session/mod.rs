@@ -44,7 +44,7 @@ use tracing::{error, info, warn};
 pub use actor::SessionHandle;
 pub use agent::AgentError;
 pub use control::{auto_worktree_name, short_id, Delivery, SessionControl, SessionError};
-pub use launch::{launch, Launch, LaunchError, Launched};
+pub use launch::{launch, Launch, LaunchError, Launched, SessionLimits};
 pub use markers::{MarkerEvent, MarkerHandler, MarkerHandlers};
 pub use prepare::StartError;
 
@@ -81,6 +81,8 @@ pub struct RuntimeConfig {
     /// `SM_ORCHESTRATOR_COMPACT_THRESHOLD`: compact an orchestrator every N of its messages
     /// (0 = never).
     pub orchestrator_compact_threshold: u32,
+    /// `SM_MAX_AGENT_LINE_BYTES`: the longest agent output line read.
+    pub max_agent_line_bytes: usize,
 }
 
 /// The least time between two automatic compactions of an orchestrator.
