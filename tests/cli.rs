@@ -33,14 +33,22 @@ fn required_env() -> Vec<(&'static str, String)> {
             "SM_VM_KNOWN_HOSTS",
             "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvAtest".into(),
         ),
+        ("SM_VM_SSH_KEY", TEST_SSH_KEY.into()),
     ]
 }
 
-/// A command with a clean environment (no SM_* from the developer's shell), run in `dir`.
+/// The shape of a private key (nothing logs in with it).
+const TEST_SSH_KEY: &str =
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----";
+
+/// A command with a clean environment (no SM_* from the developer's shell), run in `dir`,
+/// which is its TMPDIR too (its SSH pool's private directory goes there, and with `dir`, also
+/// when the process is killed).
 fn command(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TMPDIR", dir)
         .current_dir(dir)
         .args(args)
         .stdin(Stdio::null());
@@ -333,4 +341,88 @@ fn serve_in_an_empty_directory_creates_sqlite_answers_health_and_stops_on_sigter
         "{rest:?}"
     );
     assert_no_secret(&all_logs);
+    // One line per external system at start: reached, or not reached and why.
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .cloned()
+        .chain(rest.iter().filter_map(|l| serde_json::from_str(l).ok()))
+        .collect();
+    let about = |system: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["system"] == system)
+            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        about("database"),
+        ["database: reached, migrations applied"],
+        "{lines:?}"
+    );
+    for (system, name) in [
+        ("VM", "VM"),
+        ("Mattermost", "Mattermost"),
+        ("firewall (OPNsense)", "firewall (OPNsense)"),
+    ] {
+        let said = about(system);
+        assert_eq!(
+            said.len(),
+            1,
+            "one line for {system}, not one per retry: {said:?}"
+        );
+        assert!(
+            said[0].starts_with(&format!("{name}: not reached: "))
+                && said[0].to_lowercase().contains("refused"),
+            "{system} says why it was not reached: {said:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    env.retain(|(k, _)| *k != "SM_MATTERMOST_URL");
+    // `.invalid` never resolves (RFC 2606).
+    env.push(("SM_MATTERMOST_URL", "http://chat.sm-test.invalid".into()));
+    env.push(("SM_LISTEN_ADDR", "127.0.0.1:0".into()));
+    env.push(("SM_LOG_FORMAT", "json".into()));
+    env.push(("RUST_LOG", "info".into()));
+    let mut child = command(dir.path(), &env, &["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let _server = Server(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let line = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no Mattermost line within 60 s: {seen:?}"
+        );
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if json["system"] == "Mattermost" {
+            break json["message"].as_str().unwrap_or_default().to_owned();
+        }
+        seen.push(line);
+    };
+    assert!(
+        line.starts_with("Mattermost: not reached: http://chat.sm-test.invalid/"),
+        "{line}"
+    );
+    assert!(
+        line.contains("dns error"),
+        "the cause (a DNS failure) is kept: {line}"
+    );
 }
