@@ -201,17 +201,113 @@ fn dotenv_file_is_read() {
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
-        all.lines()
-            .any(|l| l.starts_with("SM_DEFAULT_ORG") && l.contains("acme-corp")),
-        "{all}"
+        all.lines().any(|l| l.starts_with("SM_DEFAULT_ORG")
+            && l.contains("acme-corp")
+            && l.ends_with("# .env")),
+        "a value from .env says so: {all}"
     );
-    // The real environment wins over .env.
+    // The real environment wins over .env, and says so.
     let out = run(
         dir.path(),
         &[("SM_DEFAULT_ORG", "from-env".into())],
         &["config"],
     );
-    assert!(text(&out).contains("from-env"));
+    let all = text(&out);
+    assert!(
+        all.lines().any(|l| l.starts_with("SM_DEFAULT_ORG")
+            && l.contains("from-env")
+            && l.ends_with("# env")),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("SM_VM_HOST") && l.ends_with("# .env")),
+        "the rest still comes from .env: {all}"
+    );
+}
+
+#[test]
+fn a_missing_or_unreadable_ssh_key_is_a_configuration_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    env.retain(|(k, _)| *k != "SM_VM_SSH_KEY");
+    // The default path (a container's mount) does not exist here.
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains(
+            "SM_VM_SSH_KEY_PATH: cannot read the SSH private key file /secrets/ssh/id_ed25519"
+        ),
+        "{all}"
+    );
+    // serve says so at once, with the other problems, instead of starting.
+    let mut broken = env.clone();
+    broken.retain(|(k, _)| *k != "SM_OPNSENSE_KEY");
+    let started = Instant::now();
+    let out = run(dir.path(), &broken, &["serve"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    assert!(
+        stderr.contains("SM_VM_SSH_KEY_PATH: cannot read the SSH private key file")
+            && stderr.contains("SM_OPNSENSE_KEY: is required"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("session-manager.db").exists(),
+        "nothing started"
+    );
+
+    // A file that is not a private key (a public key, say).
+    let public = dir.path().join("id_ed25519.pub");
+    std::fs::write(
+        &public,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA me@host\n",
+    )
+    .expect("write");
+    env.push(("SM_VM_SSH_KEY_PATH", public.display().to_string()));
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("holds no private key"), "{all}");
+
+    // A readable private key file: no problem.
+    let key = dir.path().join("id_ed25519");
+    std::fs::write(&key, TEST_SSH_KEY).expect("write");
+    env.retain(|(k, _)| *k != "SM_VM_SSH_KEY_PATH");
+    env.push(("SM_VM_SSH_KEY_PATH", key.display().to_string()));
+    let out = run(dir.path(), &env, &["config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("no problems found"));
+}
+
+#[test]
+fn placeholders_from_the_examples_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    for (name, value) in [
+        ("SM_MATTERMOST_URL", "https://REPLACE_ME"),
+        ("SM_OPNSENSE_KEY", "REPLACE_ME"),
+        ("SM_MATTERMOST_TEAM_ID", "CHANGE-ME"),
+    ] {
+        env.retain(|(k, _)| *k != name);
+        env.push((name, value.into()));
+    }
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("3 problem(s)"), "{all}");
+    for name in [
+        "SM_MATTERMOST_URL",
+        "SM_OPNSENSE_KEY",
+        "SM_MATTERMOST_TEAM_ID",
+    ] {
+        assert!(
+            all.contains(&format!("{name}: still holds a placeholder")),
+            "{name}: {all}"
+        );
+    }
 }
 
 #[test]

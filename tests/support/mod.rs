@@ -193,6 +193,11 @@ impl Drop for TcpProxy {
 pub const TEST_KNOWN_HOSTS: &str =
     "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA+6hwmqB/JCQHXOQKtest";
 
+/// A private key's shape for settings whose VM is never reached (the key file check wants a
+/// key; nothing ever logs in with this one).
+pub const TEST_SSH_KEY: &str =
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----";
+
 /// A 32-character callback secret for tests.
 pub const CALLBACK_SECRET: &str = "test-callback-secret-0123456789abcdef";
 
@@ -211,6 +216,7 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
         ("opnsense-secret", "test-secret"),
         ("callback-secret", CALLBACK_SECRET),
         ("vm-known-hosts", TEST_KNOWN_HOSTS),
+        ("vm-ssh-key", TEST_SSH_KEY),
         ("database-url", database_url),
         ("listen-addr", "127.0.0.1:0"),
         ("rate-limit-rps", "1000"),
@@ -219,6 +225,10 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
     for (k, v) in extra {
         pairs.retain(|(key, _)| key != k);
         pairs.push((k, v));
+    }
+    // A key file given by the test is the key (the content would be preferred over it).
+    if extra.iter().any(|(k, _)| *k == "vm-ssh-key-path") {
+        pairs.retain(|(k, _)| *k != "vm-ssh-key");
     }
     for (k, v) in pairs {
         argv.push(format!("--{k}={v}"));
