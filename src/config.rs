@@ -374,7 +374,8 @@ pub struct VmSettings {
         value_parser = ssh_private_key
     )]
     pub ssh_key: Option<SecretString>,
-    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset.
+    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset (required then: the
+    /// file is read at start and must hold a private key).
     #[arg(
         id = "vm_ssh_key_path",
         long = "vm-ssh-key-path",
