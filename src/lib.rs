@@ -1,8 +1,9 @@
 //! # session-manager
 //!
-//! Lets a team drive Claude Code from chat: `@claude start org/repo` in a Mattermost (or Teams)
-//! channel opens a thread, the bot starts Claude Code in a devcontainer on a VM over SSH, and
-//! the thread becomes the conversation. Egress from the container is blocked by an OPNsense
+//! Lets a team drive Claude Code from chat: `@claude start org/repo` in a Mattermost channel
+//! opens a thread, the bot starts Claude Code in a devcontainer on a VM over SSH, and the thread
+//! becomes the conversation (a Microsoft Teams adapter exists in [`chat`], but [`serve`] does
+//! not run it yet). Egress from the container is blocked by an OPNsense
 //! firewall; the agent asks for a domain with `[NETWORK_REQUEST: domain]` and a person approves
 //! or denies it with HMAC-signed buttons.
 //!

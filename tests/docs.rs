@@ -20,16 +20,128 @@ fn readme_configuration_reference_matches_help() {
         expected,
         "README.md's configuration reference is stale: regenerate it with `cargo run -q -- config --markdown`"
     );
-    // Every SM_ name the README mentions is a real setting (or the test suite's own).
+}
+
+/// Variables the documents may name that are not settings of the bot: the test suite's and
+/// the scripts' own.
+const NOT_SETTINGS: [&str; 5] = [
+    "SM_TEST_DATABASE_URL",
+    "SM_TEST_DRY_RUN",
+    "SM_TEST_PRETEND_MISSING",
+    "SM_TESTBED_DIR",
+    "SM_DEPLOY_TOOLS_DIR",
+];
+
+#[test]
+fn the_documents_name_only_real_settings() {
     let known: Vec<String> = session_manager::config::setting_docs()
         .into_iter()
         .map(|d| d.env)
         .collect();
-    for word in readme.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-        if word.starts_with("SM_") && word.len() > 3 && word != "SM_TEST_DATABASE_URL" {
+    for doc in [
+        "README.md",
+        "docs/operations.md",
+        "docs/architecture.md",
+        "deploy/k8s/README.md",
+        ".env.example",
+    ] {
+        let text = read(doc);
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("SM_") && word.len() > 3 && !NOT_SETTINGS.contains(&word) {
+                assert!(
+                    known.iter().any(|k| k == word),
+                    "{doc} mentions {word}, which is not a setting"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readme_and_the_runbook_list_every_endpoint() {
+    let readme = read("README.md");
+    let runbook = read("docs/operations.md");
+    for (method, path) in session_manager::http::ENDPOINTS {
+        assert!(
+            readme.contains(&format!("| `{method} {path}`")),
+            "README.md's HTTP endpoints table lacks {method} {path}"
+        );
+        assert!(
+            runbook.contains(&format!("`{path}")),
+            "docs/operations.md never mentions {path}"
+        );
+    }
+    // And lists no other.
+    let table = &readme[readme.find("### HTTP endpoints").expect("section")..];
+    let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+    for row in table.lines().filter(|l| l.starts_with("| `")) {
+        assert!(
+            session_manager::http::ENDPOINTS
+                .iter()
+                .any(|(method, path)| row.starts_with(&format!("| `{method} {path}`"))),
+            "README.md lists an endpoint the bot does not serve: {row}"
+        );
+    }
+}
+
+/// `NAME=value` of a shell assignment at the start of a line in a script.
+fn script_value(script: &str, name: &str) -> String {
+    read(script)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{script} sets no {name}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_documents_pin_the_versions_the_testbed_runs() {
+    let claude = script_value("scripts/testbed", "CLAUDE_VERSION");
+    let devcontainer = script_value("scripts/testbed", "DEVCONTAINER_VERSION");
+    let runbook = read("docs/operations.md");
+    assert!(
+        runbook.contains(&format!("@anthropic-ai/claude-code@{claude}")),
+        "docs/operations.md should install Claude Code {claude}"
+    );
+    assert!(
+        runbook.contains(&format!("@devcontainers/cli@{devcontainer}")),
+        "docs/operations.md should install the devcontainer CLI {devcontainer}"
+    );
+    assert!(
+        !runbook.contains("@<version>"),
+        "a version placeholder is left"
+    );
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&format!("Claude Code CLI {claude}"))
+            && readme.contains(&format!("devcontainer CLI {devcontainer}")),
+        "README.md's list of what the tests install names other versions"
+    );
+}
+
+#[test]
+fn no_markdown_table_is_split_by_a_blank_line() {
+    for doc in [
+        "README.md",
+        "docs/operations.md",
+        "docs/architecture.md",
+        "deploy/k8s/README.md",
+        "devcontainer/README.md",
+    ] {
+        let text = read(doc);
+        let lines: Vec<&str> = text.lines().collect();
+        for i in 2..lines.len() {
+            let row = |l: &str| l.trim_start().starts_with('|');
+            let header_next = lines.get(i + 1).is_some_and(|l| {
+                l.trim_start().starts_with("|--") || l.trim_start().starts_with("| --")
+            });
             assert!(
-                known.iter().any(|k| k == word),
-                "README mentions unknown variable {word}"
+                !(row(lines[i])
+                    && lines[i - 1].trim().is_empty()
+                    && row(lines[i - 2])
+                    && !header_next),
+                "{doc}:{}: a blank line splits a table (the rows after it render as text)",
+                i + 1
             );
         }
     }

@@ -34,6 +34,14 @@ pub const DATABASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request body accepted (callbacks are small).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Every route [`router`] serves, as `(method, path)`: the README's and the runbook's lists are
+/// checked against it (`tests/docs.rs`), and `tests/http.rs` checks that each one is routed.
+pub const ENDPOINTS: [(&str, &str); 3] = [
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("POST", "/callback"),
+];
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
