@@ -6,7 +6,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn script(name: &str) -> Command {
-    let mut cmd = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name));
+    let mut cmd = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts")
+            .join(name),
+    );
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
     cmd
 }
@@ -58,7 +62,10 @@ fn the_c_library_headers_count_as_part_of_the_compiler() {
     let out = prepare_dry_run("libc6-dev");
     let all = text(&out);
     assert!(out.status.success(), "{all}");
-    assert!(all.contains("apt-get install -y -qq gcc libc6-dev"), "{all}");
+    assert!(
+        all.contains("apt-get install -y -qq gcc libc6-dev"),
+        "{all}"
+    );
 }
 
 #[test]

@@ -129,6 +129,33 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Every session in the database at `url` (ended ones included): its id and its workspace on
+/// the VM, if it got that far. Empty when the database cannot be read.
+pub async fn sessions_of(url: &str) -> Vec<(String, Option<String>)> {
+    let query = "SELECT id, workspace_path FROM sessions";
+    if url.starts_with("sqlite:") {
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(url).await else {
+            return Vec::new();
+        };
+        let rows = sqlx::query_as::<_, (String, Option<String>)>(query)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        let _ = conn.close().await;
+        rows
+    } else {
+        let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+            return Vec::new();
+        };
+        let rows = sqlx::query_as::<_, (String, Option<String>)>(query)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        let _ = conn.close().await;
+        rows
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 that can be cut (listener and every open connection), to make a
 /// server disappear from a client's point of view.
 pub struct TcpProxy {
