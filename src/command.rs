@@ -108,7 +108,7 @@ pub struct ParseContext<'a> {
 pub fn parse(text: &str, ctx: &ParseContext<'_>) -> Option<Result<Command, CommandError>> {
     Some(read(&SPECS, text, ctx)?.and_then(|request| match request {
         Request::BareTrigger => Ok(Command::Help),
-        Request::Command(spec, values) => spec.build(values),
+        Request::Command(spec, values) => spec.build(*values),
     }))
 }
 
@@ -117,7 +117,7 @@ enum Request<'s> {
     /// The trigger alone.
     BareTrigger,
     /// A command of the table and the values read from its arguments.
-    Command(&'s CommandSpec, Values),
+    Command(&'s CommandSpec, Box<Values>),
 }
 
 /// [`parse`] against any command table (tests use a second one).
@@ -136,7 +136,7 @@ fn read<'s>(
         return Some(match find_spec(specs, word) {
             Some(spec) => spec
                 .read(specs, tokens, ctx)
-                .map(|values| Request::Command(spec, values)),
+                .map(|values| Request::Command(spec, Box::new(values))),
             None => Err(CommandError::UnknownCommand {
                 word: word.to_owned(),
             }),
@@ -156,7 +156,7 @@ fn read<'s>(
             let spec = find_spec(specs, tokens.next()?)?;
             return Some(
                 spec.read(specs, tokens, ctx)
-                    .map(|values| Request::Command(spec, values)),
+                    .map(|values| Request::Command(spec, Box::new(values))),
             );
         }
     }
@@ -334,7 +334,49 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         },
         ..CommandSpec::DEFAULT
     },
+    CommandSpec {
+        kind: CommandKind::Grants,
+        word: "grants",
+        summary: "list the live network grants of your sessions (admins: of every session)",
+        thread_summary: Some("list this session's network grants and when they end"),
+        build: |_| Some(Command::Grants),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
+        kind: CommandKind::Revoke,
+        word: "revoke",
+        scope: Scope::ThreadOnly,
+        args: &[DOMAIN_ARG],
+        summary: "end this session's network grant for a domain (its owner or an admin)",
+        build: |values| {
+            Some(Command::Revoke {
+                domain: values.domain?,
+            })
+        },
+        ..CommandSpec::DEFAULT
+    },
 ];
+
+/// The domain argument of `revoke`, normalised like a network request.
+const DOMAIN_ARG: ArgSpec = ArgSpec {
+    value: ValueKind {
+        placeholder: "<domain>",
+        noun: "domain",
+        parse: |text, _, values| match crate::firewall::domain::parse_domain(text) {
+            Ok(domain) => {
+                values.domain = Some(domain.as_str().to_owned());
+                Ok(())
+            }
+            Err(e) => Err(CommandError::BadDomain {
+                value: text.to_owned(),
+                reason: e.to_string(),
+            }),
+        },
+    },
+    presence: Presence::Required,
+    missing: |command| CommandError::MissingDomain { command },
+    surplus: ArgSpec::UNEXPECTED,
+};
 
 /// The session argument of `stop` and `join`: an id prefix, or this thread's session.
 const ID_ARG: ArgSpec = ArgSpec {
@@ -567,6 +609,8 @@ struct Values {
     worktree: Option<WorktreeChoice>,
     /// A user argument.
     user: Option<UserName>,
+    /// A domain argument, normalised.
+    domain: Option<String>,
     /// `all` was given.
     all: bool,
     /// Values of the test-only table.
@@ -657,6 +701,14 @@ pub enum Command {
         /// `None`: the session that owns the thread the command was written in.
         target: Option<IdPrefix>,
     },
+    /// `grants`: the live network grants of this thread's session, or (top level) of the
+    /// asker's sessions, or every session's for admins.
+    Grants,
+    /// `revoke <domain>` (session thread only): end this session's grant for a domain.
+    Revoke {
+        /// The domain, normalised (lowercase, IDNA ASCII).
+        domain: String,
+    },
 }
 
 impl Command {
@@ -676,6 +728,8 @@ impl Command {
             Command::Invite { .. } => CommandKind::Invite,
             Command::Kick { .. } => CommandKind::Kick,
             Command::Join { .. } => CommandKind::Join,
+            Command::Grants => CommandKind::Grants,
+            Command::Revoke { .. } => CommandKind::Revoke,
         }
     }
 }
@@ -697,6 +751,7 @@ impl fmt::Display for Command {
             Command::Invite { user } => write!(f, "invite {user}"),
             Command::Kick { user } => write!(f, "kick {user}"),
             Command::Join { target: Some(id) } => write!(f, "join {id}"),
+            Command::Revoke { domain } => write!(f, "revoke {domain}"),
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -741,6 +796,10 @@ pub enum CommandKind {
     Kick,
     /// `join`
     Join,
+    /// `grants`
+    Grants,
+    /// `revoke` (session thread only)
+    Revoke,
 }
 
 impl CommandKind {
@@ -1763,6 +1822,20 @@ pub enum CommandError {
         /// The command.
         command: CommandKind,
     },
+    /// `revoke` without a domain.
+    #[error("`{command}` needs a domain, e.g. `pypi.org`.")]
+    MissingDomain {
+        /// The command.
+        command: CommandKind,
+    },
+    /// A domain argument that is not a valid domain.
+    #[error("Invalid domain {}: {reason}.", quote(.value))]
+    BadDomain {
+        /// The value as typed.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Invalid user name.
     #[error("Invalid user name {}: {reason}.", quote(.value))]
     BadUser {
@@ -1897,7 +1970,9 @@ impl CommandError {
             | CommandError::FlagNotAllowed { command, .. }
             | CommandError::UnexpectedArgument { command, .. }
             | CommandError::ThreadOnly { command }
-            | CommandError::MissingUser { command } => usage(*command),
+            | CommandError::MissingUser { command }
+            | CommandError::MissingDomain { command } => usage(*command),
+            CommandError::BadDomain { .. } => usage(CommandKind::Revoke),
             CommandError::BadUser { .. } => format!(
                 "User names use letters, digits, `.`, `_` and `-`. {}",
                 usage(CommandKind::Invite)
@@ -2176,7 +2251,7 @@ mod tests {
             in_session_thread,
         };
         match read(&FUTURE, text, &ctx) {
-            Some(Ok(Request::Command(spec, values))) => Ok((spec.word, values)),
+            Some(Ok(Request::Command(spec, values))) => Ok((spec.word, *values)),
             Some(Err(error)) => Err(error),
             Some(Ok(Request::BareTrigger)) | None => panic!("{text:?} is not a command"),
         }

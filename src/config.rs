@@ -175,6 +175,9 @@ pub struct Settings {
     /// Signed approval callbacks.
     #[command(flatten)]
     pub callback: CallbackSettings,
+    /// What an approval grants, and what is refused before any card.
+    #[command(flatten)]
+    pub egress: EgressSettings,
     /// The HTTP server.
     #[command(flatten)]
     pub http: HttpSettings,
@@ -643,7 +646,7 @@ pub struct ChatSettings {
     )]
     pub allowed_users: std::vec::Vec<String>,
     /// Users allowed to approve network requests: comma-separated user ids or usernames
-    /// (a JSON array is accepted too). Empty means any member of the channel.
+    /// (a JSON array is accepted too). Empty means the session's owner and the admins.
     #[arg(
         id = "allowed_approvers",
         long = "allowed-approvers",
@@ -887,6 +890,85 @@ pub struct FirewallSettings {
         value_parser = seconds
     )]
     pub lease: Duration,
+}
+
+/// `SM_EGRESS_*` and friends: egress grants (what an approval grants, for how long, who may
+/// give it, and which domains are refused before any card).
+#[derive(Debug, Clone, Args)]
+pub struct EgressSettings {
+    /// Seconds an "Approve for N h" grant lasts (at most until its session ends).
+    #[arg(
+        id = "egress_grant_ttl_secs",
+        long = "egress-grant-ttl-secs",
+        env = "SM_EGRESS_GRANT_TTL_SECS",
+        default_value = "28800",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub grant_ttl: Duration,
+    /// Two-person rule: the owner of a session may not approve its own network requests
+    /// (true/false).
+    #[arg(
+        id = "approval_separate_approver",
+        long = "approval-separate-approver",
+        env = "SM_APPROVAL_SEPARATE_APPROVER",
+        default_value = "false",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = boolean
+    )]
+    pub separate_approver: bool,
+    /// Open network-request cards one session may have at once; beyond it the agent is told
+    /// `[NETWORK_DENIED: …]` without a card.
+    #[arg(
+        id = "max_pending_approvals",
+        long = "max-pending-approvals",
+        env = "SM_MAX_PENDING_APPROVALS",
+        default_value = "5",
+        value_name = "COUNT",
+        value_parser = whole::<u32>(1, 1000, "a whole number of cards from 1 to 1000")
+    )]
+    pub max_pending: u32,
+    /// Domains refused before any card: comma-separated patterns, `*.suffix` (the suffix and
+    /// every name below it) or an exact name. Empty refuses none.
+    #[arg(
+        id = "denied_domains",
+        long = "denied-domains",
+        env = "SM_DENIED_DOMAINS",
+        default_value = crate::firewall::policy::DEFAULT_DENIED,
+        value_name = "LIST",
+        value_parser = list_of(crate::firewall::policy::DomainPattern::parse)
+    )]
+    pub denied_domains: std::vec::Vec<crate::firewall::policy::DomainPattern>,
+    /// Refuse, before any card, domains that resolve only to loopback, private, link-local or
+    /// unique-local addresses (resolved from the bot; a name that does not resolve is not
+    /// refused) (true/false).
+    #[arg(
+        id = "egress_refuse_private",
+        long = "egress-refuse-private",
+        env = "SM_EGRESS_REFUSE_PRIVATE",
+        default_value = "true",
+        value_name = "BOOL",
+        action = ArgAction::Set,
+        value_parser = boolean
+    )]
+    pub refuse_private: bool,
+    /// DNS servers (`ip:port`, comma-separated, UDP) for the private-address check. Empty uses
+    /// the system's resolver configuration (/etc/resolv.conf).
+    #[arg(
+        id = "egress_dns_servers",
+        long = "egress-dns-servers",
+        env = "SM_EGRESS_DNS_SERVERS",
+        default_value = "",
+        value_name = "LIST",
+        value_parser = list_of(socket_address)
+    )]
+    pub dns_servers: std::vec::Vec<std::net::SocketAddr>,
+}
+
+fn socket_address(v: &str) -> Result<std::net::SocketAddr, String> {
+    v.parse()
+        .map_err(|_| format!("expected an ip:port address such as 10.0.0.53:53, got {v:?}"))
 }
 
 /// `SM_CALLBACK_*` and `SM_APPROVAL_TTL_SECS`: signed approval callbacks.
@@ -2632,6 +2714,8 @@ mod tests {
             "SM_ADMIN_USERS",
             "SM_ALLOWED_REPOS",
             "SM_TRUSTED_PROXIES",
+            "SM_DENIED_DOMAINS",
+            "SM_EGRESS_DNS_SERVERS",
         ];
         for arg in setting_args() {
             if arg.get_default_values().is_empty() || arg.is_hide_default_value_set() {

@@ -28,6 +28,7 @@ use tracing::{error, info, warn};
 
 pub use crate::access::Access;
 use crate::access::{Act, Roles};
+use crate::approval;
 use crate::chat::{ChatEvent, ChatOutbound, InboundMessage};
 use crate::command::{self, Command, ParseContext, RepoRef, UserName, WorktreeChoice};
 use crate::config::RepoAllowlist;
@@ -329,7 +330,10 @@ impl Dispatcher {
         // Commands about this thread's session.
         let needs = match &cmd {
             Command::Context | Command::Compact => Some(Act::Look),
-            Command::Status { all: false } if thread_session.is_some() => Some(Act::Look),
+            Command::Status { all: false } | Command::Grants if thread_session.is_some() => {
+                Some(Act::Look)
+            }
+            Command::Revoke { .. } => Some(Act::Manage),
             Command::Clear | Command::Restart | Command::Invite { .. } | Command::Kick { .. } => {
                 Some(Act::Manage)
             }
@@ -386,6 +390,12 @@ impl Dispatcher {
             Command::Invite { user } => {
                 if let Some(session) = thread_session {
                     self.invite(message, &session, &user).await;
+                }
+            }
+            Command::Grants => self.grants(message, thread_session.as_ref()).await,
+            Command::Revoke { domain } => {
+                if let Some(session) = thread_session {
+                    self.revoke(message, &session, &domain).await;
                 }
             }
             Command::Kick { user } => {
@@ -843,6 +853,82 @@ impl Dispatcher {
             }
         };
         self.reply(message, &status_text(&sessions, now_ms())).await;
+    }
+
+    /// `grants`: this thread's session's live grants; at top level, those of the asker's
+    /// sessions (owned or invited to), or every session's for admins.
+    async fn grants(&self, message: &InboundMessage, thread_session: Option<&Session>) {
+        let inner = &self.inner;
+        let now = now_ms();
+        let listed = match thread_session {
+            Some(session) => inner
+                .store
+                .live_grants(Some(&session.id), now)
+                .await
+                .map(|g| (g, false)),
+            None => {
+                let all = inner.store.live_grants(None, now).await;
+                let visible = if inner.config.roles.is_admin(&message.user_id) {
+                    all.map(|g| (g, true))
+                } else {
+                    match (all, inner.store.active_sessions_of(&message.user_id).await) {
+                        (Ok(all), Ok(mine)) => {
+                            let mine: HashSet<&str> = mine.iter().map(|s| s.id.as_str()).collect();
+                            Ok((
+                                all.into_iter()
+                                    .filter(|g| mine.contains(g.session_id.as_str()))
+                                    .collect(),
+                                true,
+                            ))
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                };
+                visible
+            }
+        };
+        match listed {
+            Ok((grants, with_session)) => {
+                self.reply(message, &approval::grants_text(&grants, with_session))
+                    .await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot list grants");
+                self.reply(message, STORAGE_DOWN).await;
+            }
+        }
+    }
+
+    /// `revoke <domain>`: ends this session's grant for the domain (the owner or an admin; the
+    /// caller checked).
+    async fn revoke(&self, message: &InboundMessage, session: &Session, domain: &str) {
+        let user = (
+            message.user_id.as_str(),
+            message
+                .user_name
+                .as_deref()
+                .unwrap_or(message.user_id.as_str()),
+        );
+        match approval::revoke(&self.inner.store, session, domain, user).await {
+            Ok(ended) if ended.is_empty() => {
+                self.reply(
+                    message,
+                    &format!("This session holds no live grant for `{domain}`; see `!grants`."),
+                )
+                .await;
+            }
+            Ok(_) => {
+                self.reply(
+                    message,
+                    &format!("Revoked this session's grant for `{domain}`; the firewall alias drops it within a few seconds unless another session's grant still covers it."),
+                )
+                .await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot revoke a grant");
+                self.reply(message, STORAGE_DOWN).await;
+            }
+        }
     }
 
     async fn refuse(&self, message: &InboundMessage) {

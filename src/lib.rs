@@ -94,6 +94,7 @@ use crate::chat::{ChatOutbound, ClickHandlers};
 use crate::config::Settings;
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::firewall::opnsense::OpnsenseClient;
+use crate::firewall::policy::EgressPolicy;
 use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
@@ -480,10 +481,22 @@ async fn run_chat(
     .await
     {
         None => {
-            warn!("SM_ALLOWED_APPROVERS is empty: any member of a session's channel may approve or deny network access");
-            Approvers::ChannelMembers
+            info!("SM_ALLOWED_APPROVERS is empty: a session's owner and the admins decide its network requests");
+            Approvers::OwnerAndAdmins
         }
         Some(ids) => Approvers::Only(ids),
+    };
+    let egress_policy = match EgressPolicy::new(
+        settings.egress.denied_domains.clone(),
+        settings.egress.refuse_private,
+        &settings.egress.dns_servers,
+    ) {
+        Ok(policy) => policy,
+        Err(e) => {
+            warn!(error = %e, "the private-address check of network requests is off");
+            EgressPolicy::new(settings.egress.denied_domains.clone(), false, &[])
+                .unwrap_or_else(|_| EgressPolicy::allow_all())
+        }
     };
     let allowlist = settings.repo_allowlist();
     // Ownership is a tree: the runtime knows only where markers go; the approval flow, the
@@ -508,6 +521,11 @@ async fn run_chat(
             approvers,
             alias: settings.firewall.alias.clone(),
             lease: settings.firewall.lease,
+            admins: roles.admins.clone(),
+            grant_ttl: settings.egress.grant_ttl,
+            separate_approver: settings.egress.separate_approver,
+            max_pending: settings.egress.max_pending,
+            policy: Arc::new(egress_policy),
         },
     );
     let repo_host = settings

@@ -40,6 +40,15 @@ pub mod names {
     pub const RECONCILER_ACTIONS_TOTAL: &str = "session_manager_reconciler_actions_total";
     /// Gauge: always 1, labelled with the running `version`.
     pub const BUILD_INFO: &str = "session_manager_build_info";
+    /// Gauge: egress grants live now (all sessions).
+    pub const EGRESS_GRANTS_ACTIVE: &str = "session_manager_egress_grants_active";
+    /// Counter: egress decisions and grant ends, by `event` (`granted`, `shared`, `denied`,
+    /// `refused`, `expired`, `revoked`, `session_ended`).
+    pub const EGRESS_GRANTS_TOTAL: &str = "session_manager_egress_grants_total";
+    /// Counter: changes the bot made to the firewall alias, by `change` (`added`, `removed`).
+    pub const FIREWALL_CHANGES_TOTAL: &str = "session_manager_firewall_changes_total";
+    /// Counter: domains a live grant covers that the alias had lost, put back.
+    pub const FIREWALL_DRIFT_REPAIRS_TOTAL: &str = "session_manager_firewall_drift_repairs_total";
 }
 
 /// Every metric name the bot exports itself (process metrics come from `metrics-process`).
@@ -55,6 +64,10 @@ pub const ALL_METRICS: &[&str] = &[
     names::CHAT_POSTS_RECEIVED_TOTAL,
     names::RECONCILER_ACTIONS_TOTAL,
     names::BUILD_INFO,
+    names::EGRESS_GRANTS_ACTIVE,
+    names::EGRESS_GRANTS_TOTAL,
+    names::FIREWALL_CHANGES_TOTAL,
+    names::FIREWALL_DRIFT_REPAIRS_TOTAL,
 ];
 
 /// Histogram buckets for request durations, in seconds.
@@ -230,6 +243,22 @@ fn describe() {
     describe_counter!(
         names::RECONCILER_ACTIONS_TOTAL,
         "What the reconciler did to the bot's containers on the VM, by action (started, removed)."
+    );
+    describe_gauge!(
+        names::EGRESS_GRANTS_ACTIVE,
+        "Egress grants live now, over all sessions."
+    );
+    describe_counter!(
+        names::EGRESS_GRANTS_TOTAL,
+        "Egress decisions and grant ends, by event (granted, shared, denied, refused, expired, revoked, session_ended)."
+    );
+    describe_counter!(
+        names::FIREWALL_CHANGES_TOTAL,
+        "Changes the bot made to the firewall alias, by change (added, removed)."
+    );
+    describe_counter!(
+        names::FIREWALL_DRIFT_REPAIRS_TOTAL,
+        "Domains a live grant covers that the alias had lost, put back by the bot."
     );
     describe_gauge!(
         names::BUILD_INFO,

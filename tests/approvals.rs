@@ -26,23 +26,61 @@ use support::mattermost::{ClickOutcome, FakeMattermost};
 use support::TestDatabase;
 use tokio_util::sync::CancellationToken;
 
-/// Records alias additions; can be told to fail.
+/// A firewall alias in memory: records additions and removals; can be told to fail.
 #[derive(Default)]
 struct RecordingAlias {
+    /// What the alias holds now.
+    content: Mutex<Vec<String>>,
+    /// Every domain added, in order.
     added: Mutex<Vec<String>>,
+    /// Every domain removed, in order.
+    removed: Mutex<Vec<String>>,
     calls: Mutex<usize>,
     failing: Mutex<Option<ApplyError>>,
 }
 
+impl RecordingAlias {
+    fn check(&self) -> Result<(), ApplyError> {
+        *self.calls.lock().expect("lock") += 1;
+        match self.failing.lock().expect("lock").clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn holds(&self, domain: &str) -> bool {
+        self.content
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|d| d == domain)
+    }
+}
+
 #[async_trait]
 impl AliasWriter for RecordingAlias {
-    async fn add(&self, domain: &str) -> Result<(), ApplyError> {
-        *self.calls.lock().expect("lock") += 1;
-        if let Some(e) = self.failing.lock().expect("lock").clone() {
-            return Err(e);
-        }
+    async fn add(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
         self.added.lock().expect("lock").push(domain.to_owned());
-        Ok(())
+        if self.holds(domain) {
+            return Ok(false);
+        }
+        self.content.lock().expect("lock").push(domain.to_owned());
+        Ok(true)
+    }
+
+    async fn remove(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
+        self.removed.lock().expect("lock").push(domain.to_owned());
+        let mut content = self.content.lock().expect("lock");
+        let before = content.len();
+        content.retain(|d| d != domain);
+        Ok(content.len() != before)
+    }
+
+    async fn contains(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.check()?;
+        Ok(self.holds(domain))
     }
 }
 
@@ -81,6 +119,7 @@ struct World {
     session: Session,
     alice: String,
     bob: String,
+    carol: String,
     callback: String,
     cancel: CancellationToken,
 }
@@ -143,12 +182,28 @@ async fn world_with(
     ttl: Duration,
     firewall: Option<Arc<dyn AliasWriter>>,
 ) -> World {
+    world_tweaked(only_alice, ttl, firewall, |_| {}).await
+}
+
+/// Like [`world_with`], with settings changed by `tweak`.
+async fn world_tweaked(
+    only_alice: bool,
+    ttl: Duration,
+    firewall: Option<Arc<dyn AliasWriter>>,
+    tweak: impl FnOnce(&mut ApprovalConfig),
+) -> World {
     let fake = FakeMattermost::start().await;
     let alice = fake.add_user("alice");
     let bob = fake.add_user("bob");
+    let carol = fake.add_user("carol");
     let channel = fake.create_channel(
         "acme-widgets",
-        &[alice.as_str(), bob.as_str(), fake.bot_user_id().as_str()],
+        &[
+            alice.as_str(),
+            bob.as_str(),
+            carol.as_str(),
+            fake.bot_user_id().as_str(),
+        ],
     );
     let db = TestDatabase::sqlite();
     let store = db.store().await;
@@ -167,23 +222,28 @@ async fn world_with(
     let callback = format!("http://{addr}/callback");
     let alias = Arc::new(RecordingAlias::default());
     let mailbox = Arc::new(Mailbox::default());
+    let mut config = ApprovalConfig {
+        // alice owns the session; bob is an admin.
+        admins: [bob.clone()].into_iter().collect(),
+        ..ApprovalConfig::new(
+            callback.clone(),
+            secrecy::SecretString::from(SECRET.to_owned()),
+            ttl,
+            if only_alice {
+                Approvers::Only([alice.clone()].into_iter().collect())
+            } else {
+                Approvers::OwnerAndAdmins
+            },
+            "llm_approved_domains".into(),
+        )
+    };
+    tweak(&mut config);
     let approvals = Approvals::new(
         store.clone(),
         adapter.clone(),
         firewall.unwrap_or_else(|| alias.clone() as Arc<dyn AliasWriter>),
         mailbox.clone(),
-        ApprovalConfig {
-            callback_url: callback.clone(),
-            secret: secrecy::SecretString::from(SECRET.to_owned()),
-            ttl,
-            approvers: if only_alice {
-                Approvers::Only([alice.clone()].into_iter().collect())
-            } else {
-                Approvers::ChannelMembers
-            },
-            alias: "llm_approved_domains".into(),
-            lease: Duration::from_secs(300),
-        },
+        config,
     );
     let clicks = session_manager::chat::ClickHandlers::new();
     clicks.set(approvals.clone());
@@ -222,6 +282,7 @@ async fn world_with(
         session,
         alice,
         bob,
+        carol,
         callback,
         cancel,
     }
@@ -364,7 +425,10 @@ async fn approve_puts_the_domain_in_the_alias_and_tells_the_agent() {
         .into_iter()
         .map(|r| r.entry.action)
         .collect();
-    assert_eq!(audit, vec!["requested", "approved", "firewall_applied"]);
+    assert_eq!(
+        audit,
+        vec!["requested", "approved", "granted", "firewall_applied"]
+    );
     let records = w
         .store
         .audit_log(Some(&w.session.id), 50)
@@ -779,14 +843,13 @@ async fn a_firewall_outage_is_retried_and_survives_a_restart() {
         Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
         opnsense_client(&opn),
         w.mailbox.clone(),
-        ApprovalConfig {
-            callback_url: w.callback.clone(),
-            secret: secrecy::SecretString::from(SECRET.to_owned()),
-            ttl: Duration::from_secs(3600),
-            approvers: Approvers::ChannelMembers,
-            alias: ALIAS.into(),
-            lease: Duration::from_secs(300),
-        },
+        ApprovalConfig::new(
+            w.callback.clone(),
+            secrecy::SecretString::from(SECRET.to_owned()),
+            Duration::from_secs(3600),
+            Approvers::OwnerAndAdmins,
+            ALIAS.into(),
+        ),
     );
     // Make the retry due now rather than after its backoff.
     let _ = w
@@ -868,14 +931,13 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
             adapter.clone(),
             client(),
             mailbox.clone(),
-            ApprovalConfig {
-                callback_url: "http://127.0.0.1:9/callback".into(),
-                secret: secrecy::SecretString::from(SECRET.to_owned()),
-                ttl: Duration::from_secs(3600),
-                approvers: Approvers::ChannelMembers,
-                alias: ALIAS.into(),
-                lease: Duration::from_secs(300),
-            },
+            ApprovalConfig::new(
+                "http://127.0.0.1:9/callback".into(),
+                secrecy::SecretString::from(SECRET.to_owned()),
+                Duration::from_secs(3600),
+                Approvers::OwnerAndAdmins,
+                ALIAS.into(),
+            ),
         );
         replicas.push(replica);
     }
@@ -886,7 +948,14 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
             .await
             .expect("open");
         let outcome = store
-            .decide_approval(&request.id, Decision::Approve, &alice, "alice", now_ms())
+            .decide_approval(
+                &request.id,
+                Decision::Approve,
+                GrantScope::Ttl,
+                &alice,
+                "alice",
+                now_ms(),
+            )
             .await
             .expect("decide");
         assert!(matches!(outcome, DecideOutcome::Decided(_)));
@@ -933,4 +1002,597 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
     }
     let told: HashSet<String> = mailbox.texts().into_iter().collect();
     assert_eq!(told.len(), domains.len(), "each agent answer exactly once");
+}
+
+// ----- egress grants (issue #13) ---------------------------------------------------------
+
+impl World {
+    /// Another session on acme/widgets in the same channel, started by `owner`, with its own
+    /// thread.
+    async fn another_session(&self, owner: &str) -> Session {
+        let root = self
+            .fake
+            .post_as(owner, &self.session.channel_id, None, "another session")
+            .expect("root");
+        create_widgets_session(&self.store, &self.session.channel_id, &root.id, owner).await
+    }
+
+    async fn request_for(&self, session: &Session, domain: &str) -> Vec<String> {
+        self.approvals
+            .on_marker(
+                session,
+                Marker::NetworkRequest {
+                    domain: domain.into(),
+                },
+            )
+            .await
+    }
+
+    fn cards_in(&self, thread: &str) -> Vec<support::mattermost::Post> {
+        self.fake
+            .thread(thread)
+            .into_iter()
+            .filter(|p| p.props.to_string().contains("attachments"))
+            .collect()
+    }
+
+    fn told(&self, session: &Session, text: &str) -> bool {
+        self.mailbox
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(s, t)| s == &session.id && t == text)
+    }
+
+    async fn audit_actions(&self, session: &Session) -> Vec<String> {
+        self.store
+            .audit_log(Some(&session.id), 100)
+            .await
+            .expect("audit")
+            .into_iter()
+            .map(|r| r.entry.action)
+            .collect()
+    }
+
+    /// Clicks `action` on the only card of `session`'s thread as `user`; the reply.
+    async fn click_card(&self, session: &Session, action: &str, user: &str) -> Value {
+        let card = self
+            .cards_in(&session.thread_id)
+            .pop()
+            .expect("a card in the thread");
+        match self.fake.click(&card.id, action, user).await {
+            ClickOutcome::Ok { response } => response,
+            other => panic!("click failed: {other:?}"),
+        }
+    }
+}
+
+/// Waits until `check` holds (20 s), checking every 50 ms.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_grant_expires_and_leaves_the_alias_but_entries_the_bot_did_not_add_stay() {
+    use support::opnsense::{FakeOpnsense, ALIAS, INITIAL_DOMAIN};
+    let opn = FakeOpnsense::start("key", "secret").await;
+    // The operator's own entry, added by hand next to the alias's seed.
+    let mut own: Vec<String> = opn.alias_content(ALIAS);
+    own.push("operator.example.org".into());
+    let own_refs: Vec<&str> = own.iter().map(String::as_str).collect();
+    opn.set_content(ALIAS, &own_refs);
+    let w = world_tweaked(
+        false,
+        Duration::from_secs(3600),
+        Some(opnsense_client(&opn)),
+        |c| c.grant_ttl = Duration::from_secs(2),
+    )
+    .await;
+    // The card offers the timed grant, the session grant and Deny.
+    w.request("pypi.org").await;
+    let card = w.cards().remove(0).props.to_string();
+    for label in ["Approve for 2 s", "Approve for this session", "Deny"] {
+        assert!(card.contains(label), "{label} missing: {card}");
+    }
+    let reply = w.click_card(&w.session, "approve", &w.alice).await;
+    assert!(reply.to_string().contains("for 2 s"), "{reply}");
+    // The operator's own entry is asked for too, and approved: already in the alias, so the
+    // bot did not add it and must never remove it.
+    w.request("operator.example.org").await;
+    let second = w.cards().pop().expect("second card");
+    let ClickOutcome::Ok { .. } = w.fake.click(&second.id, "approve", &w.alice).await else {
+        panic!("click")
+    };
+    eventually("both approvals applied", || {
+        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
+            && w.told(&w.session, "[NETWORK_APPROVED: operator.example.org]")
+    })
+    .await;
+    assert!(opn.applied_content(ALIAS).contains(&"pypi.org".to_owned()));
+    let grants = w
+        .store
+        .live_grants(Some(&w.session.id), now_ms())
+        .await
+        .expect("grants");
+    assert_eq!(grants.len(), 2, "{grants:?}");
+    assert!(grants
+        .iter()
+        .all(|g| g.scope == GrantScope::Ttl && g.expires_at.is_some()));
+    // Two seconds later the grants end and the bot's own entry leaves the alias (reconfigured).
+    eventually("pypi.org removed from the applied alias", || {
+        !opn.applied_content(ALIAS).contains(&"pypi.org".to_owned())
+    })
+    .await;
+    let content = opn.alias_content(ALIAS);
+    for kept in [INITIAL_DOMAIN, "operator.example.org"] {
+        assert!(
+            content.contains(&kept.to_owned()),
+            "{kept} removed: {content:?}"
+        );
+    }
+    assert!(!content.contains(&"pypi.org".to_owned()));
+    let actions = w.audit_actions(&w.session).await;
+    assert_eq!(
+        actions.iter().filter(|a| *a == "grant_expired").count(),
+        2,
+        "{actions:?}"
+    );
+    let removed: Vec<String> = w
+        .store
+        .audit_log(None, 100)
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter(|r| r.entry.action == "firewall_removed")
+        .filter_map(|r| r.entry.domain)
+        .collect();
+    assert_eq!(removed, vec!["pypi.org".to_owned()]);
+    // The thread hears that the grant ended.
+    assert!(w
+        .fake
+        .thread(&w.session.thread_id)
+        .iter()
+        .any(|p| p.message.contains("`pypi.org` has expired")));
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_sharing_a_domain_keep_it_until_both_grants_end() {
+    use support::opnsense::{FakeOpnsense, ALIAS};
+    let opn = FakeOpnsense::start("key", "secret").await;
+    let w = world_with(
+        false,
+        Duration::from_secs(3600),
+        Some(opnsense_client(&opn)),
+    )
+    .await;
+    w.request("pypi.org").await;
+    w.click_card(&w.session, "approvesession", &w.alice).await;
+    eventually("applied", || {
+        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
+    })
+    .await;
+    // carol's session asks for the same domain: no card, a notice, a grant of its own.
+    let other = w.another_session(&w.carol).await;
+    assert_eq!(
+        w.request_for(&other, "pypi.org").await,
+        vec!["[NETWORK_APPROVED: pypi.org]"]
+    );
+    assert!(w.cards_in(&other.thread_id).is_empty(), "no card");
+    let notice = w
+        .fake
+        .thread(&other.thread_id)
+        .into_iter()
+        .find(|p| p.message.contains("already allowed"))
+        .expect("a notice");
+    assert!(
+        notice.message.contains("granted by @alice")
+            && notice
+                .message
+                .contains(session_manager::session::short_id(&w.session.id)),
+        "{}",
+        notice.message
+    );
+    assert_eq!(w.audit_actions(&other).await, vec!["grant_shared"]);
+    // alice's session ends: carol's grant still covers the domain.
+    w.store
+        .end_session(&w.session.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    let w_ref = &w;
+    let mut ended = false;
+    for _ in 0..200 {
+        if w_ref
+            .store
+            .live_grants(Some(&w_ref.session.id), now_ms())
+            .await
+            .expect("grants")
+            .is_empty()
+        {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ended, "alice's session grant ended with her session");
+    // Two full worker rounds after the end (the first may have started before it) removed
+    // nothing.
+    let seen = w.approvals.rounds();
+    eventually("two more worker rounds", || {
+        w.approvals.rounds() >= seen + 2
+    })
+    .await;
+    assert!(
+        opn.applied_content(ALIAS).contains(&"pypi.org".to_owned()),
+        "kept while carol's grant lives"
+    );
+    // carol's session ends too: now the domain leaves the alias.
+    w.store
+        .end_session(&other.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    eventually("removed after both ended", || {
+        !opn.applied_content(ALIAS).contains(&"pypi.org".to_owned())
+    })
+    .await;
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_during_a_firewall_outage_is_applied_when_it_returns_after_a_restart() {
+    use support::opnsense::{FakeOpnsense, ALIAS};
+    let opn = FakeOpnsense::start("key", "secret").await;
+    let w = world_tweaked(
+        false,
+        Duration::from_secs(3600),
+        Some(opnsense_client(&opn)),
+        |c| c.grant_ttl = Duration::from_secs(2),
+    )
+    .await;
+    w.request("pypi.org").await;
+    w.click_card(&w.session, "approve", &w.alice).await;
+    eventually("applied", || {
+        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
+    })
+    .await;
+    opn.set_down(true);
+    // The grant expires; the removal fails and is recorded for a retry.
+    let mut failed = false;
+    for _ in 0..300 {
+        if w.store
+            .audit_log(None, 100)
+            .await
+            .expect("audit")
+            .iter()
+            .any(|r| r.entry.action == "firewall_remove_failed")
+        {
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed, "the removal was tried during the outage");
+    assert!(opn.alias_content(ALIAS).contains(&"pypi.org".to_owned()));
+    // "Restart": this instance stops; the firewall comes back; a new one resumes the removal.
+    w.cancel.cancel();
+    opn.set_down(false);
+    let next = Approvals::new(
+        w.store.clone(),
+        Arc::new(connect_adapter(&w.fake, &w.store).await) as Arc<dyn ChatOutbound>,
+        opnsense_client(&opn),
+        w.mailbox.clone(),
+        ApprovalConfig::new(
+            w.callback.clone(),
+            secrecy::SecretString::from(SECRET.to_owned()),
+            Duration::from_secs(3600),
+            Approvers::OwnerAndAdmins,
+            ALIAS.into(),
+        ),
+    );
+    // Make the retry due now rather than after its backoff.
+    w.store
+        .record_firewall_removal_failed("pypi.org", "down", now_ms())
+        .await
+        .expect("due now");
+    let cancel = CancellationToken::new();
+    {
+        let (a, c) = (next.clone(), cancel.clone());
+        tokio::spawn(async move { a.run_workers(c).await });
+    }
+    eventually("removed after the restart", || {
+        !opn.applied_content(ALIAS).contains(&"pypi.org".to_owned())
+    })
+    .await;
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_granted_domain_removed_by_hand_is_not_answered_approved_until_it_is_back() {
+    use support::opnsense::{FakeOpnsense, ALIAS};
+    let opn = FakeOpnsense::start("key", "secret").await;
+    let w = world_with(
+        false,
+        Duration::from_secs(3600),
+        Some(opnsense_client(&opn)),
+    )
+    .await;
+    w.request("pypi.org").await;
+    w.click_card(&w.session, "approvesession", &w.alice).await;
+    eventually("applied", || {
+        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
+    })
+    .await;
+    let approved_before = w.mailbox.texts().len();
+    // An operator removes it by hand (and applies that).
+    let kept: Vec<String> = opn
+        .alias_content(ALIAS)
+        .into_iter()
+        .filter(|d| d != "pypi.org")
+        .collect();
+    let refs: Vec<&str> = kept.iter().map(String::as_str).collect();
+    opn.set_content(ALIAS, &refs);
+    // Asked again: not answered "approved" from the bot's own record.
+    assert!(
+        w.request("pypi.org").await.is_empty(),
+        "not approved while the alias lacks it"
+    );
+    assert!(w
+        .fake
+        .thread(&w.session.thread_id)
+        .iter()
+        .any(|p| p.message.contains("no longer has it")));
+    // The bot puts it back, then tells the agent.
+    eventually("told again", || w.mailbox.texts().len() > approved_before).await;
+    assert_eq!(
+        w.mailbox.texts().last().map(String::as_str),
+        Some("[NETWORK_APPROVED: pypi.org]")
+    );
+    assert!(opn.alias_content(ALIAS).contains(&"pypi.org".to_owned()));
+    assert!(opn.applied_content(ALIAS).contains(&"pypi.org".to_owned()));
+    let actions = w.audit_actions(&w.session).await;
+    assert!(actions.contains(&"drift".to_owned()), "{actions:?}");
+    // Still one grant: putting it back is not a new grant.
+    assert_eq!(
+        w.store
+            .live_grants(Some(&w.session.id), now_ms())
+            .await
+            .expect("grants")
+            .len(),
+        1
+    );
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvers_are_the_owner_and_admins_and_the_two_person_rule_holds() {
+    // Default: alice owns the session, bob is an admin, carol is only a channel member.
+    let w = world(false, Duration::from_secs(3600)).await;
+    w.request("pypi.org").await;
+    let reply = w.click_card(&w.session, "approve", &w.carol).await;
+    assert!(
+        reply["ephemeral_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("only its owner and the admins")),
+        "{reply}"
+    );
+    assert_eq!(
+        w.store
+            .pending_approvals(&w.session.id)
+            .await
+            .expect("pending"),
+        1,
+        "carol's click changed nothing"
+    );
+    w.cancel.cancel();
+
+    // Two-person rule: the owner may not approve her own request; an admin may.
+    let w = world_tweaked(false, Duration::from_secs(3600), None, |c| {
+        c.separate_approver = true;
+    })
+    .await;
+    w.request("pypi.org").await;
+    let reply = w.click_card(&w.session, "approve", &w.alice).await;
+    assert!(
+        reply["ephemeral_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("Two-person rule")),
+        "{reply}"
+    );
+    let reply = w.click_card(&w.session, "approvesession", &w.bob).await;
+    assert!(reply.to_string().contains("for this session"), "{reply}");
+    eventually("applied", || {
+        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
+    })
+    .await;
+    let grant = w
+        .store
+        .live_grants(Some(&w.session.id), now_ms())
+        .await
+        .expect("grants")
+        .remove(0);
+    assert_eq!(
+        (
+            grant.scope,
+            grant.granted_by_name.as_deref(),
+            grant.expires_at
+        ),
+        (GrantScope::Session, Some("bob"), None)
+    );
+    let refused = w
+        .store
+        .audit_log(Some(&w.session.id), 50)
+        .await
+        .expect("audit")
+        .into_iter()
+        .find(|r| r.entry.action == "refused_approver")
+        .expect("the refusal is audited");
+    assert_eq!(refused.entry.user_name.as_deref(), Some("alice"));
+    // The owner may still deny under the two-person rule.
+    w.request("evil.example.com").await;
+    let reply = w.click_card(&w.session, "deny", &w.alice).await;
+    assert!(reply.to_string().contains("Denied by @alice"), "{reply}");
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_cards_are_capped_per_session_and_close_when_the_session_ends() {
+    let w = world_tweaked(false, Duration::from_secs(3600), None, |c| {
+        c.max_pending = 2
+    })
+    .await;
+    assert!(w.request("one.example.org").await.is_empty());
+    assert!(w.request("two.example.org").await.is_empty());
+    let third = w.request("three.example.org").await;
+    assert_eq!(third.len(), 1);
+    assert!(
+        third[0].starts_with("[NETWORK_DENIED: three.example.org]")
+            && third[0].contains("SM_MAX_PENDING_APPROVALS"),
+        "{third:?}"
+    );
+    assert!(
+        w.request("one.example.org").await.is_empty(),
+        "a repeated marker for a waiting card is neither a card nor a denial"
+    );
+    assert_eq!(w.cards().len(), 2, "no third card");
+    // Another session has its own cap.
+    let other = w.another_session(&w.alice).await;
+    assert!(w.request_for(&other, "three.example.org").await.is_empty());
+
+    // The first session ends: its cards close, and a click on one says so.
+    w.store
+        .end_session(&w.session.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    eventually("both cards closed", || {
+        w.cards()
+            .iter()
+            .all(|c| c.props.to_string().contains("the session ended"))
+    })
+    .await;
+    assert!(
+        w.cards()
+            .iter()
+            .all(|c| !c.props.to_string().contains("\"actions\":[{")),
+        "no buttons left"
+    );
+    // A click replayed from a closed card's signed context is answered with the reason.
+    let closed = w
+        .store
+        .pending_approval(&w.session.id, "one.example.org")
+        .await
+        .expect("read");
+    assert!(closed.is_none(), "no longer pending");
+    let request_id = w
+        .store
+        .audit_log(Some(&w.session.id), 50)
+        .await
+        .expect("audit")
+        .into_iter()
+        .find(|r| r.entry.action == "closed")
+        .and_then(|r| r.entry.domain)
+        .expect("closing is audited");
+    assert!(request_id.ends_with("example.org"));
+    let (request, _) = w
+        .store
+        .open_approval(&other.id, "x.example.org", now_ms(), now_ms() + 60_000)
+        .await
+        .expect("open");
+    w.store
+        .end_session(&other.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    let mut state = ApprovalState::Pending;
+    for _ in 0..200 {
+        state = w
+            .store
+            .approval(&request.id)
+            .await
+            .expect("read")
+            .expect("row")
+            .state;
+        if state == ApprovalState::Closed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, ApprovalState::Closed);
+    let secret = secrecy::SecretString::from(SECRET.to_owned());
+    let (status, body) = w
+        .post_callback(
+            json!({"user_id": w.alice, "user_name": "alice", "post_id": "p", "context": {
+            "request_id": request.id, "action": "approve", "expires": request.expires_at,
+            "signature": signing::sign(&secret, &request.id, "approve", request.expires_at) }}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        body["ephemeral_text"]
+            .as_str()
+            .is_some_and(|t| t.contains("its session has ended")),
+        "{body}"
+    );
+    w.cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_patterns_and_names_resolving_inside_are_refused_without_a_card() {
+    use session_manager::firewall::policy::{DomainPattern, EgressPolicy};
+    use std::net::Ipv4Addr;
+    let dns = support::dns::FakeDns::start(&[
+        ("inside.example.org", Ipv4Addr::new(127, 0, 0, 1)),
+        ("rebind.example.org", Ipv4Addr::new(10, 1, 2, 3)),
+        ("outside.example.org", Ipv4Addr::new(93, 184, 216, 34)),
+    ])
+    .await;
+    let addr = dns.addr();
+    let w = world_tweaked(false, Duration::from_secs(3600), None, |c| {
+        c.policy = Arc::new(
+            EgressPolicy::new(
+                vec![DomainPattern::parse("*.nip.io").expect("pattern")],
+                true,
+                &[addr],
+            )
+            .expect("policy"),
+        );
+    })
+    .await;
+    for (domain, why) in [
+        ("10.0.0.1.nip.io", "denied pattern *.nip.io"),
+        ("inside.example.org", "127.0.0.1"),
+        ("rebind.example.org", "10.1.2.3"),
+    ] {
+        let answer = w.request(domain).await;
+        assert_eq!(answer.len(), 1, "{domain}: {answer:?}");
+        assert!(
+            answer[0].starts_with(&format!("[NETWORK_DENIED: {domain}]"))
+                && answer[0].contains(why),
+            "{domain}: {answer:?}"
+        );
+    }
+    assert!(w.cards().is_empty(), "no card for a refused domain");
+    assert_eq!(
+        *w.alias.calls.lock().expect("lock"),
+        0,
+        "nothing reached the firewall"
+    );
+    assert!(dns.queries().contains(&"inside.example.org.".to_owned()));
+    // A public name and one that does not resolve at all get a card.
+    assert!(w.request("outside.example.org").await.is_empty());
+    assert!(w.request("unknown.example.org").await.is_empty());
+    assert_eq!(w.cards().len(), 2);
+    let refusals = w
+        .store
+        .audit_log(Some(&w.session.id), 50)
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter(|r| r.entry.outcome == "rejected")
+        .count();
+    assert_eq!(refusals, 3, "each refusal is audited");
+    w.cancel.cancel();
 }

@@ -49,7 +49,255 @@ on_both_backends!(
     inbound_posts_are_claimed_once_and_keep_a_cursor,
     spawns_are_claimed_once_within_the_window,
     teams_references_survive_a_new_pool_and_keep_known_fields,
+    grants_live_end_and_uncover_domains,
 );
+
+fn grant_of(session: &Session, domain: &str, expires_at: Option<i64>) -> NewGrant {
+    NewGrant {
+        domain: domain.into(),
+        session_id: session.id.clone(),
+        scope: if expires_at.is_some() {
+            GrantScope::Ttl
+        } else {
+            GrantScope::Session
+        },
+        request_id: None,
+        source_grant_id: None,
+        granted_by_id: Some("u1".into()),
+        granted_by_name: Some("alice".into()),
+        granted_at: 1_000,
+        expires_at,
+    }
+}
+
+/// Grants: which are live, how they end (expiry, session end, source end, revocation), and
+/// which domains the bot added are left uncovered for removal; closed requests of ended
+/// sessions; the repair request the bot decides itself.
+async fn grants_live_end_and_uncover_domains(db: &TestDatabase) {
+    let store = db.store().await;
+    let a = store.create_session(&new_session("ta")).await.expect("a");
+    let b = store.create_session(&new_session("tb")).await.expect("b");
+    let ttl = store
+        .insert_grant(&grant_of(&a, "pypi.org", Some(5_000)))
+        .await
+        .expect("grant");
+    assert!(ttl.is_live(4_999) && !ttl.is_live(5_000));
+    let whole = store
+        .insert_grant(&grant_of(&b, "crates.io", None))
+        .await
+        .expect("grant");
+    let shared = store
+        .insert_grant(&NewGrant {
+            source_grant_id: Some(whole.id.clone()),
+            ..grant_of(&a, "crates.io", None)
+        })
+        .await
+        .expect("shared");
+    // a's own grant first; another live session's when a has none.
+    let found = store
+        .live_grant_for_domain("crates.io", &a.id, 2_000)
+        .await
+        .expect("lookup")
+        .expect("live");
+    assert_eq!(found.id, shared.id);
+    let found = store
+        .live_grant_for_domain("pypi.org", &b.id, 2_000)
+        .await
+        .expect("lookup")
+        .expect("live");
+    assert_eq!(found.id, ttl.id);
+    assert!(store
+        .live_grant_for_domain("pypi.org", &b.id, 6_000)
+        .await
+        .expect("lookup")
+        .is_none());
+    assert_eq!(
+        store
+            .live_grants(Some(&a.id), 2_000)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    assert_eq!(store.live_grants(None, 2_000).await.expect("list").len(), 3);
+
+    // Domains the bot added: only uncovered ones are due for removal.
+    for d in ["pypi.org", "crates.io", "orphan.example.org"] {
+        store
+            .record_firewall_domain(d, 1_000)
+            .await
+            .expect("record");
+    }
+    store
+        .record_firewall_domain("pypi.org", 1_500)
+        .await
+        .expect("again");
+    assert_eq!(
+        store
+            .firewall_domains_to_remove(2_000, None)
+            .await
+            .expect("due"),
+        vec!["orphan.example.org".to_owned()]
+    );
+    // An approval waiting for the firewall covers its domain too.
+    let (req, _) = store
+        .open_approval(&a.id, "orphan.example.org", 2_000, 90_000)
+        .await
+        .expect("open");
+    store
+        .decide_approval(
+            &req.id,
+            Decision::Approve,
+            GrantScope::Session,
+            "u1",
+            "alice",
+            2_100,
+        )
+        .await
+        .expect("decide");
+    assert!(store
+        .firewall_domains_to_remove(2_200, None)
+        .await
+        .expect("due")
+        .is_empty());
+    let decided = store.approval(&req.id).await.expect("read").expect("row");
+    assert_eq!(decided.grant_scope, Some(GrantScope::Session));
+
+    // Time ends the TTL grant; nothing else.
+    let ended = store.end_due_grants(5_000).await.expect("end");
+    assert_eq!(ended.len(), 1);
+    assert_eq!(
+        (ended[0].id.as_str(), ended[0].end_reason),
+        (ttl.id.as_str(), Some(GrantEnd::Expired))
+    );
+    assert!(
+        store.end_due_grants(5_001).await.expect("again").is_empty(),
+        "ended once"
+    );
+    store
+        .mark_approval_applied(&req.id, 5_100)
+        .await
+        .expect("applied");
+    assert_eq!(
+        store
+            .firewall_domains_to_remove(6_000, Some("pypi.org"))
+            .await
+            .expect("due"),
+        vec!["pypi.org".to_owned()]
+    );
+    // A failed removal waits for its next attempt.
+    store
+        .record_firewall_removal_failed("pypi.org", "firewall down", 9_000)
+        .await
+        .expect("failed");
+    assert_eq!(
+        store
+            .firewall_removal_attempts("pypi.org")
+            .await
+            .expect("n"),
+        1
+    );
+    assert!(store
+        .firewall_domains_to_remove(8_999, Some("pypi.org"))
+        .await
+        .expect("due")
+        .is_empty());
+    store
+        .forget_firewall_domain("pypi.org")
+        .await
+        .expect("forget");
+    assert!(store
+        .firewall_domains_to_remove(9_000, Some("pypi.org"))
+        .await
+        .expect("due")
+        .is_empty());
+
+    // b ends: its grant ends, but not the grant a shared from it (a grant of its own, until a
+    // ends); a pending request of b is closed.
+    let (pending, _) = store
+        .open_approval(&b.id, "npmjs.org", 7_000, 90_000)
+        .await
+        .expect("open");
+    store
+        .end_session(&b.id, EndReason::UserRequested, None)
+        .await
+        .expect("end");
+    let closed = store
+        .close_approvals_of_ended_sessions(8_000)
+        .await
+        .expect("close");
+    assert_eq!(closed.len(), 1);
+    assert_eq!(
+        (closed[0].id.as_str(), closed[0].state),
+        (pending.id.as_str(), ApprovalState::Closed)
+    );
+    let ended = store.end_due_grants(8_000).await.expect("end");
+    let reasons: HashSet<(String, Option<GrantEnd>)> =
+        ended.into_iter().map(|g| (g.id, g.end_reason)).collect();
+    assert_eq!(
+        reasons,
+        HashSet::from([(whole.id.clone(), Some(GrantEnd::SessionEnded))])
+    );
+    let kept = store
+        .live_grant_for_domain("crates.io", &a.id, 8_000)
+        .await
+        .expect("lookup")
+        .expect("a keeps its shared grant");
+    assert_eq!(kept.id, shared.id);
+    assert!(
+        store
+            .live_grant_for_domain("crates.io", &b.id, 8_000)
+            .await
+            .expect("lookup")
+            .is_some_and(|g| g.session_id == a.id),
+        "an ended session's grant is never offered"
+    );
+
+    // Revocation ends a's live grant for a domain, once.
+    let again = store
+        .insert_grant(&grant_of(&a, "example.org", Some(99_000)))
+        .await
+        .expect("grant");
+    let revoked = store
+        .revoke_grants(&a.id, "example.org", 9_000)
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(
+        (revoked[0].id.as_str(), revoked[0].end_reason),
+        (again.id.as_str(), Some(GrantEnd::Revoked))
+    );
+    assert!(store
+        .revoke_grants(&a.id, "example.org", 9_001)
+        .await
+        .expect("again")
+        .is_empty());
+
+    // A repair request: approved at once, due for the firewall, reused while it waits.
+    let source = store
+        .insert_grant(&grant_of(&a, "docs.rs", None))
+        .await
+        .expect("grant");
+    let repair = store
+        .open_grant_repair(&a.id, &source, 10_000)
+        .await
+        .expect("repair");
+    assert_eq!(repair.state, ApprovalState::Approved);
+    assert_eq!(repair.source_grant_id.as_deref(), Some(source.id.as_str()));
+    assert_eq!(repair.decided_by_name.as_deref(), Some("alice"));
+    let twice = store
+        .open_grant_repair(&a.id, &source, 10_001)
+        .await
+        .expect("repair");
+    assert_eq!(twice.id, repair.id);
+    assert!(store
+        .approvals_due_for_firewall(10_000)
+        .await
+        .expect("due")
+        .iter()
+        .any(|r| r.id == repair.id));
+    assert_eq!(store.pending_approvals(&a.id).await.expect("count"), 0);
+}
 
 fn new_session(thread: &str) -> NewSession {
     NewSession {
@@ -383,6 +631,7 @@ async fn concurrent_decisions_succeed_once(db: &TestDatabase) {
                     .decide_approval(
                         &id,
                         decision,
+                        GrantScope::Ttl,
                         &format!("user{i}"),
                         &format!("name{i}"),
                         2_000,
@@ -447,7 +696,14 @@ async fn approval_requests_flow(db: &TestDatabase) {
         .await
         .expect("card");
     let decided = match store
-        .decide_approval(&req.id, Decision::Approve, "u1", "alice", 2_000)
+        .decide_approval(
+            &req.id,
+            Decision::Approve,
+            GrantScope::Ttl,
+            "u1",
+            "alice",
+            2_000,
+        )
         .await
         .expect("decide")
     {
@@ -499,11 +755,6 @@ async fn approval_requests_flow(db: &TestDatabase) {
     let retry = store.approvals_due_for_firewall(5_000).await.expect("due");
     assert_eq!(retry[0].apply_attempts, 1);
     assert_eq!(retry[0].last_error.as_deref(), Some("firewall down"));
-    assert!(store
-        .applied_approval_for_domain("pypi.org")
-        .await
-        .expect("lookup")
-        .is_none());
 
     assert!(store
         .mark_approval_applied(&req.id, 6_000)
@@ -519,7 +770,7 @@ async fn approval_requests_flow(db: &TestDatabase) {
         .expect("due")
         .is_empty());
     let applied = store
-        .applied_approval_for_domain("pypi.org")
+        .approval(&req.id)
         .await
         .expect("lookup")
         .expect("applied");
@@ -533,7 +784,14 @@ async fn approval_requests_flow(db: &TestDatabase) {
         .await
         .expect("open");
     store
-        .decide_approval(&bad.id, Decision::Approve, "u1", "alice", 7_100)
+        .decide_approval(
+            &bad.id,
+            Decision::Approve,
+            GrantScope::Ttl,
+            "u1",
+            "alice",
+            7_100,
+        )
         .await
         .expect("decide");
     assert!(store
@@ -556,7 +814,14 @@ async fn approval_requests_flow(db: &TestDatabase) {
         .await
         .expect("open");
     store
-        .decide_approval(&denied.id, Decision::Deny, "u2", "bob", 8_100)
+        .decide_approval(
+            &denied.id,
+            Decision::Deny,
+            GrantScope::Ttl,
+            "u2",
+            "bob",
+            8_100,
+        )
         .await
         .expect("decide");
     assert!(store
@@ -566,7 +831,7 @@ async fn approval_requests_flow(db: &TestDatabase) {
         .is_empty());
     assert!(matches!(
         store
-            .decide_approval("missing", Decision::Deny, "u2", "bob", 1)
+            .decide_approval("missing", Decision::Deny, GrantScope::Ttl, "u2", "bob", 1)
             .await,
         Err(StoreError::NotFound { .. })
     ));
@@ -588,7 +853,7 @@ async fn expired_requests_cannot_be_decided(db: &TestDatabase) {
         .expect("open");
     // Past its expiry, a click changes nothing even before the sweeper ran.
     let late = store
-        .decide_approval(&a.id, Decision::Approve, "u", "n", 1_000)
+        .decide_approval(&a.id, Decision::Approve, GrantScope::Ttl, "u", "n", 1_000)
         .await
         .expect("decide");
     assert!(
@@ -609,7 +874,7 @@ async fn expired_requests_cannot_be_decided(db: &TestDatabase) {
         "each expires once"
     );
     let on_time = store
-        .decide_approval(&b.id, Decision::Deny, "u", "n", 4_999)
+        .decide_approval(&b.id, Decision::Deny, GrantScope::Ttl, "u", "n", 4_999)
         .await
         .expect("decide");
     assert!(matches!(on_time, DecideOutcome::Decided(_)));

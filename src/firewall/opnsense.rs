@@ -289,6 +289,38 @@ impl OpnsenseClient {
         Ok(added)
     }
 
+    /// Removes `domains` from the alias where present (compared ignoring ASCII case), saves
+    /// with `setItem` (the remaining entries in their order, newline-joined), then ALWAYS
+    /// reconfigures, as [`ensure_domains`](Self::ensure_domains) does. Returns which domains
+    /// were in the alias and are now removed; removing an absent domain changes nothing.
+    ///
+    /// # Errors
+    /// As [`ensure_domains`](Self::ensure_domains).
+    pub async fn remove_domains(&self, domains: &[String]) -> Result<Vec<String>, FirewallError> {
+        let uuid = self.alias_uuid().await?;
+        let entries = self.alias_entries(&uuid).await?;
+        let (removed, kept): (Vec<String>, Vec<String>) = entries
+            .into_iter()
+            .partition(|e| domains.iter().any(|d| d.eq_ignore_ascii_case(e)));
+        if !removed.is_empty() {
+            self.save_content(&uuid, &kept.join("\n")).await?;
+            tracing::info!(alias = %self.inner.alias, removed = ?removed, "removed domains from the OPNsense alias");
+        }
+        self.reconfigure().await?;
+        Ok(removed)
+    }
+
+    /// Whether `domain` is in the alias now (`getAliasUUID`, then `getItem`), compared ignoring
+    /// ASCII case: what the firewall enforces, not what the bot last wrote.
+    ///
+    /// # Errors
+    /// As [`alias_entries`](Self::alias_entries).
+    pub async fn contains(&self, domain: &str) -> Result<bool, FirewallError> {
+        let uuid = self.alias_uuid().await?;
+        let entries = self.alias_entries(&uuid).await?;
+        Ok(entries.iter().any(|e| e.eq_ignore_ascii_case(domain)))
+    }
+
     /// Applies the saved aliases to pf: `POST /api/firewall/alias/reconfigure` with body `{}`,
     /// expecting `{"status":"ok"}`.
     ///

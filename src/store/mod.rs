@@ -674,7 +674,8 @@ impl Store {
         expect_one(done.rows_affected(), || format!("approval request {id}"))
     }
 
-    /// Decides a pending, unexpired request. The first decision wins; any later one (a double
+    /// Decides a pending, unexpired request; an approval grants the domain for `scope` (ignored
+    /// for a denial). The first decision wins; any later one (a double
     /// click, a replay, approve racing deny) gets [`DecideOutcome::AlreadyDecided`] and
     /// changes nothing. An approval is due for the firewall at once (`next_attempt_at = now`).
     ///
@@ -684,14 +685,17 @@ impl Store {
         &self,
         id: &str,
         decision: Decision,
+        scope: GrantScope,
         user_id: &str,
         user_name: &str,
         now: i64,
     ) -> StoreResult<DecideOutcome> {
-        let next_attempt = (decision == Decision::Approve).then_some(now);
+        let approve = decision == Decision::Approve;
+        let next_attempt = approve.then_some(now);
+        let scope = approve.then(|| <&str>::from(scope));
         let row = sqlx::query_as::<_, ApprovalRow>(
             "UPDATE approval_requests SET state = $2, decided_at = $3, decided_by_id = $4,
-                 decided_by_name = $5, next_attempt_at = $6
+                 decided_by_name = $5, next_attempt_at = $6, grant_scope = $7
              WHERE id = $1 AND state = 'pending' AND expires_at > $3
              RETURNING *",
         )
@@ -701,6 +705,7 @@ impl Store {
         .bind(user_id)
         .bind(user_name)
         .bind(next_attempt)
+        .bind(scope)
         .fetch_optional(&self.pool)
         .await?;
         if let Some(row) = row {
@@ -804,25 +809,349 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The most recent approved-and-applied request for `domain`, from any session: such a
-    /// domain is already reachable and needs no new card.
+    /// The number of pending requests of a session (the cap `SM_MAX_PENDING_APPROVALS`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn pending_approvals(&self, session_id: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM approval_requests WHERE session_id = $1 AND state = 'pending'",
+        )
+        .bind(session_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The pending request of a session for a domain, if any.
     ///
     /// # Errors
     /// [`StoreError::Database`] or [`StoreError::Corrupt`].
-    pub async fn applied_approval_for_domain(
+    pub async fn pending_approval(
         &self,
+        session_id: &str,
         domain: &str,
     ) -> StoreResult<Option<ApprovalRequest>> {
         sqlx::query_as::<_, ApprovalRow>(
-            "SELECT * FROM approval_requests
-             WHERE domain = $1 AND state = 'approved' AND applied_at IS NOT NULL
-             ORDER BY applied_at DESC, id LIMIT 1",
+            "SELECT * FROM approval_requests WHERE session_id = $1 AND domain = $2 AND state = 'pending'",
         )
+        .bind(session_id)
         .bind(domain)
         .fetch_optional(&self.pool)
         .await?
         .map(ApprovalRequest::try_from)
         .transpose()
+    }
+
+    /// Opens a request the bot decides itself (state `approved`, due for the firewall at
+    /// once): the domain of the live grant `source` must be put back in the alias (drift) and
+    /// granted to `session_id` too. The decider is the source grant's. If the session already
+    /// has such a request waiting for the firewall, returns that one instead.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn open_grant_repair(
+        &self,
+        session_id: &str,
+        source: &Grant,
+        now: i64,
+    ) -> StoreResult<ApprovalRequest> {
+        let waiting = sqlx::query_as::<_, ApprovalRow>(
+            "SELECT * FROM approval_requests
+             WHERE session_id = $1 AND domain = $2 AND state = 'approved' AND applied_at IS NULL
+             ORDER BY requested_at LIMIT 1",
+        )
+        .bind(session_id)
+        .bind(&source.domain)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = waiting {
+            return row.try_into();
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query_as::<_, ApprovalRow>(
+            "INSERT INTO approval_requests (id, session_id, domain, state, requested_at, expires_at,
+                 decided_at, decided_by_id, decided_by_name, next_attempt_at, grant_scope, source_grant_id)
+             VALUES ($1, $2, $3, 'approved', $4, $4, $4, $5, $6, $4, $7, $8)
+             RETURNING *",
+        )
+        .bind(&id)
+        .bind(session_id)
+        .bind(&source.domain)
+        .bind(now)
+        .bind(&source.granted_by_id)
+        .bind(&source.granted_by_name)
+        .bind(<&str>::from(source.scope))
+        .bind(&source.id)
+        .fetch_one(&self.pool)
+        .await?
+        .try_into()
+    }
+
+    /// Closes the requests of ended sessions that are still pending, or approved but not yet
+    /// applied to the firewall (state `closed`), and returns them, each exactly once.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn close_approvals_of_ended_sessions(
+        &self,
+        now: i64,
+    ) -> StoreResult<Vec<ApprovalRequest>> {
+        let rows = sqlx::query_as::<_, ApprovalRow>(
+            "UPDATE approval_requests SET state = 'closed', decided_at = COALESCE(decided_at, $1),
+                 next_attempt_at = NULL
+             WHERE (state = 'pending' OR (state = 'approved' AND applied_at IS NULL))
+               AND session_id IN (SELECT id FROM sessions WHERE state = 'ended')
+             RETURNING *",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ApprovalRequest::try_from).collect()
+    }
+
+    // ----- egress grants ------------------------------------------------------------------
+
+    /// Records a grant. A second grant for the same request is not recorded: the first is
+    /// returned.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] (an unknown session) or [`StoreError::Corrupt`].
+    pub async fn insert_grant(&self, grant: &NewGrant) -> StoreResult<Grant> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let inserted = sqlx::query_as::<_, GrantRow>(
+            "INSERT INTO egress_grants (id, domain, session_id, scope, request_id, source_grant_id,
+                 granted_by_id, granted_by_name, granted_at, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT DO NOTHING
+             RETURNING *",
+        )
+        .bind(&id)
+        .bind(&grant.domain)
+        .bind(&grant.session_id)
+        .bind(<&str>::from(grant.scope))
+        .bind(&grant.request_id)
+        .bind(&grant.source_grant_id)
+        .bind(&grant.granted_by_id)
+        .bind(&grant.granted_by_name)
+        .bind(grant.granted_at)
+        .bind(grant.expires_at)
+        .fetch_optional(&self.pool)
+        .await?;
+        match inserted {
+            Some(row) => row.try_into(),
+            None => {
+                sqlx::query_as::<_, GrantRow>("SELECT * FROM egress_grants WHERE request_id = $1")
+                    .bind(&grant.request_id)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_into()
+            }
+        }
+    }
+
+    /// A grant by id.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn grant(&self, id: &str) -> StoreResult<Option<Grant>> {
+        sqlx::query_as::<_, GrantRow>("SELECT * FROM egress_grants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Grant::try_from)
+            .transpose()
+    }
+
+    /// A live grant for `domain` at `now` held by a session that has not ended: `session_id`'s
+    /// own first, then the one that lasts longest.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn live_grant_for_domain(
+        &self,
+        domain: &str,
+        session_id: &str,
+        now: i64,
+    ) -> StoreResult<Option<Grant>> {
+        sqlx::query_as::<_, GrantRow>(&format!(
+            "SELECT g.* FROM egress_grants g JOIN sessions s ON s.id = g.session_id
+             WHERE {GRANT_LIVE} AND g.domain = $2 AND s.state <> 'ended'
+             ORDER BY CASE WHEN g.session_id = $3 THEN 0 ELSE 1 END,
+                      CASE WHEN g.expires_at IS NULL THEN 0 ELSE 1 END,
+                      g.expires_at DESC, g.granted_at, g.id
+             LIMIT 1"
+        ))
+        .bind(now)
+        .bind(domain)
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Grant::try_from)
+        .transpose()
+    }
+
+    /// The live grants at `now`, of one session or (with `None`) of all, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn live_grants(&self, session_id: Option<&str>, now: i64) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query_as::<_, GrantRow>(&format!(
+            "SELECT g.* FROM egress_grants g
+             WHERE {GRANT_LIVE} AND ($2 IS NULL OR g.session_id = $2)
+             ORDER BY g.granted_at, g.id"
+        ))
+        .bind(now)
+        .bind(session_id)
+        .fetch_all(&self.pool)
+        .await?;
+        grants(rows)
+    }
+
+    /// Ends the grants that should no longer grant anything at `now` and returns them, each
+    /// exactly once: those past their expiry (`expired`) and those of ended sessions
+    /// (`session_ended`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn end_due_grants(&self, now: i64) -> StoreResult<Vec<Grant>> {
+        let mut ended = grants(
+            sqlx::query_as::<_, GrantRow>(
+                "UPDATE egress_grants SET ended_at = $1, end_reason = 'expired'
+                 WHERE ended_at IS NULL AND expires_at IS NOT NULL AND expires_at <= $1
+                 RETURNING *",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?,
+        )?;
+        ended.extend(grants(
+            sqlx::query_as::<_, GrantRow>(
+                "UPDATE egress_grants SET ended_at = $1, end_reason = 'session_ended'
+                 WHERE ended_at IS NULL
+                   AND session_id IN (SELECT id FROM sessions WHERE state = 'ended')
+                 RETURNING *",
+            )
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?,
+        )?);
+        Ok(ended)
+    }
+
+    /// Revokes `session_id`'s live grants for `domain` at `now` (`revoked`) and returns them.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn revoke_grants(
+        &self,
+        session_id: &str,
+        domain: &str,
+        now: i64,
+    ) -> StoreResult<Vec<Grant>> {
+        let rows = sqlx::query_as::<_, GrantRow>(
+            "UPDATE egress_grants SET ended_at = $1, end_reason = 'revoked'
+             WHERE ended_at IS NULL AND (expires_at IS NULL OR expires_at > $1)
+               AND session_id = $2 AND domain = $3
+             RETURNING *",
+        )
+        .bind(now)
+        .bind(session_id)
+        .bind(domain)
+        .fetch_all(&self.pool)
+        .await?;
+        grants(rows)
+    }
+
+    // ----- domains the bot added to the firewall alias -------------------------------------
+
+    /// Records that the bot itself added `domain` to the alias (so it may remove it later).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn record_firewall_domain(&self, domain: &str, now: i64) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO firewall_domains (domain, added_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(domain)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The domains the bot added that nothing covers at `now` (no live grant, no approval
+    /// waiting for the firewall) and whose next removal attempt is due; with `only`, just
+    /// that domain if it qualifies (the check made again right before removing it).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn firewall_domains_to_remove(
+        &self,
+        now: i64,
+        only: Option<&str>,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar::<_, String>(&format!(
+            "SELECT f.domain FROM firewall_domains f
+             WHERE f.next_attempt_at <= $1 AND ($2 IS NULL OR f.domain = $2)
+               AND NOT EXISTS (SELECT 1 FROM egress_grants g WHERE g.domain = f.domain AND {GRANT_LIVE})
+               AND NOT EXISTS (SELECT 1 FROM approval_requests a
+                               WHERE a.domain = f.domain AND a.state = 'approved' AND a.applied_at IS NULL)
+             ORDER BY f.domain"
+        ))
+        .bind(now)
+        .bind(only)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Forgets a domain the bot removed from the alias.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn forget_firewall_domain(&self, domain: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM firewall_domains WHERE domain = $1")
+            .bind(domain)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Failed removal attempts of a domain so far (0 when unknown).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn firewall_removal_attempts(&self, domain: &str) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT remove_attempts FROM firewall_domains WHERE domain = $1",
+        )
+        .bind(domain)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(0))
+    }
+
+    /// Records a failed removal; it is tried again at `next_attempt_at` (Unix ms).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn record_firewall_removal_failed(
+        &self,
+        domain: &str,
+        error: &str,
+        next_attempt_at: i64,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "UPDATE firewall_domains SET remove_attempts = remove_attempts + 1, last_error = $2,
+                 next_attempt_at = $3
+             WHERE domain = $1
+             RETURNING remove_attempts",
+        )
+        .bind(domain)
+        .bind(error)
+        .bind(next_attempt_at)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(0))
     }
 
     // ----- audit log ----------------------------------------------------------------------
@@ -1436,6 +1765,8 @@ struct ApprovalRow {
     apply_attempts: i64,
     next_attempt_at: Option<i64>,
     last_error: Option<String>,
+    grant_scope: Option<String>,
+    source_grant_id: Option<String>,
 }
 
 impl TryFrom<ApprovalRow> for ApprovalRequest {
@@ -1457,9 +1788,61 @@ impl TryFrom<ApprovalRow> for ApprovalRequest {
             apply_attempts: r.apply_attempts,
             next_attempt_at: r.next_attempt_at,
             last_error: r.last_error,
+            grant_scope: r
+                .grant_scope
+                .map(|v| parse_enum("approval_requests", "grant_scope", v))
+                .transpose()?,
+            source_grant_id: r.source_grant_id,
         })
     }
 }
+
+#[derive(FromRow)]
+struct GrantRow {
+    id: String,
+    domain: String,
+    session_id: String,
+    scope: String,
+    request_id: Option<String>,
+    source_grant_id: Option<String>,
+    granted_by_id: Option<String>,
+    granted_by_name: Option<String>,
+    granted_at: i64,
+    expires_at: Option<i64>,
+    ended_at: Option<i64>,
+    end_reason: Option<String>,
+}
+
+impl TryFrom<GrantRow> for Grant {
+    type Error = StoreError;
+
+    fn try_from(r: GrantRow) -> StoreResult<Grant> {
+        Ok(Grant {
+            id: r.id,
+            domain: r.domain,
+            session_id: r.session_id,
+            scope: parse_enum("egress_grants", "scope", r.scope)?,
+            request_id: r.request_id,
+            source_grant_id: r.source_grant_id,
+            granted_by_id: r.granted_by_id,
+            granted_by_name: r.granted_by_name,
+            granted_at: r.granted_at,
+            expires_at: r.expires_at,
+            ended_at: r.ended_at,
+            end_reason: r
+                .end_reason
+                .map(|v| parse_enum("egress_grants", "end_reason", v))
+                .transpose()?,
+        })
+    }
+}
+
+fn grants(rows: Vec<GrantRow>) -> StoreResult<Vec<Grant>> {
+    rows.into_iter().map(Grant::try_from).collect()
+}
+
+/// SQL condition: grant `g` is live at `$1` (Unix ms).
+const GRANT_LIVE: &str = "g.ended_at IS NULL AND (g.expires_at IS NULL OR g.expires_at > $1)";
 
 #[derive(FromRow)]
 struct AuditRow {

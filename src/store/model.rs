@@ -402,6 +402,117 @@ pub enum ApprovalState {
     Failed,
     /// Nobody decided before `expires_at`.
     Expired,
+    /// Its session ended while it was pending.
+    Closed,
+}
+
+/// How long an approval grants its domain (`approval_requests.grant_scope`,
+/// `egress_grants.scope`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum GrantScope {
+    /// For `SM_EGRESS_GRANT_TTL_SECS` from the decision (and at most until the session ends).
+    Ttl,
+    /// Until the session ends.
+    Session,
+}
+
+/// Why a grant ended (`egress_grants.end_reason`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::Display,
+)]
+#[strum(serialize_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum GrantEnd {
+    /// Its time ran out.
+    Expired,
+    /// Revoked with `!revoke`.
+    Revoked,
+    /// Its session ended.
+    SessionEnded,
+}
+
+/// A domain granted to one session (a row of `egress_grants`): live while `ended_at` is unset
+/// and `expires_at` (Unix ms) is unset or in the future.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Grant {
+    /// UUID v4.
+    pub id: String,
+    /// Normalised domain.
+    pub domain: String,
+    /// The session it was granted to.
+    pub session_id: String,
+    /// How long it lasts.
+    pub scope: GrantScope,
+    /// The request it answered, if any.
+    pub request_id: Option<String>,
+    /// The other session's grant it was shared from, if any. A shared grant is a grant of its
+    /// own: it ends at the same time as the source (a [`GrantScope::Ttl`] one) or when its own
+    /// session ends (a [`GrantScope::Session`] one), not when the source ends.
+    pub source_grant_id: Option<String>,
+    /// Who decided (user id); for a shared grant, who decided the source.
+    pub granted_by_id: Option<String>,
+    /// Who decided (username).
+    pub granted_by_name: Option<String>,
+    /// When (Unix ms).
+    pub granted_at: i64,
+    /// Until when (Unix ms); `None`: until the session (or the source grant) ends.
+    pub expires_at: Option<i64>,
+    /// When it ended (Unix ms).
+    pub ended_at: Option<i64>,
+    /// Why it ended.
+    pub end_reason: Option<GrantEnd>,
+}
+
+impl Grant {
+    /// Whether it still grants its domain at `now` (Unix ms).
+    pub fn is_live(&self, now: i64) -> bool {
+        self.ended_at.is_none() && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// A new grant to record with [`crate::store::Store::insert_grant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGrant {
+    /// Normalised domain.
+    pub domain: String,
+    /// The session it is granted to.
+    pub session_id: String,
+    /// How long it lasts.
+    pub scope: GrantScope,
+    /// The request it answers, if any (at most one grant per request).
+    pub request_id: Option<String>,
+    /// The other session's grant it is shared from, if any.
+    pub source_grant_id: Option<String>,
+    /// Who decided (user id).
+    pub granted_by_id: Option<String>,
+    /// Who decided (username).
+    pub granted_by_name: Option<String>,
+    /// When (Unix ms).
+    pub granted_at: i64,
+    /// Until when (Unix ms), or `None` for the session's lifetime.
+    pub expires_at: Option<i64>,
 }
 
 /// A decision on a pending request.
@@ -454,6 +565,10 @@ pub struct ApprovalRequest {
     pub next_attempt_at: Option<i64>,
     /// Last firewall error.
     pub last_error: Option<String>,
+    /// What an approval grants (set with the decision).
+    pub grant_scope: Option<GrantScope>,
+    /// Set on a request the bot opened itself to restore or share this live grant.
+    pub source_grant_id: Option<String>,
 }
 
 /// What happened to a decision.

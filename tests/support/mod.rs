@@ -6,6 +6,7 @@
 //! dropped.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod mattermost;
 pub mod model_server;
 pub mod opnsense;

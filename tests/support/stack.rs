@@ -33,9 +33,12 @@ pub struct Stack {
     pub vm_root: String,
     /// The extra settings the test started with (the bot process gets them too).
     pub extra: Vec<(String, String)>,
+    /// The DNS server the bot's egress policy asks (`SM_EGRESS_DNS_SERVERS`):
+    /// `inside.egress.test` resolves to 127.0.0.1, `outside.egress.test` to a public address.
+    pub dns: super::dns::FakeDns,
 }
 
-pub const READY_TIMEOUT: Duration = Duration::from_secs(240);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(420);
 
 impl Stack {
     pub async fn start(script: ModelScript) -> Self {
@@ -79,10 +82,21 @@ impl Stack {
             .await
             .expect("bind");
         let callback = format!("http://{}/callback", listener.local_addr().expect("addr"));
-        let extra: Vec<(&str, String)> = extra
+        let dns = super::dns::FakeDns::start(&[
+            ("inside.egress.test", std::net::Ipv4Addr::LOCALHOST),
+            (
+                "outside.egress.test",
+                std::net::Ipv4Addr::new(93, 184, 216, 34),
+            ),
+        ])
+        .await;
+        let mut extra: Vec<(&str, String)> = extra
             .iter()
             .map(|(k, v)| (*k, v.replace("{callback}", &callback)))
             .collect();
+        if !extra.iter().any(|(k, _)| *k == "egress-dns-servers") {
+            extra.insert(0, ("egress-dns-servers", dns.addr().to_string()));
+        }
         let app = TestApp::start_on(
             listener,
             Self::settings(&tb, &fake, &model, &db, &vm_root, &extra),
@@ -113,6 +127,7 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
+            dns,
         }
     }
 
@@ -143,6 +158,9 @@ impl Stack {
             ("container-image", tb.get("SM_TEST_SANDBOX_IMAGE")),
             ("container-network", "host".into()),
             ("container-env", env),
+            // A 2-core CI machine building an image while other tests run needs more than
+            // production's 120 s.
+            ("devcontainer-timeout-secs", "300".into()),
         ];
         let pairs: Vec<(&str, &str)> = owned
             .iter()
@@ -201,10 +219,15 @@ impl Stack {
 
     /// Starts a session from town-square and waits until it is ready. Returns its thread root.
     pub async fn start_session(&self, command: &str) -> (String, String) {
+        self.start_session_as(&self.alice, command).await
+    }
+
+    /// Like [`Stack::start_session`], started by `user`.
+    pub async fn start_session_as(&self, user: &str, command: &str) -> (String, String) {
         let before: std::collections::HashSet<String> =
             self.fake.posts().into_iter().map(|p| p.id).collect();
         self.fake
-            .post_as(&self.alice, &self.town, None, command)
+            .post_as(user, &self.town, None, command)
             .expect("post");
         let anchor_marker = command
             .split_whitespace()
@@ -393,6 +416,7 @@ impl BotProcess {
             ("container-image", tb.get("SM_TEST_SANDBOX_IMAGE")),
             ("container-network", "host".into()),
             ("container-env", env),
+            ("devcontainer-timeout-secs", "300".into()),
         ];
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-manager"));
         cmd.arg("serve")
