@@ -84,6 +84,17 @@ fn the_readme_and_the_runbook_list_every_endpoint() {
     }
 }
 
+#[test]
+fn the_readme_says_whether_teams_is_served() {
+    let readme = read("README.md");
+    let served = session_manager::http::ENDPOINTS.contains(&("POST", "/api/messages"));
+    let says_not_served = readme.contains("`serve` does not run it yet");
+    assert_ne!(
+        served, says_not_served,
+        "README.md must say whether serve runs the Teams adapter (/api/messages served: {served})"
+    );
+}
+
 /// `NAME=value` of a shell assignment at the start of a line in a script.
 fn script_value(script: &str, name: &str) -> String {
     read(script)
