@@ -213,8 +213,8 @@ const MATTERMOST_REQUIRED: [(&str, &str); 3] = [
 /// its settings is set, and then all three are required (see `rules`).
 #[derive(Debug, Clone, Args)]
 pub struct MattermostSettings {
-    /// Mattermost server base URL, e.g. `https://chat.example.com` (required unless
-    /// SM_TEAMS_APP_ID is set; Mattermost is the only chat platform `serve` runs today).
+    /// Mattermost server base URL, e.g. `https://chat.example.com`. Setting it enables
+    /// Mattermost; required unless SM_TEAMS_APP_ID is set.
     #[arg(
         id = "mattermost_url",
         long = "mattermost-url",
@@ -257,9 +257,8 @@ pub const BOT_FRAMEWORK_OPENID_METADATA_URL: &str =
 /// enabled exactly when `SM_TEAMS_APP_ID` is set; the password is then required.
 #[derive(Debug, Clone, Args)]
 pub struct TeamsSettings {
-    /// Microsoft App ID (a GUID) of the bot's Azure Bot registration; inbound tokens must name
-    /// it as their audience. Teams is not served yet: its settings are checked, but
-    /// `serve` talks to Mattermost only.
+    /// Microsoft App ID (a GUID) of the bot's Azure Bot registration. Setting it enables
+    /// Microsoft Teams; inbound tokens must name it as their audience.
     #[arg(
         id = "teams_app_id",
         long = "teams-app-id",
@@ -1407,9 +1406,6 @@ fn rules(v: &Values, p: &mut Problems) {
             );
         }
     }
-    if teams {
-        p.warn("SM_TEAMS_APP_ID is set, but Microsoft Teams is not served yet: `serve` talks to Mattermost only, and with Teams alone the chat side stays off.");
-    }
     let mattermost = MATTERMOST_REQUIRED.iter().any(|(var, _)| v.is_set(var));
     if mattermost || !teams {
         for (var, what) in MATTERMOST_REQUIRED {
@@ -2553,21 +2549,6 @@ mod tests {
         assert_eq!(source("SM_VM_PORT"), Some(".env"));
         assert_eq!(source("SM_VM_USER"), Some("flag"), "a flag wins over .env");
         assert_eq!(source("SM_SSH_TIMEOUT_SECS"), Some("default"));
-    }
-
-    #[test]
-    fn teams_settings_warn_that_teams_is_not_served() {
-        let mut pairs = complete();
-        pairs.push(("teams-app-id", "00000000-0000-0000-0000-000000000001"));
-        pairs.push(("teams-app-password", "pw"));
-        let s = args(&pairs).expect("valid");
-        assert!(
-            s.warnings
-                .iter()
-                .any(|w| w.contains("Teams is not served yet")),
-            "{:?}",
-            s.warnings
-        );
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! # session-manager
 //!
-//! Lets a team drive Claude Code from chat: `@claude start org/repo` in a Mattermost channel
-//! opens a thread, the bot starts Claude Code in a devcontainer on a VM over SSH, and the thread
-//! becomes the conversation (a Microsoft Teams adapter exists in [`chat`], but [`serve`] does
-//! not run it yet). Egress from the container is blocked by an OPNsense
+//! Lets a team drive Claude Code from chat: `@claude start org/repo` in a Mattermost (or Teams)
+//! channel opens a thread, the bot starts Claude Code in a devcontainer on a VM over SSH, and
+//! the thread becomes the conversation. Egress from the container is blocked by an OPNsense
 //! firewall; the agent asks for a domain with `[NETWORK_REQUEST: domain]` and a person approves
 //! or denies it with HMAC-signed buttons.
 //!
@@ -90,6 +89,9 @@ use crate::approval::{ApprovalConfig, Approvals, Approvers};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
+use crate::chat::router::ChatRouter;
+use crate::chat::teams::{TeamsAdapter, TeamsConfig};
+use crate::chat::ChatEvent;
 use crate::chat::{ChatOutbound, ClickHandlers};
 use crate::config::Settings;
 use crate::dispatch::{DispatchConfig, Dispatcher};
@@ -259,6 +261,26 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let clicks = ClickHandlers::new();
+    // Teams posts activities to this bot's HTTP server: its adapter and route exist from the
+    // start; the dispatcher reads the queued events once this instance is active.
+    let teams = match TeamsConfig::from_settings(&settings.teams, &settings.chat.bot_trigger) {
+        None => None,
+        Some(config) => {
+            let adapter = Arc::new(
+                TeamsAdapter::connect(config, store.clone())
+                    .await
+                    .context("cannot prepare the Microsoft Teams adapter")?,
+            );
+            let (events_tx, events_rx) = mpsc::channel(256);
+            let routes = chat::teams::routes(Arc::clone(&adapter), events_tx, clicks.clone());
+            info!(path = chat::teams::MESSAGES_PATH, "serving Microsoft Teams");
+            Some((adapter, events_rx, routes))
+        }
+    };
+    let (teams, teams_routes) = match teams {
+        Some((adapter, events, routes)) => (Some((adapter, events)), Some(routes)),
+        None => (None, None),
+    };
     tasks.spawn(vm_health_loop(
         Arc::clone(&ssh),
         health.clone(),
@@ -272,6 +294,7 @@ pub async fn serve(
             firewall: Arc::clone(&firewall),
             clicks: clicks.clone(),
             health: health.clone(),
+            teams,
         },
         role.clone(),
         shutdown.clone(),
@@ -289,7 +312,7 @@ pub async fn serve(
         None => {
             serve_http(
                 listeners.main,
-                http::router(state),
+                http::router_with(state, teams_routes),
                 "HTTP server",
                 &shutdown,
             )
@@ -303,7 +326,12 @@ pub async fn serve(
                     "/health, /metrics",
                     &shutdown
                 ),
-                serve_http(callback, http::chat_router(state), "/callback", &shutdown),
+                serve_http(
+                    callback,
+                    http::chat_router_with(state, teams_routes),
+                    "/callback and /api/messages",
+                    &shutdown
+                ),
             );
             ops.and(chat)
         }
@@ -384,6 +412,8 @@ struct Shared {
     firewall: Arc<OpnsenseClient>,
     clicks: ClickHandlers,
     health: HealthRegistry,
+    /// The Teams adapter and the events its `/api/messages` route queues, when Teams is on.
+    teams: Option<(Arc<TeamsAdapter>, mpsc::Receiver<ChatEvent>)>,
 }
 
 /// Connects to Mattermost (retrying with backoff while it is unreachable, so the rest of the
@@ -401,63 +431,42 @@ async fn run_chat(
         firewall,
         clicks,
         health,
+        teams,
     } = shared;
     // Only the active instance talks to chat and runs sessions.
     tokio::select! {
         () = cancel.cancelled() => return,
         active = role.wait_for(|r| *r == Role::Active) => if active.is_err() { return },
     }
-    // Teams is not wired in here yet: with Teams alone configured the chat side stays off.
-    let Some(mattermost) = settings.mattermost.as_ref() else {
-        error!("SM_MATTERMOST_URL is not set, and serving Microsoft Teams alone is not wired in yet: the chat side is off");
-        return;
-    };
-    let config = MattermostConfig {
-        url: mattermost.url.clone(),
-        token: mattermost.token.clone(),
-        team_id: mattermost.team_id.clone(),
-        channel_category: settings.chat.channel_category.clone(),
-        request_timeout: Duration::from_secs(30),
-        retry: RetryPolicy::default(),
-        websocket: WsSettings::default(),
-        channel_privacy: settings.chat.project_channel_privacy,
-    };
-    health.register("mattermost");
-    let mut delay = Duration::from_secs(1);
-    let mut reach = Reachability::new("Mattermost");
-    let adapter = loop {
-        match MattermostAdapter::connect(config.clone(), store.clone()).await {
-            Ok(adapter) => {
-                reach.report(Ok(format!(
-                    "{} answers; the bot's token is valid",
-                    config::redact_url_password(mattermost.url.as_str())
-                )));
-                break Arc::new(adapter);
-            }
-            Err(e) => {
-                let url = config::redact_url_password(mattermost.url.as_str());
-                if !reach.report(Err(format!("{url}: {e} (retrying in {delay:?})"))) {
-                    warn!(error = %e, retry_in = ?delay, "cannot connect to Mattermost");
-                }
-                health.report(
-                    "mattermost",
-                    health::ComponentStatus::Down,
-                    Some(e.to_string()),
-                );
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(60));
+    let mattermost = match settings.mattermost.as_ref() {
+        None => None,
+        Some(mattermost) => {
+            match connect_mattermost(&settings, mattermost, &store, &health, &cancel).await {
+                Some(adapter) => Some(adapter),
+                None => return, // shutting down
             }
         }
     };
-    let users = match resolve_users(
-        adapter.as_ref(),
-        "SM_ALLOWED_USERS",
-        &settings.chat.allowed_users,
-    )
-    .await
+    let (teams, teams_events) = match teams {
+        Some((adapter, events)) => (Some(adapter), Some(events)),
+        None => (None, None),
+    };
+    let Some(chat) = ChatRouter::new(
+        mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
+        teams.clone().map(|a| a as Arc<dyn ChatOutbound>),
+    ) else {
+        error!("no chat platform is configured (SM_MATTERMOST_URL or SM_TEAMS_APP_ID): the chat side is off");
+        return;
+    };
+    let platforms: Vec<Arc<dyn ChatOutbound>> = [
+        mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
+        teams.clone().map(|a| a as Arc<dyn ChatOutbound>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let users = match resolve_users(&platforms, "SM_ALLOWED_USERS", &settings.chat.allowed_users)
+        .await
     {
         None => {
             warn!("SM_ALLOWED_USERS is empty: every member of a channel the bot serves may start sessions");
@@ -465,16 +474,12 @@ async fn run_chat(
         }
         Some(ids) => Access::Only(ids),
     };
-    let admins = resolve_users(
-        adapter.as_ref(),
-        "SM_ADMIN_USERS",
-        &settings.chat.admin_users,
-    )
-    .await
-    .unwrap_or_default();
+    let admins = resolve_users(&platforms, "SM_ADMIN_USERS", &settings.chat.admin_users)
+        .await
+        .unwrap_or_default();
     let roles = Roles { users, admins };
     let approvers = match resolve_users(
-        adapter.as_ref(),
+        &platforms,
         "SM_ALLOWED_APPROVERS",
         &settings.chat.allowed_approvers,
     )
@@ -505,13 +510,13 @@ async fn run_chat(
     let runtime = SessionRuntime::new(
         Arc::clone(&ssh),
         store.clone(),
-        adapter.clone(),
+        Arc::new(chat.clone()),
         runtime_config(&settings),
         markers_tx,
     );
     let approvals = Approvals::new(
         store.clone(),
-        adapter.clone(),
+        Arc::new(chat.clone()),
         firewall,
         Arc::new(runtime.clone()),
         ApprovalConfig {
@@ -536,7 +541,7 @@ async fn run_chat(
         .to_owned();
     let orchestrator = Arc::new(Orchestrator::new(
         store.clone(),
-        adapter.clone(),
+        chat.clone(),
         runtime.clone(),
         OrchestratorConfig {
             max_children: settings.container.max_child_sessions,
@@ -572,27 +577,113 @@ async fn run_chat(
     ));
     clicks.set(approvals);
     runtime.recover().await;
-    let dispatcher = Dispatcher::new(
-        adapter.clone(),
-        store,
-        Arc::new(runtime.clone()),
-        DispatchConfig {
-            trigger: settings.chat.bot_trigger.clone(),
-            default_org: settings.repos.default_org.clone(),
-            repo_host,
-            roles,
-            allowlist,
-        },
-    );
-    let (events_tx, events_rx) = mpsc::channel(256);
-    let listening = tokio::spawn(adapter.run(events_tx, health, cancel.clone()));
-    dispatcher.run(events_rx, cancel).await;
-    let _ = listening.await;
+    // One dispatcher per platform, over the one session runtime: a thread is found on the
+    // platform its message came from.
+    let config = DispatchConfig {
+        trigger: settings.chat.bot_trigger.clone(),
+        default_org: settings.repos.default_org.clone(),
+        repo_host,
+        roles,
+        allowlist,
+    };
+    let sessions: Arc<dyn session::SessionControl> = Arc::new(runtime.clone());
+    let mut chat_tasks = JoinSet::new();
+    if let Some(adapter) = &mattermost {
+        let dispatcher = Dispatcher::new(
+            adapter.clone(),
+            store.clone(),
+            Arc::clone(&sessions),
+            config.clone(),
+        );
+        let (events_tx, events_rx) = mpsc::channel(256);
+        chat_tasks.spawn(Arc::clone(adapter).run(events_tx, health.clone(), cancel.clone()));
+        chat_tasks.spawn(dispatcher.run(events_rx, cancel.clone()));
+    }
+    if let (Some(adapter), Some(events)) = (&teams, teams_events) {
+        health.register("teams");
+        health.report(
+            "teams",
+            health::ComponentStatus::Up,
+            Some(format!("serving {}", chat::teams::MESSAGES_PATH)),
+        );
+        let dispatcher = Dispatcher::new(
+            adapter.clone(),
+            store.clone(),
+            Arc::clone(&sessions),
+            config.clone(),
+        );
+        chat_tasks.spawn(dispatcher.run(events, cancel.clone()));
+        // Teams only calls in, so the start line is about the way out: a Connector token.
+        let (adapter, endpoint) = (Arc::clone(adapter), settings.teams.token_endpoint());
+        chat_tasks.spawn(async move {
+            let mut reach = Reachability::new("Microsoft Teams");
+            reach.report(match adapter.connector().check_token().await {
+                Ok(()) => Ok(format!("the token endpoint {endpoint} issued a token")),
+                Err(e) => Err(format!("{endpoint}: {e}")),
+            });
+        });
+    }
+    while let Some(done) = chat_tasks.join_next().await {
+        if let Err(e) = done {
+            error!(error = %e, "a chat task failed");
+        }
+    }
+    if let Some(adapter) = &teams {
+        adapter.close().await;
+    }
     runtime.detach_all(SESSION_GRACE).await;
     markers_stop.cancel();
     let _ = router.await;
     let _ = workers.await;
     let _ = reconciler.await;
+}
+
+/// Connects to Mattermost, retrying with backoff (reported on `/health` as component
+/// `mattermost`) while it is unreachable; `None` when `cancel` fires first.
+async fn connect_mattermost(
+    settings: &Settings,
+    mattermost: &config::MattermostSettings,
+    store: &Store,
+    health: &HealthRegistry,
+    cancel: &CancellationToken,
+) -> Option<Arc<MattermostAdapter>> {
+    let config = MattermostConfig {
+        url: mattermost.url.clone(),
+        token: mattermost.token.clone(),
+        team_id: mattermost.team_id.clone(),
+        channel_category: settings.chat.channel_category.clone(),
+        request_timeout: Duration::from_secs(30),
+        retry: RetryPolicy::default(),
+        websocket: WsSettings::default(),
+        channel_privacy: settings.chat.project_channel_privacy,
+    };
+    health.register("mattermost");
+    let mut delay = Duration::from_secs(1);
+    let mut reach = Reachability::new("Mattermost");
+    let url = config::redact_url_password(mattermost.url.as_str());
+    loop {
+        match MattermostAdapter::connect(config.clone(), store.clone()).await {
+            Ok(adapter) => {
+                reach.report(Ok(format!("{url} answers; the bot's token is valid")));
+                return Some(Arc::new(adapter));
+            }
+            Err(e) => {
+                if !reach.report(Err(format!("{url}: {e} (retrying in {delay:?})"))) {
+                    warn!(error = %e, retry_in = ?delay, "cannot connect to Mattermost");
+                }
+                health.report(
+                    "mattermost",
+                    health::ComponentStatus::Down,
+                    Some(e.to_string()),
+                );
+                tokio::select! {
+                    () = cancel.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// Reports the firewall as component `firewall`: an API call (the alias lookup) every interval.
@@ -737,11 +828,12 @@ impl Reachability {
 }
 
 /// Resolves a list setting of users (`SM_ALLOWED_USERS`, `SM_ADMIN_USERS`,
-/// `SM_ALLOWED_APPROVERS`: ids or usernames) to user ids; `None` when the list is empty. An
-/// entry the platform does not know is left out (fewer people, never more), and logged under
-/// the setting's own name.
+/// `SM_ALLOWED_APPROVERS`: ids or usernames, AAD object ids for Teams) to user ids on every
+/// platform served; `None` when the list is empty. An entry one platform does not know is
+/// simply not a user there; an entry no platform knows is left out (fewer people, never more)
+/// and logged under the setting's own name.
 async fn resolve_users(
-    chat: &dyn ChatOutbound,
+    platforms: &[Arc<dyn ChatOutbound>],
     setting: &'static str,
     entries: &[String],
 ) -> Option<std::collections::HashSet<String>> {
@@ -750,13 +842,20 @@ async fn resolve_users(
     }
     let mut ids = std::collections::HashSet::new();
     for entry in entries {
-        match chat.resolve_user(entry).await {
-            Ok(user) => {
-                ids.insert(user.id);
+        let mut known = false;
+        for chat in platforms {
+            match chat.resolve_user(entry).await {
+                Ok(user) => {
+                    known = true;
+                    ids.insert(user.id);
+                }
+                Err(e) => {
+                    tracing::debug!(setting, user = %entry, platform = %chat.platform(), error = %e, "not a user on this platform");
+                }
             }
-            Err(e) => {
-                warn!(setting, user = %entry, error = %e, "a listed user is not known on this platform; left out");
-            }
+        }
+        if !known {
+            warn!(setting, user = %entry, "a listed user is not known on any chat platform; left out");
         }
     }
     info!(setting, users = ids.len(), "users resolved");

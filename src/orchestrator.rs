@@ -16,7 +16,6 @@
 //! [`SPAWN_WINDOW`] creates one child. A child's end is told to its parent exactly once (by the
 //! cleanup that wins the claim); stopping the orchestrator stops its children.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,6 +23,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::agent::markers::Marker;
+use crate::chat::router::ChatRouter;
 use crate::chat::ChatOutbound;
 use crate::command::{CommandError, IdPrefix, RepoRef, WorktreeChoice};
 use crate::config::RepoAllowlist;
@@ -60,10 +60,10 @@ pub struct OrchestratorConfig {
     pub allowlist: RepoAllowlist,
 }
 
-/// Handles the orchestrator markers. Share it in an [`Arc`].
+/// Handles the orchestrator markers. Share it in an [`Arc`](std::sync::Arc).
 pub struct Orchestrator {
     store: Store,
-    chat: Arc<dyn ChatOutbound>,
+    chat: ChatRouter,
     runtime: SessionRuntime,
     config: OrchestratorConfig,
 }
@@ -184,7 +184,7 @@ impl Orchestrator {
     /// stops the children.
     pub fn new(
         store: Store,
-        chat: Arc<dyn ChatOutbound>,
+        chat: ChatRouter,
         runtime: SessionRuntime,
         config: OrchestratorConfig,
     ) -> Self {
@@ -263,15 +263,17 @@ impl Orchestrator {
             info!(parent = %parent.id, "repeated spawn marker ignored");
             return Ok(None);
         }
+        // A child lives on its orchestrator's platform.
+        let chat = self.chat.get(parent.platform);
         let anchor = format!(
             "**{} session for `{repo}`**, spawned by orchestrator `{}` ([its thread]({})).\n**Task:** {}",
             if kind == SessionKind::Reviewer { "Reviewer" } else { "Worker" },
             short_id(&parent.id),
-            self.chat.permalink(&parent.thread_id),
+            chat.permalink(&parent.thread_id),
             if task.is_empty() { "(none given)" } else { task },
         );
         let launched = launch(
-            self.chat.as_ref(),
+            chat.as_ref(),
             &self.store,
             &self.runtime,
             Launch {
@@ -308,7 +310,7 @@ impl Orchestrator {
             &format!(
                 "🧩 Spawned {kind_name} `{}` for `{repo}`: [thread]({})",
                 short_id(&child.id),
-                self.chat.permalink(&launched.root.post_id)
+                chat.permalink(&launched.root.post_id)
             ),
         )
         .await;

@@ -1,9 +1,12 @@
 //! Tests of the scripted fake Anthropic Messages API (`tests/support/model_server.rs`):
 //! protocol tests over HTTP, and the real Claude Code CLI driven against it (that one runs
-//! only when `SM_TEST_CLAUDE_BIN` names the CLI binary; otherwise it returns at once).
+//! against the CLI the testbed installed, or `SM_TEST_CLAUDE_BIN`).
 
 #[path = "support/model_server.rs"]
 mod model_server;
+#[path = "support/testbed.rs"]
+#[allow(dead_code)]
+mod testbed;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -891,24 +894,26 @@ fn blocks<'a>(events: &'a [Value], kind: &str, block: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-fn claude_bin() -> Option<PathBuf> {
-    let bin = PathBuf::from(std::env::var_os("SM_TEST_CLAUDE_BIN")?);
+/// The real Claude Code CLI: `SM_TEST_CLAUDE_BIN`, else the one the testbed installed (its
+/// env file names it). Panics with what to do when neither is there: these tests never skip.
+fn claude_bin() -> PathBuf {
+    let bin = std::env::var_os("SM_TEST_CLAUDE_BIN").map_or_else(
+        || PathBuf::from(testbed::Testbed::load().get("SM_TEST_CLAUDE_BIN")),
+        PathBuf::from,
+    );
     assert!(
         bin.is_file(),
-        "SM_TEST_CLAUDE_BIN={} is not a file",
+        "the Claude Code CLI {} is not a file; run scripts/testbed (scripts/test does)",
         bin.display()
     );
-    Some(bin)
+    bin
 }
 
 /// The real CLI: a text turn, a Bash tool turn (permission asked over stdio and granted),
-/// then `--resume` in a new process. Runs only with `SM_TEST_CLAUDE_BIN` set.
+/// then `--resume` in a new process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cli_against_the_fake() {
-    let Some(bin) = claude_bin() else {
-        eprintln!("skipped: set SM_TEST_CLAUDE_BIN to the claude binary to run this test");
-        return;
-    };
+    let bin = claude_bin();
     let home = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
     let session = uuid::Uuid::new_v4().to_string();
@@ -1083,17 +1088,14 @@ async fn real_cli_against_the_fake() {
 }
 
 /// The real CLI meets API errors (a 529 it retries, a 400 it gives up on) and an interrupt
-/// while a model call hangs. Runs only with `SM_TEST_CLAUDE_BIN` set.
+/// while a model call hangs.
 ///
 /// The CLI keeps a failed or interrupted user message and merges the next input into the
 /// same `user` message, so `last_user_text` then holds both: the rules for later inputs come
 /// first, and the slow rule is used up once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_cli_errors_and_interrupt() {
-    let Some(bin) = claude_bin() else {
-        eprintln!("skipped: set SM_TEST_CLAUDE_BIN to the claude binary to run this test");
-        return;
-    };
+    let bin = claude_bin();
     let home = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
     let session = uuid::Uuid::new_v4().to_string();

@@ -14,6 +14,7 @@
 pub mod mattermost;
 pub mod progress;
 pub mod render;
+pub mod router;
 pub mod stream;
 pub mod teams;
 

@@ -34,12 +34,14 @@ pub const DATABASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request body accepted (callbacks are small).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Every route [`router`] serves, as `(method, path)`: the README's and the runbook's lists are
-/// checked against it (`tests/docs.rs`), and `tests/http.rs` checks that each one is routed.
-pub const ENDPOINTS: [(&str, &str); 3] = [
+/// Every route the bot serves, as `(method, path)`; Teams' messaging endpoint only when Teams
+/// is configured ([`router_with`]). The README's and the runbook's lists are checked against it
+/// (`tests/docs.rs`), and `tests/http.rs` checks that each one is routed.
+pub const ENDPOINTS: [(&str, &str); 4] = [
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("POST", "/callback"),
+    ("POST", crate::chat::teams::MESSAGES_PATH),
 ];
 
 /// What the handlers share.
@@ -63,7 +65,14 @@ pub struct AppState {
 /// requests (`/callback`) together. Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so the rate limiter sees the peer.
 pub fn router(state: AppState) -> Router {
-    layered(operations_routes(&state).merge(chat_routes(&state)), &state)
+    router_with(state, None)
+}
+
+/// [`router`] plus a chat platform's own inbound routes (Teams' `POST /api/messages`), under
+/// the same rate limiting and metrics.
+pub fn router_with(state: AppState, platform: Option<Router>) -> Router {
+    let chat = chat_routes(&state).merge(platform.unwrap_or_default());
+    layered(operations_routes(&state).merge(chat), &state)
 }
 
 /// The operations port alone (`/health`, `/metrics`), when chat servers' requests have a port
@@ -75,7 +84,15 @@ pub fn operations_router(state: AppState) -> Router {
 /// Chat servers' requests alone (`POST /callback`), for `SM_CALLBACK_LISTEN_ADDR`: a port a
 /// NetworkPolicy can open to the chat server only.
 pub fn chat_router(state: AppState) -> Router {
-    layered(chat_routes(&state), &state)
+    chat_router_with(state, None)
+}
+
+/// [`chat_router`] plus a chat platform's own inbound routes (Teams' `POST /api/messages`).
+pub fn chat_router_with(state: AppState, platform: Option<Router>) -> Router {
+    layered(
+        chat_routes(&state).merge(platform.unwrap_or_default()),
+        &state,
+    )
 }
 
 fn operations_routes(state: &AppState) -> Router {

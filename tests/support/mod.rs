@@ -62,6 +62,17 @@ impl TestDatabase {
     }
 
     /// A fresh SQLite file in a temporary directory.
+    /// The database of an end-to-end test: SQLite, or PostgreSQL when
+    /// `SM_TEST_E2E_DATABASE=postgres` (`scripts/test` runs the end-to-end tests on both, since
+    /// production runs on PostgreSQL).
+    pub async fn for_e2e() -> Self {
+        match std::env::var("SM_TEST_E2E_DATABASE").as_deref() {
+            Ok("postgres") => Self::postgres().await,
+            Ok("sqlite") | Err(_) => Self::sqlite(),
+            Ok(other) => panic!("SM_TEST_E2E_DATABASE={other:?}: expected postgres or sqlite"),
+        }
+    }
+
     pub fn sqlite() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}/test.db", dir.path().display());

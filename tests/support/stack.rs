@@ -65,7 +65,7 @@ impl Stack {
             ],
         );
         let model = ModelServer::start(script).await;
-        let db = TestDatabase::sqlite();
+        let db = TestDatabase::for_e2e().await;
         let vm_root = format!("/home/claude/sm-e2e/{}", uuid::Uuid::new_v4().simple());
         let vm = SshPool::new(SshConfig {
             host: tb.get("SM_TEST_VM_HOST"),
