@@ -274,6 +274,23 @@ pub async fn serve(
             let (events_tx, events_rx) = mpsc::channel(256);
             let routes = chat::teams::routes(Arc::clone(&adapter), events_tx, clicks.clone());
             info!(path = chat::teams::MESSAGES_PATH, "serving Microsoft Teams");
+            // Teams only calls in, so its start line is about the way out: whether the token
+            // endpoint gives the bot a Connector token (like the VM and firewall probes, on a
+            // standby too; nothing is posted).
+            let (probe, endpoint) = (Arc::clone(&adapter), settings.teams.token_endpoint());
+            let cancel = shutdown.clone();
+            tasks.spawn(async move {
+                let mut reach = Reachability::new("Microsoft Teams");
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    checked = probe.connector().check_token() => {
+                        reach.report(match checked {
+                            Ok(()) => Ok(format!("the token endpoint {endpoint} issued a token")),
+                            Err(e) => Err(format!("{endpoint}: {e}")),
+                        });
+                    }
+                }
+            });
             Some((adapter, events_rx, routes))
         }
     };
@@ -613,15 +630,6 @@ async fn run_chat(
             config.clone(),
         );
         chat_tasks.spawn(dispatcher.run(events, cancel.clone()));
-        // Teams only calls in, so the start line is about the way out: a Connector token.
-        let (adapter, endpoint) = (Arc::clone(adapter), settings.teams.token_endpoint());
-        chat_tasks.spawn(async move {
-            let mut reach = Reachability::new("Microsoft Teams");
-            reach.report(match adapter.connector().check_token().await {
-                Ok(()) => Ok(format!("the token endpoint {endpoint} issued a token")),
-                Err(e) => Err(format!("{endpoint}: {e}")),
-            });
-        });
     }
     while let Some(done) = chat_tasks.join_next().await {
         if let Err(e) = done {

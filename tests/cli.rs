@@ -474,13 +474,15 @@ fn serve_in_an_empty_directory_creates_sqlite_answers_health_and_stops_on_sigter
     }
 }
 
-#[test]
-fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
+/// Runs `serve` with `extra` settings until it logs the line of `system` (JSON logs), and
+/// returns that line's message.
+fn start_line(extra: &[(&'static str, &str)], system: &str) -> String {
     let dir = tempfile::tempdir().expect("dir");
     let mut env = required_env();
-    env.retain(|(k, _)| *k != "SM_MATTERMOST_URL");
-    // `.invalid` never resolves (RFC 2606).
-    env.push(("SM_MATTERMOST_URL", "http://chat.sm-test.invalid".into()));
+    for (name, value) in extra {
+        env.retain(|(k, _)| k != name);
+        env.push((name, (*value).to_owned()));
+    }
     env.push(("SM_LISTEN_ADDR", "127.0.0.1:0".into()));
     env.push(("SM_LOG_FORMAT", "json".into()));
     env.push(("RUST_LOG", "info".into()));
@@ -499,20 +501,29 @@ fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
     });
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = Vec::new();
-    let line = loop {
+    loop {
         assert!(
             Instant::now() < deadline,
-            "no Mattermost line within 60 s: {seen:?}"
+            "no {system} line within 60 s: {seen:?}"
         );
         let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
         let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if json["system"] == "Mattermost" {
-            break json["message"].as_str().unwrap_or_default().to_owned();
+        if json["system"] == system {
+            return json["message"].as_str().unwrap_or_default().to_owned();
         }
         seen.push(line);
-    };
+    }
+}
+
+#[test]
+fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
+    // `.invalid` never resolves (RFC 2606).
+    let line = start_line(
+        &[("SM_MATTERMOST_URL", "http://chat.sm-test.invalid")],
+        "Mattermost",
+    );
     assert!(
         line.starts_with("Mattermost: not reached: http://chat.sm-test.invalid/"),
         "{line}"
@@ -520,5 +531,23 @@ fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
     assert!(
         line.contains("dns error"),
         "the cause (a DNS failure) is kept: {line}"
+    );
+}
+
+#[test]
+fn teams_gets_a_start_line_too() {
+    let line = start_line(
+        &[
+            ("SM_TEAMS_APP_ID", "00000000-0000-0000-0000-000000000001"),
+            ("SM_TEAMS_APP_PASSWORD", "test-password"),
+            ("SM_TEAMS_TOKEN_URL", "http://127.0.0.1:1/token"),
+            ("SM_TEAMS_OPENID_METADATA_URL", "http://127.0.0.1:1/openid"),
+        ],
+        "Microsoft Teams",
+    );
+    assert!(
+        line.starts_with("Microsoft Teams: not reached: http://127.0.0.1:1/token: ")
+            && line.to_lowercase().contains("refused"),
+        "{line}"
     );
 }
