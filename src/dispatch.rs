@@ -38,7 +38,8 @@ use crate::session::{
 use crate::store::{now_ms, Session, SessionKind, Store};
 use crate::workers::OrderedWorkers;
 
-/// Messages a thread's worker holds before the dispatcher waits.
+/// Messages a thread's worker holds; past it, a message is refused with a notice to its
+/// sender (the dispatcher never waits for one thread).
 const WORKER_QUEUE: usize = 256;
 /// A worker with nothing to do for this long exits.
 const WORKER_IDLE: Duration = Duration::from_secs(60);
@@ -72,6 +73,9 @@ struct Inner {
     store: Store,
     sessions: Arc<dyn SessionControl>,
     config: DispatchConfig,
+    /// Per session, the "messages are queued" notice of the current turn, edited in place as
+    /// more messages queue up (one notice per turn, not one per message).
+    queued_notices: std::sync::Mutex<std::collections::HashMap<String, crate::chat::PostRef>>,
 }
 
 /// Which worker handles a message.
@@ -96,6 +100,7 @@ impl Dispatcher {
                 store,
                 sessions,
                 config,
+                queued_notices: std::sync::Mutex::default(),
             }),
         }
     }
@@ -108,6 +113,8 @@ impl Dispatcher {
             let this = this.clone();
             async move { this.handle_guarded(message).await }
         });
+        // Notices to senders whose thread was full; awaited before returning.
+        let notices = tokio_util::task::TaskTracker::new();
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -120,9 +127,25 @@ impl Dispatcher {
                 channel_id: message.channel_id.clone(),
                 root_id: message.root_id.clone(),
             };
-            workers.send(key, message).await;
+            // Never wait for one thread: a flooded thread's extra messages are refused with a
+            // notice to their sender, and every other thread goes on at once.
+            if let Err(refused) = workers.try_send(key, message) {
+                warn!(channel = %refused.channel_id, post = %refused.post_id, "a thread's queue is full; message refused");
+                let this = self.clone();
+                notices.spawn(async move {
+                    this.notify(
+                        &refused,
+                        &format!(
+                            "Slow down: this thread already has {WORKER_QUEUE} messages waiting, so your message was not taken. Send it again once Claude has caught up."
+                        ),
+                    )
+                    .await;
+                });
+            }
         }
         workers.shutdown().await;
+        notices.close();
+        notices.wait().await;
     }
 
     /// Handles one message; a panic inside becomes an error reply, not a dead worker.
@@ -252,18 +275,55 @@ impl Dispatcher {
                 .await;
         }
         match self.inner.sessions.send(session, message).await {
-            Ok(Delivery::Delivered) => {}
-            Ok(Delivery::Queued { position }) => {
-                self.reply(
-                    message,
-                    &format!("Claude is still working; your message is queued ({position} waiting) and will be delivered when this turn ends."),
-                )
-                .await;
+            Ok(Delivery::Delivered) => {
+                // No turn runs: the next queued message starts a new notice.
+                if let Ok(mut notices) = self.inner.queued_notices.lock() {
+                    notices.remove(&session.id);
+                }
             }
+            Ok(Delivery::Queued { position }) => self.queued(session, message, position).await,
             Err(e) => {
                 self.reply(message, &format!("Your message was not delivered: {e}"))
                     .await
             }
+        }
+    }
+
+    /// Says that messages wait for the running turn: the first queued message of a turn posts
+    /// a notice, later ones edit that notice with the new count.
+    async fn queued(&self, session: &Session, message: &InboundMessage, position: usize) {
+        let text = if position <= 1 {
+            "⏳ Claude is still working; 1 message is queued and will be delivered when this turn ends.".to_owned()
+        } else {
+            format!("⏳ Claude is still working; {position} messages are queued and will be delivered in order when this turn ends.")
+        };
+        let existing = if position <= 1 {
+            None
+        } else {
+            self.inner
+                .queued_notices
+                .lock()
+                .ok()
+                .and_then(|n| n.get(&session.id).cloned())
+        };
+        if let Some(notice) = existing {
+            if self.inner.chat.update(&notice, &text).await.is_ok() {
+                return;
+            }
+        }
+        let root = message.thread_id();
+        match self
+            .inner
+            .chat
+            .post(&message.channel_id, Some(root), &text)
+            .await
+        {
+            Ok(notice) => {
+                if let Ok(mut notices) = self.inner.queued_notices.lock() {
+                    notices.insert(session.id.clone(), notice);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot say that a message is queued"),
         }
     }
 

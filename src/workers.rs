@@ -3,7 +3,9 @@
 //!
 //! The dispatcher keys chat messages by thread (so a slow `start` in one thread never holds up
 //! another), and the marker router keys agent markers by session. Each worker has a bounded
-//! queue; [`OrderedWorkers::send`] waits while it is full (back-pressure, never a drop). A worker
+//! queue; [`OrderedWorkers::send`] waits while it is full (back-pressure, never a drop), and
+//! [`OrderedWorkers::try_send`] hands the item back at once instead (the caller tells the
+//! sender, so one flooded key never holds up the others). A worker
 //! with nothing to do for the idle time stops taking items, finishes what it holds and exits; a
 //! new worker for the same key starts only after the old one finished, so order holds across
 //! that too. Every worker runs on the set's [`TaskTracker`], and [`OrderedWorkers::shutdown`]
@@ -80,6 +82,39 @@ where
             }
         }
         self.workers.retain(|_, w| !w.handle.is_finished());
+    }
+
+    /// Hands `item` to `key`'s worker without waiting: `Err(item)` when that worker's queue
+    /// is full (the caller decides what to tell), so one flooded key never holds up the others.
+    ///
+    /// # Errors
+    /// The item back, when `key`'s queue is full.
+    pub fn try_send(&mut self, key: K, item: T) -> Result<(), T> {
+        let mut item = item;
+        loop {
+            let worker = match self.workers.remove(&key) {
+                Some(worker) => worker,
+                None => self.spawn(None),
+            };
+            match worker.tx.try_send(item) {
+                Ok(()) => {
+                    self.workers.insert(key, worker);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    self.workers.insert(key, worker);
+                    return Err(back);
+                }
+                // The worker went idle and closed: start its successor after it.
+                Err(mpsc::error::TrySendError::Closed(back)) => {
+                    let successor = self.spawn(Some(worker.handle));
+                    self.workers.insert(key.clone(), successor);
+                    item = back;
+                }
+            }
+        }
+        self.workers.retain(|_, w| !w.handle.is_finished());
+        Ok(())
     }
 
     /// How many workers are alive.

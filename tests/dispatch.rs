@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use session_manager::access::{Access, Roles};
@@ -619,6 +620,69 @@ async fn ended_sessions_and_queued_turns_are_explained() {
 }
 
 #[tokio::test]
+async fn a_burst_of_queued_messages_gets_one_notice_per_turn_edited_in_place() {
+    let w = world(Access::Everyone, false).await;
+    let a = w.start("@claude start acme/widgets").await;
+    w.sessions.positions.lock().expect("lock").extend(1..=30);
+    for i in 1..=30 {
+        w.say(
+            ALICE,
+            &a.channel_id,
+            Some(&a.thread_id),
+            &format!("message {i}"),
+        )
+        .await;
+    }
+    let notices: Vec<Posted> = w
+        .chat
+        .posts()
+        .into_iter()
+        .filter(|p| p.root.as_deref() == Some(a.thread_id.as_str()) && p.text.contains("queued"))
+        .collect();
+    assert_eq!(notices.len(), 1, "one notice, not thirty: {notices:?}");
+    let edits: Vec<String> = w
+        .chat
+        .updates
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(id, _)| *id == notices[0].id)
+        .map(|(_, text)| text.clone())
+        .collect();
+    assert_eq!(edits.len(), 29, "edited for each later message");
+    assert!(edits
+        .last()
+        .is_some_and(|t| t.contains("30 messages are queued")));
+    // The turn ended (a message went straight through); the next queue gets a new notice.
+    w.say(
+        ALICE,
+        &a.channel_id,
+        Some(&a.thread_id),
+        "delivered at once",
+    )
+    .await;
+    w.sessions.positions.lock().expect("lock").push_back(1);
+    w.say(ALICE, &a.channel_id, Some(&a.thread_id), "queued again")
+        .await;
+    let notices = w
+        .chat
+        .replies_to(&a.thread_id)
+        .into_iter()
+        .filter(|t| t.contains("queued"))
+        .count();
+    assert_eq!(notices, 2);
+    // Nothing was dropped: every message reached the session.
+    assert_eq!(
+        w.sessions
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Send(..)))
+            .count(),
+        32
+    );
+}
+
+#[tokio::test]
 async fn stop_by_id_prefix() {
     let w = world(Access::Everyone, false).await;
     let a = w.start("@claude start acme/widgets").await;
@@ -681,6 +745,82 @@ async fn each_thread_keeps_its_order_under_load() {
         let want: Vec<usize> = (0..300).filter(|n| n % threads.len() == i).collect();
         assert_eq!(got, &want, "thread {i} in order");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_thread_never_holds_up_another_and_every_refusal_is_told() {
+    let w = world(Access::Everyone, false).await;
+    let flooded = w.start("@claude start acme/flooded").await;
+    let quiet = w.start("@claude start acme/quiet").await;
+    // The flooded session's first message hangs, as a turn that never ends would.
+    *w.sessions.blocked_text.lock().expect("lock") = Some("0".into());
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let cancel = CancellationToken::new();
+    let runner = tokio::spawn(w.dispatcher.clone().run(rx, cancel.clone()));
+    let flood = 500;
+    for i in 0..flood {
+        let m = w.message(
+            ALICE,
+            &flooded.channel_id,
+            Some(&flooded.thread_id),
+            &format!("{i}"),
+        );
+        tx.send(ChatEvent::Message(m)).await.expect("send");
+    }
+    // Another thread's message goes through at once.
+    let started = Instant::now();
+    let m = w.message(
+        ALICE,
+        &quiet.channel_id,
+        Some(&quiet.thread_id),
+        "are you there?",
+    );
+    tx.send(ChatEvent::Message(m)).await.expect("send");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !w
+        .sessions
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::Send(id, t) if id == &quiet.id && t == "are you there?"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the quiet thread was held up by the flood"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let delay = started.elapsed();
+    eprintln!("quiet thread delivered {delay:?} after the flood of {flood}");
+    // Release the hung turn; everything taken is delivered in order, and every refused
+    // message's sender was told.
+    w.sessions.gate.add_permits(1);
+    drop(tx);
+    runner.await.expect("dispatcher");
+    let delivered: Vec<usize> = w
+        .sessions
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Send(id, text) if id == flooded.id => text.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        delivered.windows(2).all(|p| p[0] < p[1]),
+        "delivered in order"
+    );
+    let refusals = w
+        .chat
+        .notices_for(ALICE)
+        .into_iter()
+        .filter(|t| t.contains("Slow down"))
+        .count();
+    assert!(refusals > 0, "the flood was bounded");
+    assert_eq!(
+        delivered.len() + refusals,
+        flood,
+        "every message was delivered or its sender told"
+    );
 }
 
 #[tokio::test]

@@ -459,6 +459,76 @@ async fn a_429_with_retry_after_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_retried_after_a_lost_answer_makes_one_post() {
+    let w = world().await;
+    let channel = w.fake.create_channel(
+        "acme-widgets",
+        &[w.alice.as_str(), w.fake.bot_user_id().as_str()],
+    );
+    let before = w.fake.posts().len();
+    w.fake.clear_requests();
+    // The server makes the post, but the answer is lost twice (a gateway timeout).
+    w.fake.lose_next_answers("/api/v4/posts", 2, 504);
+    let post = w
+        .adapter
+        .post(&channel, None, "exactly once")
+        .await
+        .expect("retried until an answer arrived");
+    let attempts: Vec<_> = w
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/api/v4/posts")
+        .collect();
+    assert_eq!(attempts.len(), 3, "two lost answers, then one heard");
+    let ids: Vec<&str> = attempts
+        .iter()
+        .map(|r| {
+            r.body["pending_post_id"]
+                .as_str()
+                .expect("a pending_post_id")
+        })
+        .collect();
+    assert!(
+        ids.iter().all(|id| *id == ids[0]) && !ids[0].is_empty(),
+        "every retry repeats the create's pending_post_id: {ids:?}"
+    );
+    let made: Vec<_> = w
+        .fake
+        .posts()
+        .into_iter()
+        .skip(before)
+        .filter(|p| p.message == "exactly once")
+        .collect();
+    assert_eq!(made.len(), 1, "one post, not three");
+    assert_eq!(
+        made[0].id, post.post_id,
+        "the answer names the post the first try made"
+    );
+    // A new create is a new post, with a new pending_post_id.
+    w.fake.clear_requests();
+    w.adapter
+        .post(&channel, None, "exactly once")
+        .await
+        .expect("second post");
+    let second = w
+        .fake
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/api/v4/posts")
+        .expect("request");
+    assert_ne!(second.body["pending_post_id"].as_str(), Some(ids[0]));
+    assert_eq!(
+        w.fake
+            .posts()
+            .into_iter()
+            .filter(|p| p.message == "exactly once")
+            .count(),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_kb_answer_becomes_posts_under_the_limit_with_balanced_fences() {
     let w = world().await;
     let channel = w.fake.create_channel(

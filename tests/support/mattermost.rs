@@ -578,6 +578,20 @@ impl FakeMattermost {
             remaining: n,
             status,
             retry_after_secs,
+            after: false,
+        });
+    }
+
+    /// Like [`FakeMattermost::fail_next`], but the request is handled first and only its answer
+    /// is replaced by `status`: the server did the work and the client never heard (a gateway
+    /// timeout). A client that retries a create must not make a second post.
+    pub fn lose_next_answers(&self, path_prefix: &str, n: usize, status: u16) {
+        self.shared.lock().failures.push(FailRule {
+            path_prefix: path_prefix.to_owned(),
+            remaining: n,
+            status,
+            retry_after_secs: None,
+            after: true,
         });
     }
 
@@ -731,11 +745,17 @@ struct SidebarCategory {
     channel_ids: Vec<String>,
 }
 
+/// How long Mattermost remembers a `pending_post_id` (`PendingPostIDsCacheTTL`).
+const PENDING_POST_IDS_TTL: Duration = Duration::from_secs(30);
+
 struct FailRule {
     path_prefix: String,
     remaining: usize,
     status: u16,
     retry_after_secs: Option<u64>,
+    /// Handle the request, then answer `status` instead of its real answer (a response lost
+    /// on the way back, e.g. a gateway timeout after the server did the work).
+    after: bool,
 }
 
 /// A hub connection: survives socket drops so that it can be resumed.
@@ -860,6 +880,8 @@ struct State {
     ephemeral_posters: HashSet<String>,
     requests: Vec<RecordedRequest>,
     failures: Vec<FailRule>,
+    /// `pending_post_id` → (the post it made, when): Mattermost's de-duplication cache.
+    pending_post_ids: HashMap<String, (String, Instant)>,
     conns: Vec<WsConn>,
     sockets: HashMap<u64, SocketHandle>,
     next_socket: u64,
@@ -890,6 +912,7 @@ impl State {
             ephemeral_posters: HashSet::new(),
             requests: Vec::new(),
             failures: Vec::new(),
+            pending_post_ids: HashMap::new(),
             conns: Vec::new(),
             sockets: HashMap::new(),
             next_socket: 0,
@@ -1158,6 +1181,35 @@ impl State {
     /// `CreatePost`: validation, storage, channel counters, the root's `update_at`, and the
     /// `posted` event. Returns the client view.
     fn create_post(
+        &mut self,
+        author: &str,
+        input: NewPost,
+        set_online: bool,
+    ) -> Result<Post, FakeError> {
+        // Mattermost's `deduplicateCreatePost` (server/channels/app/post.go): a create that
+        // repeats a `pending_post_id` seen in the last 30 s (`PendingPostIDsCacheTTL`) returns
+        // the post the first one made instead of making another.
+        if !input.pending_post_id.is_empty() {
+            let now = Instant::now();
+            self.pending_post_ids
+                .retain(|_, (_, at)| now.duration_since(*at) < PENDING_POST_IDS_TTL);
+            if let Some((id, _)) = self.pending_post_ids.get(&input.pending_post_id) {
+                let existing = self.post(id).cloned();
+                if let Some(post) = existing {
+                    return Ok(self.with_counts(&post));
+                }
+            }
+        }
+        let pending_key = input.pending_post_id.clone();
+        let created = self.create_post_anew(author, input, set_online)?;
+        if !pending_key.is_empty() {
+            self.pending_post_ids
+                .insert(pending_key, (created.id.clone(), Instant::now()));
+        }
+        Ok(created)
+    }
+
+    fn create_post_anew(
         &mut self,
         author: &str,
         input: NewPost,
@@ -2357,11 +2409,17 @@ async fn record_and_inject(AxumState(shared): Fake, request: Request, next: Next
             .find(|r| r.remaining > 0 && path.starts_with(&r.path_prefix));
         rule.map(|r| {
             r.remaining -= 1;
-            (r.status, r.retry_after_secs)
+            (r.status, r.retry_after_secs, r.after)
         })
     };
     let mut response = match injected {
-        Some((status, retry_after)) => injected_failure(status, retry_after),
+        Some((status, retry_after, false)) => injected_failure(status, retry_after),
+        Some((status, retry_after, true)) => {
+            let _lost = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            injected_failure(status, retry_after)
+        }
         None => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await

@@ -34,6 +34,12 @@ pub struct RecordingSessions {
     calls: Mutex<Vec<Call>>,
     /// The next `send` answers `Queued`.
     pub queue_next: Mutex<bool>,
+    /// A `send` of exactly this text waits for a permit of `gate` (a turn that hangs).
+    pub blocked_text: Mutex<Option<String>>,
+    /// Released with `add_permits`.
+    pub gate: tokio::sync::Semaphore,
+    /// Queue positions the next `send`s answer, in order (after `queue_next`).
+    pub positions: Mutex<std::collections::VecDeque<usize>>,
     /// `send` sleeps 0–2 ms (derived from the post id) to shake out ordering bugs.
     jitter: bool,
     /// `org/repo` slugs that do not exist (`repo_exists` answers false).
@@ -47,6 +53,9 @@ impl RecordingSessions {
             store,
             calls: Mutex::new(Vec::new()),
             queue_next: Mutex::new(false),
+            positions: Mutex::new(std::collections::VecDeque::new()),
+            blocked_text: Mutex::new(None),
+            gate: tokio::sync::Semaphore::new(0),
             jitter,
             missing: Mutex::new(HashSet::new()),
         }
@@ -108,9 +117,19 @@ impl SessionControl for RecordingSessions {
             let pause = u64::from(message.post_id.bytes().map(u32::from).sum::<u32>() % 3);
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
+        let blocked =
+            self.blocked_text.lock().expect("lock").as_deref() == Some(message.text.as_str());
+        if blocked {
+            if let Ok(permit) = self.gate.acquire().await {
+                permit.forget();
+            }
+        }
         self.record(Call::Send(session.id.clone(), message.text.clone()));
         if std::mem::take(&mut *self.queue_next.lock().expect("lock")) {
             return Ok(Delivery::Queued { position: 2 });
+        }
+        if let Some(position) = self.positions.lock().expect("lock").pop_front() {
+            return Ok(Delivery::Queued { position });
         }
         Ok(Delivery::Delivered)
     }

@@ -171,12 +171,18 @@ impl MattermostClient {
 
     /// `POST /posts`: a root post, or a reply when `root_id` is given. Answers 201.
     ///
+    /// Every create carries a fresh `pending_post_id`, the same on each retry of it: the
+    /// server de-duplicates creates that repeat one within 30 s and answers with the post the
+    /// first made (`deduplicateCreatePost` in `server/channels/app/post.go`), so a create
+    /// retried after a lost answer never makes a second post.
+    ///
     /// # Errors
     /// [`ChatError`] (400 when the message is too long or `root_id` is not a root post of
     /// that channel).
     pub async fn create_post(&self, post: &CreatePost<'_>) -> Result<Post, ChatError> {
-        self.call(Method::POST, "posts", &[], Some(json!(post)))
-            .await
+        let mut body = json!(post);
+        body["pending_post_id"] = json!(format!("sm:{}", uuid::Uuid::new_v4().simple()));
+        self.call(Method::POST, "posts", &[], Some(body)).await
     }
 
     /// `POST /posts/ephemeral`: a post only `user_id` sees (`{"user_id", "post": {"channel_id",
