@@ -36,7 +36,11 @@
 //!   takes a value (`--auto-pull=true`), so it says `action = ArgAction::Set`.
 //! - A **rule involving several settings**, or one that only warns, is a line in the private
 //!   function `rules` (the host key unless `SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true`, the
-//!   legacy `SM_PROJECTS`, which chat platforms are configured).
+//!   key file unless the key itself is given, the legacy `SM_PROJECTS`, which chat platforms
+//!   are configured).
+//! - A value holding an example's **placeholder** (`REPLACE_ME`, `CHANGE-ME`) is refused
+//!   whatever its parser would say, so a forgotten line of `.env.example` is a configuration
+//!   problem rather than a connection failure.
 //! - A **group that is optional as a whole** (Mattermost, when Teams is configured) is an
 //!   `Option<Group>`; its fields keep their plain types but say `required = false` (clap
 //!   would otherwise require them even when the group is absent), and `rules` requires them
@@ -372,7 +376,8 @@ pub struct VmSettings {
         value_parser = ssh_private_key
     )]
     pub ssh_key: Option<SecretString>,
-    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset.
+    /// Path of the SSH private key file, used when SM_VM_SSH_KEY is unset (required then: the
+    /// file is read at start and must hold a private key).
     #[arg(
         id = "vm_ssh_key_path",
         long = "vm-ssh-key-path",
@@ -1318,7 +1323,14 @@ impl Settings {
                 None if arg.is_required_set() || defaulted => "",
                 None => continue,
             };
-            let parsed = match check(arg, text) {
+            // An example's placeholder left in place (`.env.example`, the manifests) is
+            // refused, also where the parser would accept it (tokens, URLs).
+            let checked = if is_placeholder(text) {
+                Err(PLACEHOLDER_PROBLEM.to_owned())
+            } else {
+                check(arg, text)
+            };
+            let parsed = match checked {
                 Ok(parsed) => Some(parsed),
                 Err(_) if given.is_none() && defaulted => {
                     p.push(var, "must not be empty");
@@ -1363,6 +1375,20 @@ impl Settings {
     }
 }
 
+/// What marks a value as an example's placeholder: `.env.example` and the example Secret say
+/// `REPLACE_ME`, the example ConfigMap `CHANGE-ME`.
+pub const PLACEHOLDERS: [&str; 2] = ["REPLACE_ME", "CHANGE-ME"];
+
+/// The problem reported for a placeholder (the value itself is not repeated: it may sit in a
+/// secret).
+const PLACEHOLDER_PROBLEM: &str =
+    "still holds a placeholder (REPLACE_ME or CHANGE-ME) from an example: set the real value";
+
+/// Whether a value still holds one of the [`PLACEHOLDERS`].
+fn is_placeholder(text: &str) -> bool {
+    PLACEHOLDERS.iter().any(|marker| text.contains(marker))
+}
+
 /// The rules that involve more than one setting, or only warn. They run after every setting
 /// was checked on its own and read the values that passed (a wrong value is already
 /// reported).
@@ -1373,6 +1399,15 @@ fn rules(v: &Values, p: &mut Problems) {
             Some(true) => p.warn("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true: the VM's host key is NOT checked; anyone who can intercept the connection can impersonate the VM. Set SM_VM_KNOWN_HOSTS."),
             Some(false) => p.push("SM_VM_KNOWN_HOSTS", "is required: the VM's host key as a known_hosts line (ssh-keyscan -p PORT HOST) or the path of a known_hosts file; or set SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true to skip the check (insecure)"),
             None => {}
+        }
+    }
+    // The bot's SSH key file is read now, so a missing or unreadable key is reported with the
+    // other problems instead of at the first connection.
+    if !v.is_set("SM_VM_SSH_KEY") {
+        if let Some(path) = v.get::<PathBuf>("SM_VM_SSH_KEY_PATH") {
+            if let Err(problem) = private_key_file(&path) {
+                p.push("SM_VM_SSH_KEY_PATH", problem);
+            }
         }
     }
     // Chat platforms: Teams when its app id is set; Mattermost when any of its settings is,
@@ -1570,6 +1605,25 @@ fn list_of<T: 'static>(
     item: fn(&str) -> Result<T, String>,
 ) -> impl Fn(&str) -> Result<Vec<T>, String> + Clone + Send + Sync + 'static {
     move |v: &str| list(v)?.iter().map(|entry| item(entry)).collect()
+}
+
+/// A private key file the bot can read: readable, and holding a private key (the pool copies
+/// it at each connection, so it is read again then).
+fn private_key_file(path: &std::path::Path) -> Result<(), String> {
+    let content = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the SSH private key file {}: {e}; set SM_VM_SSH_KEY_PATH to the bot's private key file, or SM_VM_SSH_KEY to the key itself",
+            path.display()
+        )
+    })?;
+    if content.contains("PRIVATE KEY-----") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} holds no private key (expected -----BEGIN OPENSSH PRIVATE KEY----- or another PEM private key)",
+            path.display()
+        ))
+    }
 }
 
 /// known_hosts content, or the path of a known_hosts file (read now).
@@ -1953,7 +2007,8 @@ pub fn markdown_reference() -> String {
 /// The effective configuration as the `config` subcommand prints it.
 #[derive(Debug, Clone)]
 pub struct ConfigReport {
-    /// `(variable, shown value, where it came from)`, secrets already redacted.
+    /// `(variable, shown value, where it came from: env, .env, flag, default or unset)`,
+    /// secrets already redacted.
     pub entries: Vec<(String, String, &'static str)>,
     /// Validation problems.
     pub problems: Vec<ConfigProblem>,
@@ -2018,6 +2073,19 @@ impl ConfigReport {
             warnings,
         }
     }
+
+    /// Shows the values the `.env` file gave as coming from `.env` rather than `env`.
+    /// `loaded` names the variables the file set: those that were not in the real environment
+    /// before it was read (the real environment wins).
+    #[must_use]
+    pub fn with_dotenv(mut self, loaded: &[String]) -> Self {
+        for (env, _, source) in &mut self.entries {
+            if *source == "env" && loaded.iter().any(|name| name == env) {
+                *source = ".env";
+            }
+        }
+        self
+    }
 }
 
 impl fmt::Display for ConfigReport {
@@ -2079,8 +2147,13 @@ mod tests {
                 "vm-known-hosts",
                 "[vm.internal]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA",
             ),
+            ("vm-ssh-key", TEST_KEY),
         ]
     }
+
+    /// The shape of a private key (nothing logs in with it).
+    const TEST_KEY: &str =
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----";
 
     #[test]
     fn defaults_match_the_reference() {
@@ -2408,12 +2481,116 @@ mod tests {
     }
 
     #[test]
+    fn the_ssh_key_file_is_checked_unless_the_key_is_given() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut pairs = complete();
+        pairs.retain(|(f, _)| *f != "vm-ssh-key");
+        // The default path (a container's mount) is missing here.
+        let err = args(&pairs).expect_err("no key");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].var, "SM_VM_SSH_KEY_PATH");
+        assert!(
+            err.0[0]
+                .message
+                .starts_with("cannot read the SSH private key file /secrets/ssh/id_ed25519"),
+            "{err}"
+        );
+        let public = dir.path().join("id.pub");
+        std::fs::write(
+            &public,
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA x\n",
+        )
+        .expect("w");
+        let public = public.display().to_string();
+        let mut with_public = pairs.clone();
+        with_public.push(("vm-ssh-key-path", public.as_str()));
+        let err = args(&with_public).expect_err("not a private key");
+        assert!(err.0[0].message.contains("holds no private key"), "{err}");
+        let key = dir.path().join("id");
+        std::fs::write(&key, TEST_KEY).expect("w");
+        let key = key.display().to_string();
+        let mut with_key = pairs.clone();
+        with_key.push(("vm-ssh-key-path", key.as_str()));
+        assert_eq!(
+            args(&with_key).expect("valid").vm.ssh_key_path,
+            PathBuf::from(&key)
+        );
+        // With the key's content the file is not needed.
+        pairs.push(("vm-ssh-key", TEST_KEY));
+        args(&pairs).expect("valid");
+    }
+
+    #[test]
+    fn placeholders_are_refused_without_repeating_the_value() {
+        let mut pairs = complete();
+        let placeholders = [
+            ("mattermost-url", "https://REPLACE_ME"),
+            ("mattermost-token", "REPLACE_ME"),
+            ("opnsense-secret", "xREPLACE_MEx"),
+            ("vm-known-hosts", "vm ssh-ed25519 REPLACE_ME"),
+            ("mattermost-team-id", "CHANGE-ME"),
+            ("vm-ssh-key-path", "REPLACE_ME"),
+        ];
+        pairs.retain(|(f, _)| !placeholders.iter().any(|(p, _)| p == f) && *f != "vm-ssh-key");
+        pairs.extend(placeholders);
+        let err = args(&pairs).expect_err("placeholders");
+        let vars: Vec<&str> = err.0.iter().map(|p| p.var).collect();
+        assert_eq!(
+            vars,
+            [
+                "SM_MATTERMOST_URL",
+                "SM_MATTERMOST_TOKEN",
+                "SM_MATTERMOST_TEAM_ID",
+                "SM_VM_SSH_KEY_PATH",
+                "SM_VM_KNOWN_HOSTS",
+                "SM_OPNSENSE_SECRET"
+            ],
+            "{err}"
+        );
+        for problem in &err.0 {
+            assert_eq!(problem.message, PLACEHOLDER_PROBLEM, "{problem}");
+        }
+    }
+
+    #[test]
+    fn the_report_tells_dotenv_values_from_the_environment() {
+        let argv: Vec<String> = ["session-manager", "config", "--vm-user=agent"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let matches = Cli::raw_command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(argv)
+            .expect("matches");
+        let mut report = ConfigReport::new(&matches);
+        // As if SM_VM_HOST came from the environment and SM_VM_PORT from .env.
+        for (env, _, source) in &mut report.entries {
+            if env == "SM_VM_HOST" || env == "SM_VM_PORT" {
+                *source = "env";
+            }
+        }
+        let report = report.with_dotenv(&["SM_VM_PORT".to_owned(), "SM_VM_USER".to_owned()]);
+        let source = |var: &str| {
+            report
+                .entries
+                .iter()
+                .find(|(env, _, _)| env == var)
+                .map(|(_, _, source)| *source)
+        };
+        assert_eq!(source("SM_VM_HOST"), Some("env"));
+        assert_eq!(source("SM_VM_PORT"), Some(".env"));
+        assert_eq!(source("SM_VM_USER"), Some("flag"), "a flag wins over .env");
+        assert_eq!(source("SM_SSH_TIMEOUT_SECS"), Some("default"));
+    }
+
+    #[test]
     fn debug_output_contains_no_secret() {
         let mut pairs = complete();
         pairs.push((
             "database-url",
             "postgres://sm:hunter2-db@db.internal:5432/sm",
         ));
+        pairs.retain(|(f, _)| *f != "vm-ssh-key");
         pairs.push(("vm-ssh-key", "-----BEGIN OPENSSH PRIVATE KEY-----\nkeymaterial-xyz\n-----END OPENSSH PRIVATE KEY-----"));
         let s = args(&pairs).expect("valid");
         let debug = format!("{s:?}");
@@ -2584,9 +2761,15 @@ mod tests {
 
     #[test]
     fn a_blank_optional_value_is_unset() {
+        let dir = tempfile::tempdir().expect("dir");
+        let key = dir.path().join("id");
+        std::fs::write(&key, TEST_KEY).expect("key file");
+        let key = key.display().to_string();
         let mut pairs = complete();
+        pairs.retain(|(f, _)| *f != "vm-ssh-key");
         pairs.extend([
             ("vm-ssh-key", " "),
+            ("vm-ssh-key-path", key.as_str()),
             ("default-org", ""),
             ("database-url", " "),
         ]);

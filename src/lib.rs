@@ -153,6 +153,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
         .migrate()
         .await
         .context("cannot apply database migrations")?;
+    info!(system = "database", backend = ?store.backend(), "database: reached, migrations applied");
     Ok(store)
 }
 
@@ -273,6 +274,23 @@ pub async fn serve(
             let (events_tx, events_rx) = mpsc::channel(256);
             let routes = chat::teams::routes(Arc::clone(&adapter), events_tx, clicks.clone());
             info!(path = chat::teams::MESSAGES_PATH, "serving Microsoft Teams");
+            // Teams only calls in, so its start line is about the way out: whether the token
+            // endpoint gives the bot a Connector token (like the VM and firewall probes, on a
+            // standby too; nothing is posted).
+            let (probe, endpoint) = (Arc::clone(&adapter), settings.teams.token_endpoint());
+            let cancel = shutdown.clone();
+            tasks.spawn(async move {
+                let mut reach = Reachability::new("Microsoft Teams");
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    checked = probe.connector().check_token() => {
+                        reach.report(match checked {
+                            Ok(()) => Ok(format!("the token endpoint {endpoint} issued a token")),
+                            Err(e) => Err(format!("{endpoint}: {e}")),
+                        });
+                    }
+                }
+            });
             Some((adapter, events_rx, routes))
         }
     };
@@ -655,16 +673,23 @@ async fn connect_mattermost(
     };
     health.register("mattermost");
     let mut delay = Duration::from_secs(1);
+    let mut reach = Reachability::new("Mattermost");
+    let url = config::redact_url_password(mattermost.url.as_str());
     loop {
         match MattermostAdapter::connect(config.clone(), store.clone()).await {
-            Ok(adapter) => return Some(Arc::new(adapter)),
+            Ok(adapter) => {
+                reach.report(Ok(format!("{url} answers; the bot's token is valid")));
+                return Some(Arc::new(adapter));
+            }
             Err(e) => {
+                if !reach.report(Err(format!("{url}: {e} (retrying in {delay:?})"))) {
+                    warn!(error = %e, retry_in = ?delay, "cannot connect to Mattermost");
+                }
                 health.report(
                     "mattermost",
                     health::ComponentStatus::Down,
                     Some(e.to_string()),
                 );
-                warn!(error = %e, retry_in = ?delay, "cannot connect to Mattermost");
                 tokio::select! {
                     () = cancel.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
@@ -682,21 +707,22 @@ async fn firewall_health_loop(
     cancel: CancellationToken,
 ) {
     health.register("firewall");
+    let mut reach = Reachability::new("firewall (OPNsense)");
     loop {
         match firewall.check().await {
-            Ok(()) => health.report(
-                "firewall",
-                health::ComponentStatus::Up,
-                Some(format!(
-                    "OPNsense answers; alias {} exists",
-                    firewall.alias()
-                )),
-            ),
-            Err(e) => health.report(
-                "firewall",
-                health::ComponentStatus::Down,
-                Some(e.to_string()),
-            ),
+            Ok(()) => {
+                let detail = format!("OPNsense answers; alias {} exists", firewall.alias());
+                reach.report(Ok(detail.clone()));
+                health.report("firewall", health::ComponentStatus::Up, Some(detail));
+            }
+            Err(e) => {
+                reach.report(Err(e.to_string()));
+                health.report(
+                    "firewall",
+                    health::ComponentStatus::Down,
+                    Some(e.to_string()),
+                );
+            }
         }
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -758,26 +784,61 @@ pub fn ssh_pool(settings: &Settings) -> anyhow::Result<SshPool> {
 /// Reports the VM as component `vm`: an SSH command every interval.
 async fn vm_health_loop(ssh: Arc<SshPool>, health: HealthRegistry, cancel: CancellationToken) {
     health.register("vm");
+    let mut reach = Reachability::new("VM");
     loop {
         let mut probe = Script::new();
         probe.raw("true");
-        match ssh.run(&probe).await {
-            Ok(out) if out.success() => health.report(
-                "vm",
-                health::ComponentStatus::Up,
-                Some(format!("{} answers over SSH", ssh.target())),
-            ),
-            Ok(out) => health.report(
-                "vm",
-                health::ComponentStatus::Down,
-                Some(format!("probe exited with {:?}", out.status)),
-            ),
-            Err(e) => health.report("vm", health::ComponentStatus::Down, Some(e.to_string())),
+        let result = match ssh.run(&probe).await {
+            Ok(out) if out.success() => Ok(format!("{} answers over SSH", ssh.target())),
+            Ok(out) => Err(format!(
+                "{}: the probe `true` exited with {:?}: {}",
+                ssh.target(),
+                out.status,
+                out.stderr.trim()
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        reach.report(result.clone());
+        match result {
+            Ok(detail) => health.report("vm", health::ComponentStatus::Up, Some(detail)),
+            Err(detail) => health.report("vm", health::ComponentStatus::Down, Some(detail)),
         }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(REACHABILITY_INTERVAL) => {}
         }
+    }
+}
+
+/// Logs whether an external system answers: one line at start (reached, or not reached and
+/// why), then one whenever that changes. `/health` has the current state.
+struct Reachability {
+    system: &'static str,
+    /// The last outcome logged; `None` before the first.
+    last: Option<bool>,
+}
+
+impl Reachability {
+    fn new(system: &'static str) -> Self {
+        Self { system, last: None }
+    }
+
+    /// Logs `result` (what answered, or why not) when the outcome differs from the last one.
+    /// Returns whether it logged.
+    fn report(&mut self, result: Result<String, String>) -> bool {
+        let up = result.is_ok();
+        if self.last == Some(up) {
+            return false;
+        }
+        let again = if self.last.is_some() { " again" } else { "" };
+        self.last = Some(up);
+        let system = self.system;
+        match result {
+            Ok(detail) => info!(system, "{system}: reached{again}: {detail}"),
+            Err(cause) if again.is_empty() => warn!(system, "{system}: not reached: {cause}"),
+            Err(cause) => warn!(system, "{system}: lost: {cause}"),
+        }
+        true
     }
 }
 

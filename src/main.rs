@@ -7,12 +7,21 @@ use session_manager::config::{markdown_reference, Cli, CliCommand, ConfigReport,
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // What the real environment sets, so that `config` can tell the `.env` file's values apart
+    // (the file never overrides a variable that is already set).
+    let before: std::collections::HashSet<std::ffi::OsString> =
+        std::env::vars_os().map(|(name, _)| name).collect();
     if let Err(e) = dotenvy::dotenv() {
         if !e.not_found() {
             eprintln!("error: cannot read .env: {e}");
             return ExitCode::from(2);
         }
     }
+    let from_dotenv: Vec<String> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| !before.contains(name))
+        .filter_map(|name| name.into_string().ok())
+        .collect();
     let matches = Cli::raw_command().get_matches();
     let command = match CliCommand::from_arg_matches(&matches) {
         Ok(command) => command,
@@ -24,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         CliCommand::Config { markdown: false } => {
-            let report = ConfigReport::new(&matches);
+            let report = ConfigReport::new(&matches).with_dotenv(&from_dotenv);
             print!("{report}");
             return if report.problems.is_empty() {
                 ExitCode::SUCCESS

@@ -33,14 +33,22 @@ fn required_env() -> Vec<(&'static str, String)> {
             "SM_VM_KNOWN_HOSTS",
             "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvAtest".into(),
         ),
+        ("SM_VM_SSH_KEY", TEST_SSH_KEY.into()),
     ]
 }
 
-/// A command with a clean environment (no SM_* from the developer's shell), run in `dir`.
+/// The shape of a private key (nothing logs in with it).
+const TEST_SSH_KEY: &str =
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----";
+
+/// A command with a clean environment (no SM_* from the developer's shell), run in `dir`,
+/// which is its TMPDIR too (its SSH pool's private directory goes there, and with `dir`, also
+/// when the process is killed).
 fn command(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TMPDIR", dir)
         .current_dir(dir)
         .args(args)
         .stdin(Stdio::null());
@@ -193,17 +201,113 @@ fn dotenv_file_is_read() {
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
-        all.lines()
-            .any(|l| l.starts_with("SM_DEFAULT_ORG") && l.contains("acme-corp")),
-        "{all}"
+        all.lines().any(|l| l.starts_with("SM_DEFAULT_ORG")
+            && l.contains("acme-corp")
+            && l.ends_with("# .env")),
+        "a value from .env says so: {all}"
     );
-    // The real environment wins over .env.
+    // The real environment wins over .env, and says so.
     let out = run(
         dir.path(),
         &[("SM_DEFAULT_ORG", "from-env".into())],
         &["config"],
     );
-    assert!(text(&out).contains("from-env"));
+    let all = text(&out);
+    assert!(
+        all.lines().any(|l| l.starts_with("SM_DEFAULT_ORG")
+            && l.contains("from-env")
+            && l.ends_with("# env")),
+        "{all}"
+    );
+    assert!(
+        all.lines()
+            .any(|l| l.starts_with("SM_VM_HOST") && l.ends_with("# .env")),
+        "the rest still comes from .env: {all}"
+    );
+}
+
+#[test]
+fn a_missing_or_unreadable_ssh_key_is_a_configuration_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    env.retain(|(k, _)| *k != "SM_VM_SSH_KEY");
+    // The default path (a container's mount) does not exist here.
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains(
+            "SM_VM_SSH_KEY_PATH: cannot read the SSH private key file /secrets/ssh/id_ed25519"
+        ),
+        "{all}"
+    );
+    // serve says so at once, with the other problems, instead of starting.
+    let mut broken = env.clone();
+    broken.retain(|(k, _)| *k != "SM_OPNSENSE_KEY");
+    let started = Instant::now();
+    let out = run(dir.path(), &broken, &["serve"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "at once");
+    assert!(
+        stderr.contains("SM_VM_SSH_KEY_PATH: cannot read the SSH private key file")
+            && stderr.contains("SM_OPNSENSE_KEY: is required"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("session-manager.db").exists(),
+        "nothing started"
+    );
+
+    // A file that is not a private key (a public key, say).
+    let public = dir.path().join("id_ed25519.pub");
+    std::fs::write(
+        &public,
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA me@host\n",
+    )
+    .expect("write");
+    env.push(("SM_VM_SSH_KEY_PATH", public.display().to_string()));
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("holds no private key"), "{all}");
+
+    // A readable private key file: no problem.
+    let key = dir.path().join("id_ed25519");
+    std::fs::write(&key, TEST_SSH_KEY).expect("write");
+    env.retain(|(k, _)| *k != "SM_VM_SSH_KEY_PATH");
+    env.push(("SM_VM_SSH_KEY_PATH", key.display().to_string()));
+    let out = run(dir.path(), &env, &["config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("no problems found"));
+}
+
+#[test]
+fn placeholders_from_the_examples_are_refused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    for (name, value) in [
+        ("SM_MATTERMOST_URL", "https://REPLACE_ME"),
+        ("SM_OPNSENSE_KEY", "REPLACE_ME"),
+        ("SM_MATTERMOST_TEAM_ID", "CHANGE-ME"),
+    ] {
+        env.retain(|(k, _)| *k != name);
+        env.push((name, value.into()));
+    }
+    let out = run(dir.path(), &env, &["config"]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(all.contains("3 problem(s)"), "{all}");
+    for name in [
+        "SM_MATTERMOST_URL",
+        "SM_OPNSENSE_KEY",
+        "SM_MATTERMOST_TEAM_ID",
+    ] {
+        assert!(
+            all.contains(&format!("{name}: still holds a placeholder")),
+            "{name}: {all}"
+        );
+    }
 }
 
 #[test]
@@ -333,4 +437,117 @@ fn serve_in_an_empty_directory_creates_sqlite_answers_health_and_stops_on_sigter
         "{rest:?}"
     );
     assert_no_secret(&all_logs);
+    // One line per external system at start: reached, or not reached and why.
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .cloned()
+        .chain(rest.iter().filter_map(|l| serde_json::from_str(l).ok()))
+        .collect();
+    let about = |system: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["system"] == system)
+            .map(|l| l["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        about("database"),
+        ["database: reached, migrations applied"],
+        "{lines:?}"
+    );
+    for (system, name) in [
+        ("VM", "VM"),
+        ("Mattermost", "Mattermost"),
+        ("firewall (OPNsense)", "firewall (OPNsense)"),
+    ] {
+        let said = about(system);
+        assert_eq!(
+            said.len(),
+            1,
+            "one line for {system}, not one per retry: {said:?}"
+        );
+        assert!(
+            said[0].starts_with(&format!("{name}: not reached: "))
+                && said[0].to_lowercase().contains("refused"),
+            "{system} says why it was not reached: {said:?}"
+        );
+    }
+}
+
+/// Runs `serve` with `extra` settings until it logs the line of `system` (JSON logs), and
+/// returns that line's message.
+fn start_line(extra: &[(&'static str, &str)], system: &str) -> String {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut env = required_env();
+    for (name, value) in extra {
+        env.retain(|(k, _)| k != name);
+        env.push((name, (*value).to_owned()));
+    }
+    env.push(("SM_LISTEN_ADDR", "127.0.0.1:0".into()));
+    env.push(("SM_LOG_FORMAT", "json".into()));
+    env.push(("RUST_LOG", "info".into()));
+    let mut child = command(dir.path(), &env, &["serve"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let _server = Server(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no {system} line within 60 s: {seen:?}"
+        );
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if json["system"] == system {
+            return json["message"].as_str().unwrap_or_default().to_owned();
+        }
+        seen.push(line);
+    }
+}
+
+#[test]
+fn an_unresolvable_chat_server_is_logged_with_the_dns_failure() {
+    // `.invalid` never resolves (RFC 2606).
+    let line = start_line(
+        &[("SM_MATTERMOST_URL", "http://chat.sm-test.invalid")],
+        "Mattermost",
+    );
+    assert!(
+        line.starts_with("Mattermost: not reached: http://chat.sm-test.invalid/"),
+        "{line}"
+    );
+    assert!(
+        line.contains("dns error"),
+        "the cause (a DNS failure) is kept: {line}"
+    );
+}
+
+#[test]
+fn teams_gets_a_start_line_too() {
+    let line = start_line(
+        &[
+            ("SM_TEAMS_APP_ID", "00000000-0000-0000-0000-000000000001"),
+            ("SM_TEAMS_APP_PASSWORD", "test-password"),
+            ("SM_TEAMS_TOKEN_URL", "http://127.0.0.1:1/token"),
+            ("SM_TEAMS_OPENID_METADATA_URL", "http://127.0.0.1:1/openid"),
+        ],
+        "Microsoft Teams",
+    );
+    assert!(
+        line.starts_with("Microsoft Teams: not reached: http://127.0.0.1:1/token: ")
+            && line.to_lowercase().contains("refused"),
+        "{line}"
+    );
 }

@@ -20,16 +20,128 @@ fn readme_configuration_reference_matches_help() {
         expected,
         "README.md's configuration reference is stale: regenerate it with `cargo run -q -- config --markdown`"
     );
-    // Every SM_ name the README mentions is a real setting (or the test suite's own).
+}
+
+/// Variables the documents may name that are not settings of the bot: the test suite's and
+/// the scripts' own.
+const NOT_SETTINGS: [&str; 5] = [
+    "SM_TEST_DATABASE_URL",
+    "SM_TEST_DRY_RUN",
+    "SM_TEST_PRETEND_MISSING",
+    "SM_TESTBED_DIR",
+    "SM_DEPLOY_TOOLS_DIR",
+];
+
+#[test]
+fn the_documents_name_only_real_settings() {
     let known: Vec<String> = session_manager::config::setting_docs()
         .into_iter()
         .map(|d| d.env)
         .collect();
-    for word in readme.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-        if word.starts_with("SM_") && word.len() > 3 && word != "SM_TEST_DATABASE_URL" {
+    for doc in [
+        "README.md",
+        "docs/operations.md",
+        "docs/architecture.md",
+        "deploy/k8s/README.md",
+        ".env.example",
+    ] {
+        let text = read(doc);
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("SM_") && word.len() > 3 && !NOT_SETTINGS.contains(&word) {
+                assert!(
+                    known.iter().any(|k| k == word),
+                    "{doc} mentions {word}, which is not a setting"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_readme_and_the_runbook_list_every_endpoint() {
+    let readme = read("README.md");
+    let runbook = read("docs/operations.md");
+    for (method, path) in session_manager::http::ENDPOINTS {
+        assert!(
+            readme.contains(&format!("| `{method} {path}`")),
+            "README.md's HTTP endpoints table lacks {method} {path}"
+        );
+        assert!(
+            runbook.contains(&format!("`{path}")) || runbook.contains(&format!("`{method} {path}")),
+            "docs/operations.md never mentions {path}"
+        );
+    }
+    // And lists no other.
+    let table = &readme[readme.find("### HTTP endpoints").expect("section")..];
+    let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+    for row in table.lines().filter(|l| l.starts_with("| `")) {
+        assert!(
+            session_manager::http::ENDPOINTS
+                .iter()
+                .any(|(method, path)| row.starts_with(&format!("| `{method} {path}`"))),
+            "README.md lists an endpoint the bot does not serve: {row}"
+        );
+    }
+}
+
+/// `NAME=value` of a shell assignment at the start of a line in a script.
+fn script_value(script: &str, name: &str) -> String {
+    read(script)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{script} sets no {name}"))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn the_documents_pin_the_versions_the_testbed_runs() {
+    let claude = script_value("scripts/testbed", "CLAUDE_VERSION");
+    let devcontainer = script_value("scripts/testbed", "DEVCONTAINER_VERSION");
+    let runbook = read("docs/operations.md");
+    assert!(
+        runbook.contains(&format!("@anthropic-ai/claude-code@{claude}")),
+        "docs/operations.md should install Claude Code {claude}"
+    );
+    assert!(
+        runbook.contains(&format!("@devcontainers/cli@{devcontainer}")),
+        "docs/operations.md should install the devcontainer CLI {devcontainer}"
+    );
+    assert!(
+        !runbook.contains("@<version>"),
+        "a version placeholder is left"
+    );
+    let readme = read("README.md");
+    assert!(
+        readme.contains(&format!("Claude Code CLI {claude}"))
+            && readme.contains(&format!("devcontainer CLI {devcontainer}")),
+        "README.md's list of what the tests install names other versions"
+    );
+}
+
+#[test]
+fn no_markdown_table_is_split_by_a_blank_line() {
+    for doc in [
+        "README.md",
+        "docs/operations.md",
+        "docs/architecture.md",
+        "deploy/k8s/README.md",
+        "devcontainer/README.md",
+    ] {
+        let text = read(doc);
+        let lines: Vec<&str> = text.lines().collect();
+        for i in 2..lines.len() {
+            let row = |l: &str| l.trim_start().starts_with('|');
+            let header_next = lines.get(i + 1).is_some_and(|l| {
+                l.trim_start().starts_with("|--") || l.trim_start().starts_with("| --")
+            });
             assert!(
-                known.iter().any(|k| k == word),
-                "README mentions unknown variable {word}"
+                !(row(lines[i])
+                    && lines[i - 1].trim().is_empty()
+                    && row(lines[i - 2])
+                    && !header_next),
+                "{doc}:{}: a blank line splits a table (the rows after it render as text)",
+                i + 1
             );
         }
     }
@@ -178,5 +290,151 @@ fn the_devcontainer_template_is_what_the_bot_generates() {
     assert_eq!(
         template, generated,
         "devcontainer/devcontainer.json and fallback_config() differ"
+    );
+}
+
+/// The uncommented `NAME=value` lines of `.env.example` (quotes removed as dotenvy does).
+fn env_example() -> Vec<(String, String)> {
+    read(".env.example")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (name, value) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!(".env.example: not NAME=value: {l}"));
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            (name.trim().to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+/// The problems of a configuration made of `pairs` (variable, value) alone: the process's own
+/// environment is not read.
+fn problems_of(pairs: &[(String, String)]) -> Vec<session_manager::config::ConfigProblem> {
+    let docs = session_manager::config::setting_docs();
+    let mut argv = vec!["session-manager".to_owned(), "serve".to_owned()];
+    for (name, value) in pairs {
+        let doc = docs
+            .iter()
+            .find(|d| &d.env == name)
+            .unwrap_or_else(|| panic!("{name} is not a setting"));
+        argv.push(format!("--{}={value}", doc.flag));
+    }
+    let matches = session_manager::config::Cli::raw_command()
+        .mut_args(|arg| arg.env(None))
+        .try_get_matches_from(argv)
+        .expect("clap accepts any text");
+    match session_manager::config::Settings::from_matches(&matches) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.0,
+    }
+}
+
+#[test]
+fn env_example_lists_every_required_setting_with_a_placeholder_that_is_refused() {
+    let docs = session_manager::config::setting_docs();
+    let example = env_example();
+    // Every line is a setting of `--help` (and so of the README's table), once; the commented
+    // examples too.
+    let mentioned: Vec<String> = read(".env.example")
+        .lines()
+        .map(|l| l.trim_start_matches(['#', ' ']))
+        .filter_map(|l| l.split_once('=').map(|(name, _)| name.to_owned()))
+        .filter(|name| name.starts_with("SM_"))
+        .collect();
+    for name in &mentioned {
+        assert!(
+            docs.iter().any(|d| &d.env == name),
+            ".env.example names {name}, which is not a setting"
+        );
+    }
+    for (name, _) in &example {
+        assert_eq!(
+            example.iter().filter(|(n, _)| n == name).count(),
+            1,
+            "{name} is set twice in .env.example"
+        );
+    }
+    // The required settings: what an empty configuration is refused for.
+    let required: Vec<&'static str> = problems_of(&[]).iter().map(|p| p.var).collect();
+    for var in [
+        "SM_MATTERMOST_URL",
+        "SM_VM_HOST",
+        "SM_VM_KNOWN_HOSTS",
+        "SM_VM_SSH_KEY_PATH",
+        "SM_CALLBACK_SECRET",
+    ] {
+        assert!(
+            required.contains(&var),
+            "{var} should be required: {required:?}"
+        );
+    }
+    for var in &required {
+        assert!(
+            example.iter().any(|(name, _)| name == var),
+            ".env.example lacks the required {var}"
+        );
+        let help = &docs.iter().find(|d| d.env == *var).expect("doc").help;
+        assert!(
+            help.to_lowercase().contains("required"),
+            "--help (and the README) should say {var} is required: {help}"
+        );
+    }
+    // As it is, every required setting is refused, each for its placeholder.
+    let problems = problems_of(&example);
+    for var in &required {
+        let problem = problems
+            .iter()
+            .find(|p| p.var == *var)
+            .unwrap_or_else(|| panic!("{var}'s placeholder passes validation: {problems:?}"));
+        assert!(
+            problem.message.contains("placeholder"),
+            "{var} is refused for its placeholder: {problem}"
+        );
+    }
+    // With the placeholders replaced, nothing else is wrong.
+    let dir = tempfile::tempdir().expect("dir");
+    let key = dir.path().join("id_ed25519");
+    std::fs::write(
+        &key,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .expect("key");
+    let filled: Vec<(String, String)> = example
+        .iter()
+        .map(|(name, value)| {
+            let is_placeholder = session_manager::config::PLACEHOLDERS
+                .iter()
+                .any(|m| value.contains(m));
+            if !is_placeholder {
+                return (name.clone(), value.clone());
+            }
+            let real = match name.as_str() {
+                "SM_MATTERMOST_URL" => "https://chat.example.com".to_owned(),
+                "SM_MATTERMOST_TEAM_ID" => "abcdefghijklmnopqrstuvwxyz".to_owned(),
+                "SM_VM_HOST" => "vm.example.internal".to_owned(),
+                "SM_VM_SSH_KEY_PATH" => key.display().to_string(),
+                "SM_VM_KNOWN_HOSTS" => {
+                    "vm.example.internal ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA".to_owned()
+                }
+                "SM_OPNSENSE_URL" => "https://fw.example.internal".to_owned(),
+                "SM_CALLBACK_SECRET" => "0123456789abcdef0123456789abcdef".to_owned(),
+                "SM_MATTERMOST_TOKEN" | "SM_OPNSENSE_KEY" | "SM_OPNSENSE_SECRET" => {
+                    "a-real-looking-token".to_owned()
+                }
+                other => panic!("add a real value for {other} to this test"),
+            };
+            (name.clone(), real)
+        })
+        .collect();
+    let problems = problems_of(&filled);
+    assert!(
+        problems.is_empty(),
+        "with real values .env.example is a valid configuration: {problems:?}"
     );
 }

@@ -26,6 +26,19 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
     let session = stack.session_at(&channel, &root).await;
     assert_eq!(session.state(), SessionState::Idle);
     let container = session.container_id.clone().expect("container recorded");
+    // The image `devcontainer up` built for this workspace (the VM user's uid baked in).
+    let mut image = Script::new();
+    image
+        .raw_then(
+            "podman container inspect --format '{{.ImageName}}'",
+            &[container.as_str()],
+        )
+        .expect("q");
+    let uid_image = stack.vm_run(&image).await.stdout.trim().to_owned();
+    assert!(
+        uid_image.contains("/vsc-widgets-") && uid_image.contains("-uid"),
+        "a per-workspace -uid image: {uid_image}"
+    );
 
     stack
         .fake
@@ -119,6 +132,27 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
         stack.vm_run(&inspect).await.status,
         Some(1),
         "the container is removed"
+    );
+    let mut image = Script::new();
+    image
+        .raw_then("podman image exists", &[uid_image.as_str()])
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&image).await.status,
+        Some(1),
+        "the workspace's -uid image is removed with it"
+    );
+    let mut sandbox = Script::new();
+    sandbox
+        .raw_then(
+            "podman image exists",
+            &[Testbed::load().get("SM_TEST_SANDBOX_IMAGE")],
+        )
+        .expect("q");
+    assert_eq!(
+        stack.vm_run(&sandbox).await.status,
+        Some(0),
+        "the sandbox image stays"
     );
     assert_eq!(
         stack

@@ -395,3 +395,89 @@ async fn chat_servers_can_have_a_port_of_their_own() {
         .expect("serve task")
         .expect("serve stopped cleanly");
 }
+
+#[tokio::test]
+async fn every_listed_endpoint_is_routed_and_nothing_else_is() {
+    let db = TestDatabase::sqlite();
+    // With Teams configured, so that its messaging endpoint is served too (nothing is reached).
+    let app = TestApp::start(settings(
+        &db.url,
+        &[
+            ("teams-app-id", "00000000-0000-0000-0000-000000000001"),
+            ("teams-app-password", "test-password"),
+            ("teams-token-url", "http://127.0.0.1:1/token"),
+            ("teams-openid-metadata-url", "http://127.0.0.1:1/openid"),
+        ],
+    ))
+    .await;
+    for (method, path) in session_manager::http::ENDPOINTS {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let response = client()
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .expect("request");
+        assert_ne!(
+            response.status(),
+            StatusCode::NOT_FOUND,
+            "{method} {path} is listed in http::ENDPOINTS but not routed"
+        );
+    }
+    let unknown = client()
+        .get(app.url("/no-such-route"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+/// The JSON block of `docs/operations.md` that follows its `/health` heading.
+fn runbook_health_sample() -> Value {
+    let runbook = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md"),
+    )
+    .expect("runbook");
+    let section = &runbook[runbook
+        .find("### 2.1 `/health`")
+        .expect("the /health section")..];
+    let start = section.find("```json\n").expect("a JSON sample") + "```json\n".len();
+    let end = start + section[start..].find("```").expect("its end");
+    serde_json::from_str(&section[start..end]).expect("the sample is JSON")
+}
+
+/// Object keys, recursively (`a.b` for nested ones); component names are kept as keys.
+fn shape(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Object(map) = value {
+        for (key, inner) in map {
+            let path = format!("{prefix}{key}");
+            out.push(path.clone());
+            shape(inner, &format!("{path}."), out);
+        }
+    }
+    out.sort();
+}
+
+#[tokio::test]
+async fn the_runbooks_sample_health_answer_has_the_real_shape() {
+    let db = TestDatabase::sqlite();
+    let app = TestApp::start(settings(&db.url, &[])).await;
+    // Every component has reported once (the unreachable ones are down, with a detail).
+    let mut body = Value::Null;
+    for _ in 0..200 {
+        body = health(&app).await.1;
+        let components = body["components"].as_object().cloned().unwrap_or_default();
+        if components.len() == 4 && components.values().all(|c| c["status"] != "unknown") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (mut real, mut documented) = (Vec::new(), Vec::new());
+    shape(&body, "", &mut real);
+    shape(&runbook_health_sample(), "", &mut documented);
+    assert_eq!(
+        documented, real,
+        "docs/operations.md's sample /health answer (section 2.1) has another shape than /health: {body}"
+    );
+    app.stop().await;
+}

@@ -100,6 +100,7 @@ async fn the_runtime_image_built_from_a_local_base_answers_health() {
         "SM_VM_HOST=127.0.0.1".to_owned(),
         "SM_VM_PORT=1".to_owned(),
         format!("SM_VM_KNOWN_HOSTS={}", support::TEST_KNOWN_HOSTS),
+        format!("SM_VM_SSH_KEY={}", support::TEST_SSH_KEY),
         "SM_OPNSENSE_URL=http://127.0.0.1:1".to_owned(),
         "SM_OPNSENSE_KEY=k".to_owned(),
         "SM_OPNSENSE_SECRET=s".to_owned(),

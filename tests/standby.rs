@@ -11,18 +11,23 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::TestDatabase;
 
-/// A `serve` process; killed (SIGKILL) when dropped.
+/// A `serve` process; killed (SIGKILL) when dropped, and its TMPDIR (where its SSH pool keeps
+/// its private directory) removed.
 struct Instance {
     child: Child,
     addr: String,
+    _tmp: tempfile::TempDir,
 }
 
 impl Instance {
     fn start(database_url: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tmp");
         let mut child = Command::new(env!("CARGO_BIN_EXE_session-manager"))
             .arg("serve")
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TMPDIR", tmp.path())
+            .env("SM_VM_SSH_KEY", support::TEST_SSH_KEY)
             .env("SM_MATTERMOST_URL", "http://127.0.0.1:1")
             .env("SM_MATTERMOST_TOKEN", "t")
             .env("SM_MATTERMOST_TEAM_ID", "abcdefghijklmnopqrstuvwxyz")
@@ -56,7 +61,11 @@ impl Instance {
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the instance listens");
-        Self { child, addr }
+        Self {
+            child,
+            addr,
+            _tmp: tmp,
+        }
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {

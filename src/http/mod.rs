@@ -34,6 +34,16 @@ pub const DATABASE_PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest request body accepted (callbacks are small).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Every route the bot serves, as `(method, path)`; Teams' messaging endpoint only when Teams
+/// is configured ([`router_with`]). The README's and the runbook's lists are checked against it
+/// (`tests/docs.rs`), and `tests/http.rs` checks that each one is routed.
+pub const ENDPOINTS: [(&str, &str); 4] = [
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("POST", "/callback"),
+    ("POST", crate::chat::teams::MESSAGES_PATH),
+];
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {

@@ -634,8 +634,10 @@ pub async fn remove(
 }
 
 /// Removes everything of a session on the VM: kills a `devcontainer up` still running for it
-/// (its whole process group), removes every container labelled with the session, and deletes
-/// the session's directory (its Claude Code state and generated configuration).
+/// (its whole process group), removes every container labelled with the session and the
+/// `vsc-…-uid` image tag `devcontainer up` built for each (one per workspace folder, so every
+/// worktree would leave one behind), and deletes the session's directory
+/// (its Claude Code state and generated configuration).
 ///
 /// # Errors
 /// [`DevcontainerError`].
@@ -657,7 +659,12 @@ pub async fn remove_session(
         // labels: those that were not there before it started).
         .raw(r#"  for id in $("$runtime" ps -a --external --no-trunc --quiet 2>/dev/null); do if ! grep -qxF "$id" "$dir/external.before" 2>/dev/null && [ "$("$runtime" ps -a --external --no-trunc --filter "id=$id" --format '{{.Command}}' 2>/dev/null)" = buildah ]; then "$runtime" rm --force "$id" >/dev/null 2>&1 || true; fi; done"#)
         .raw("fi")
+        .raw(r#"images=$("$runtime" ps -a --no-trunc --filter "label=$label" --format '{{.Image}}' 2>/dev/null | sort -u) || images="""#)
         .raw(r#"for id in $("$runtime" ps -a --no-trunc --quiet --filter "label=$label"); do "$runtime" rm --force --time 5 "$id" >/dev/null; done"#)
+        // Only the CLI's per-folder `-uid` tags, never forced: one still used by a container
+        // (another session on the same folder) stays, and so does every other image (the
+        // sandbox image, a repository's built image).
+        .raw(REMOVE_UID_IMAGES)
         .raw(r#"rm -rf "$dir" 2>/dev/null || "$runtime" unshare rm -rf "$dir""#);
     let out = pool.run(&s).await?;
     if out.success() {
@@ -668,6 +675,11 @@ pub async fn remove_session(
         })
     }
 }
+
+/// Removes, of the images named in `$images`, those `devcontainer up` builds to give the
+/// container user the VM user's uid (`vsc-<folder>-<hash>-uid`, with or without a registry and
+/// tag) with `$runtime image rm`; a failure (the image is still in use) is ignored.
+const REMOVE_UID_IMAGES: &str = r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) "$runtime" image rm "$image" >/dev/null 2>&1 || true ;; esac; done"#;
 
 /// A container carrying [`LABEL_MANAGED`], as the reconciler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -744,6 +756,39 @@ fn parse_ps(stdout: &str) -> Result<Vec<ManagedContainer>, DevcontainerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_clis_uid_images_are_removed_with_a_session() {
+        // The script's own line, with a runtime that reports what it is asked to remove.
+        let matches = |image: &str| {
+            let script = format!(
+                r#"exec 3>&1; fake() {{ echo "$*" >&3; }}; runtime=fake; images="$1"; {REMOVE_UID_IMAGES}"#
+            );
+            let out = std::process::Command::new("bash")
+                .args(["-c", &script, "probe", image])
+                .output()
+                .expect("bash");
+            String::from_utf8_lossy(&out.stdout).trim() == format!("image rm {image}")
+        };
+        for image in [
+            "localhost/vsc-widgets-7fcc9e286d185b890dd7cf2aa6956d90d283849994b42f511aca6334bf28f00d-uid:latest",
+            "vsc-widgets-4df05f4f-5827a6b19d3e81d012e2b49cc3ac37bd99a3da5d953549b5631d2cbc787cc259-uid",
+            "localhost/vsc-with-devcontainer-1421856acf93-uid",
+        ] {
+            assert!(matches(image), "{image} is a -uid image");
+        }
+        for image in [
+            "localhost/claude-sandbox:test",
+            "localhost/claude-sandbox:07f91c851696",
+            "claude-code:latest",
+            "localhost/claude-sandbox:vsc-x-uid",
+            "localhost/vsc-widgets-7fcc9e286d18",
+            "localhost/vsc-widgets-7fcc9e286d18-features:latest",
+            "localhost/vsc-widgets-uid-extra:latest",
+        ] {
+            assert!(!matches(image), "{image} is not a -uid image");
+        }
+    }
 
     #[test]
     fn parses_success_and_error_outcomes() {

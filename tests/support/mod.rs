@@ -141,6 +141,33 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Every session in the database at `url` (ended ones included): its id and its workspace on
+/// the VM, if it got that far. Empty when the database cannot be read.
+pub async fn sessions_of(url: &str) -> Vec<(String, Option<String>)> {
+    let query = "SELECT id, workspace_path FROM sessions";
+    if url.starts_with("sqlite:") {
+        let Ok(mut conn) = sqlx::SqliteConnection::connect(url).await else {
+            return Vec::new();
+        };
+        let rows = sqlx::query_as::<_, (String, Option<String>)>(query)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        let _ = conn.close().await;
+        rows
+    } else {
+        let Ok(mut conn) = sqlx::PgConnection::connect(url).await else {
+            return Vec::new();
+        };
+        let rows = sqlx::query_as::<_, (String, Option<String>)>(query)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        let _ = conn.close().await;
+        rows
+    }
+}
+
 /// A TCP proxy on 127.0.0.1 that can be cut (listener and every open connection), to make a
 /// server disappear from a client's point of view.
 pub struct TcpProxy {
@@ -205,6 +232,11 @@ impl Drop for TcpProxy {
 pub const TEST_KNOWN_HOSTS: &str =
     "[127.0.0.1]:1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPrDGLMQkvA+6hwmqB/JCQHXOQKtest";
 
+/// A private key's shape for settings whose VM is never reached (the key file check wants a
+/// key; nothing ever logs in with this one).
+pub const TEST_SSH_KEY: &str =
+    "-----BEGIN OPENSSH PRIVATE KEY-----\nnot-a-real-key\n-----END OPENSSH PRIVATE KEY-----";
+
 /// A 32-character callback secret for tests.
 pub const CALLBACK_SECRET: &str = "test-callback-secret-0123456789abcdef";
 
@@ -223,6 +255,7 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
         ("opnsense-secret", "test-secret"),
         ("callback-secret", CALLBACK_SECRET),
         ("vm-known-hosts", TEST_KNOWN_HOSTS),
+        ("vm-ssh-key", TEST_SSH_KEY),
         ("database-url", database_url),
         ("listen-addr", "127.0.0.1:0"),
         ("rate-limit-rps", "1000"),
@@ -231,6 +264,10 @@ pub fn settings(database_url: &str, extra: &[(&str, &str)]) -> Settings {
     for (k, v) in extra {
         pairs.retain(|(key, _)| key != k);
         pairs.push((k, v));
+    }
+    // A key file given by the test is the key (the content would be preferred over it).
+    if extra.iter().any(|(k, _)| *k == "vm-ssh-key-path") {
+        pairs.retain(|(k, _)| *k != "vm-ssh-key");
     }
     for (k, v) in pairs {
         argv.push(format!("--{k}={v}"));

@@ -324,14 +324,19 @@ impl Stack {
 }
 
 impl Drop for Stack {
-    /// Removes what the test's sessions left on the VM (containers of its workspaces, its
-    /// directory), even when the test failed; a passing test's stops left nothing.
+    /// Removes what the test's sessions left on the VM, even when the test failed (a passing
+    /// test's stops left nothing, but a test may end with sessions running): the containers of
+    /// its workspaces and of its sessions, the images `devcontainer up` built for them, the
+    /// sessions' private directories and the test's directory.
     fn drop(&mut self) {
         let root = self.vm_root.clone();
+        let db_url = self.db.url.clone();
         let tb = Testbed::load();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             rt.block_on(async move {
+                // Every session the test made, ended ones included.
+                let sessions = super::sessions_of(&db_url).await;
                 let Ok(vm) = SshPool::new(SshConfig {
                     host: tb.get("SM_TEST_VM_HOST"),
                     port: tb.port(),
@@ -344,11 +349,29 @@ impl Drop for Stack {
                     return;
                 };
                 let mut cleanup = Script::new();
-                if cleanup.set("root", &root).is_ok() {
-                    cleanup.raw(r#"for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) podman rm -f "$id" >/dev/null ;; esac; done"#);
-                    cleanup.raw(r#"rm -rf "$root""#);
-                    let _ = vm.run(&cleanup).await;
+                if cleanup.set("root", &root).is_err() {
+                    return;
                 }
+                // A container, the -uid image `devcontainer up` built for its workspace (as
+                // the bot's own cleanup removes it) and the image that one was built on when
+                // it is a per-workspace one too (a repository's Dockerfile).
+                cleanup.raw(r#"sm_rm() { image=$(podman inspect --format '{{.ImageName}}' "$1" 2>/dev/null) || image=; podman rm -f "$1" >/dev/null 2>&1 || true; case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) podman image rm "$image" >/dev/null 2>&1 || true; base=${image%-uid*}; case "$base" in vsc-*|*/vsc-*) podman image rm "$base" >/dev/null 2>&1 || true ;; esac ;; esac; }"#);
+                cleanup.raw(r#"for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) sm_rm "$id" ;; esac; done"#);
+                for (id, workspace) in &sessions {
+                    if cleanup.set("sid", id).is_err()
+                        || cleanup.set("ws", workspace.as_deref().unwrap_or_default()).is_err()
+                    {
+                        continue;
+                    }
+                    cleanup.raw(r#"for c in $(podman ps -aq --no-trunc --filter "label=session-manager.session=$sid"); do sm_rm "$c"; done"#);
+                    cleanup.raw(r#"d="$HOME/.local/share/session-manager/sessions/$sid"; rm -rf "$d" 2>/dev/null || podman unshare rm -rf "$d""#);
+                    // The images `devcontainer up` names after the workspace folder
+                    // (vsc-<basename>-<sha256 of the path>), a repository's built image among
+                    // them, once no container uses them.
+                    cleanup.raw(r#"if [ -n "$ws" ]; then name="vsc-$(basename "$ws" | tr '[:upper:]' '[:lower:]')-$(printf '%s' "$ws" | sha256sum | cut -d' ' -f1)"; podman image rm "$name-uid" >/dev/null 2>&1 || true; podman image rm "$name" >/dev/null 2>&1 || true; fi"#);
+                }
+                cleanup.raw(r#"rm -rf "$root" 2>/dev/null || podman unshare rm -rf "$root""#);
+                let _ = vm.run(&cleanup).await;
                 vm.close().await;
             });
         })
