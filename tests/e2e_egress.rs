@@ -260,15 +260,23 @@ async fn grants_are_shared_capped_refused_by_policy_and_end_with_their_session()
             (!opn.applied_content(ALIAS).contains(&"pypi.org".to_owned())).then_some(())
         })
         .await;
-    let actions: Vec<String> = stack
-        .store
-        .audit_log(None, 200)
-        .await
-        .expect("audit")
-        .into_iter()
-        .filter(|r| r.entry.domain.as_deref() == Some("pypi.org"))
-        .map(|r| r.entry.action)
-        .collect();
+    // The removal is audited right after the alias changes: wait for that row.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let actions: Vec<String> = loop {
+        let actions: Vec<String> = stack
+            .store
+            .audit_log(None, 200)
+            .await
+            .expect("audit")
+            .into_iter()
+            .filter(|r| r.entry.domain.as_deref() == Some("pypi.org"))
+            .map(|r| r.entry.action)
+            .collect();
+        if actions.iter().any(|a| a == "firewall_removed") || std::time::Instant::now() > deadline {
+            break actions;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     for expected in [
         "requested",
         "approved",
