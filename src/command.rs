@@ -335,6 +335,15 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         ..CommandSpec::DEFAULT
     },
     CommandSpec {
+        kind: CommandKind::Interrupt,
+        word: "interrupt",
+        aliases: &["escape"],
+        scope: Scope::ThreadOnly,
+        summary: "stop the turn Claude is working on (its owner, the people they invited and admins)",
+        build: |_| Some(Command::Interrupt),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
         kind: CommandKind::Grants,
         word: "grants",
         summary: "list the live network grants of your sessions (admins: of every session)",
@@ -701,6 +710,8 @@ pub enum Command {
         /// `None`: the session that owns the thread the command was written in.
         target: Option<IdPrefix>,
     },
+    /// `interrupt` (also `escape`; session thread only): stop the turn in flight.
+    Interrupt,
     /// `grants`: the live network grants of this thread's session, or (top level) of the
     /// asker's sessions, or every session's for admins.
     Grants,
@@ -728,6 +739,7 @@ impl Command {
             Command::Invite { .. } => CommandKind::Invite,
             Command::Kick { .. } => CommandKind::Kick,
             Command::Join { .. } => CommandKind::Join,
+            Command::Interrupt => CommandKind::Interrupt,
             Command::Grants => CommandKind::Grants,
             Command::Revoke { .. } => CommandKind::Revoke,
         }
@@ -796,6 +808,8 @@ pub enum CommandKind {
     Kick,
     /// `join`
     Join,
+    /// `interrupt` (session thread only)
+    Interrupt,
     /// `grants`
     Grants,
     /// `revoke` (session thread only)

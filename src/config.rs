@@ -564,6 +564,17 @@ pub struct ContainerSettings {
         value_parser = whole::<u32>(0, 100_000, "a whole number of sessions (0 = no limit)")
     )]
     pub max_sessions: u32,
+    /// Seconds a turn may run before it is interrupted (the CLI's interrupt request), with a
+    /// notice in the thread.
+    #[arg(
+        id = "turn_timeout_secs",
+        long = "turn-timeout-secs",
+        env = "SM_TURN_TIMEOUT_SECS",
+        default_value = "1800",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub turn_timeout: Duration,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",

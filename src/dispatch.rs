@@ -395,6 +395,7 @@ impl Dispatcher {
             Command::Status { all: false } | Command::Grants if thread_session.is_some() => {
                 Some(Act::Look)
             }
+            Command::Interrupt => Some(Act::Talk),
             Command::Revoke { .. } => Some(Act::Manage),
             Command::Clear | Command::Restart | Command::Invite { .. } | Command::Kick { .. } => {
                 Some(Act::Manage)
@@ -455,6 +456,16 @@ impl Dispatcher {
                 }
             }
             Command::Grants => self.grants(message, thread_session.as_ref()).await,
+            Command::Interrupt => {
+                if let Some(session) = thread_session {
+                    let text = match self.inner.sessions.interrupt(&session).await {
+                        Ok(true) => "Interrupting Claude…".to_owned(),
+                        Ok(false) => "Claude is not working on anything right now.".to_owned(),
+                        Err(e) => format!("Could not do that: {e}"),
+                    };
+                    self.reply(message, &text).await;
+                }
+            }
             Command::Revoke { domain } => {
                 if let Some(session) = thread_session {
                     self.revoke(message, &session, &domain).await;

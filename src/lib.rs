@@ -754,6 +754,7 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),
         orchestrator_compact_threshold: settings.container.orchestrator_compact_threshold,
         max_agent_line_bytes: settings.container.max_agent_line_bytes,
+        turn_timeout: settings.container.turn_timeout,
     }
 }
 

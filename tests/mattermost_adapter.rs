@@ -107,6 +107,9 @@ impl SessionControl for Accepting {
     async fn restart(&self, _session: &Session) -> Result<(), SessionError> {
         Ok(())
     }
+    async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {
+        Ok(false)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

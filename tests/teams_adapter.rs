@@ -1122,6 +1122,9 @@ impl SessionControl for Sessions {
     async fn restart(&self, _session: &Session) -> Result<(), SessionError> {
         Ok(())
     }
+    async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {
+        Ok(false)
+    }
 }
 
 #[tokio::test]

@@ -38,6 +38,9 @@ pub(super) enum Request {
     Clear { reply: oneshot::Sender<()> },
     /// Same conversation, new process.
     Restart { reply: oneshot::Sender<()> },
+    /// Stop the turn in flight (the CLI's `interrupt` control request); answers whether one
+    /// was running.
+    Interrupt { reply: oneshot::Sender<bool> },
     /// Stop the agent; the manager cleans up.
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -95,6 +98,14 @@ impl SessionHandle {
         self.ask(|reply| Request::Restart { reply }).await
     }
 
+    /// Interrupts the turn in flight; `false` when none was running.
+    ///
+    /// # Errors
+    /// [`SessionError::NotRunning`].
+    pub async fn interrupt(&self) -> Result<bool, SessionError> {
+        self.ask(|reply| Request::Interrupt { reply }).await
+    }
+
     /// Stops the agent and waits until it is gone.
     ///
     /// # Errors
@@ -142,6 +153,17 @@ enum Replace {
     Clear,
 }
 
+/// How long an interrupted turn may take to end before the agent is restarted.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(15);
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How many times a lost agent is resumed within [`RESUME_WINDOW`] before the session ends.
 const RESUME_BUDGET: usize = 3;
 /// The window [`RESUME_BUDGET`] counts in.
@@ -165,6 +187,10 @@ pub(super) struct Actor {
     /// The message of the running turn, until the agent shows it got it (any output of the
     /// turn): if the agent is lost before that, the message is sent again to its successor.
     in_flight: Option<String>,
+    /// When the running turn started (for `SM_TURN_TIMEOUT_SECS`).
+    turn_started: Option<tokio::time::Instant>,
+    /// When the bot asked the agent to interrupt the running turn, if it did.
+    interrupted_at: Option<tokio::time::Instant>,
     /// The agent is being replaced to abandon a turn the thread was already told about: no
     /// message is sent again and no "connection lost" note is posted.
     abandoning: bool,
@@ -195,6 +221,8 @@ impl Actor {
             busy: false,
             in_flight: None,
             abandoning: false,
+            turn_started: None,
+            interrupted_at: None,
             pending: Pending::None,
             scanner,
             seen_tools: HashSet::new(),
@@ -295,6 +323,24 @@ impl Actor {
                     }
                     Err(e) => Step::AgentLost(e.to_string()),
                 },
+                () = sleep_until_or_never(self.turn_deadline()) => {
+                    if self.interrupted_at.is_some() {
+                        // Interrupted and still running: give up on the turn, restart the agent.
+                        self.in_flight = None;
+                        self.abandoning = true;
+                        self.manager
+                            .say(&self.plan.session, "⏹️ Claude did not stop after the interrupt; it was restarted on the same conversation.")
+                            .await;
+                        Step::AgentLost("the turn did not end after an interrupt".into())
+                    } else {
+                        let limit = self.manager.config.turn_timeout.as_secs();
+                        self.manager
+                            .say(&self.plan.session, &format!("⏱️ This turn ran longer than {limit} s (SM_TURN_TIMEOUT_SECS); interrupting it."))
+                            .await;
+                        self.interrupt(&mut agent).await;
+                        Step::Continue
+                    }
+                }
                 permit = markers.reserve(), if !self.outbox.is_empty() => {
                     match permit {
                         Ok(permit) => {
@@ -414,6 +460,10 @@ impl Actor {
                         }
                         Some(Request::Compact { reply } | Request::Clear { reply } | Request::Restart { reply }) => {
                             let _ = reply.send(());
+                        }
+                        // Nothing runs yet.
+                        Some(Request::Interrupt { reply }) => {
+                            let _ = reply.send(false);
                         }
                         // The bot stops while this session starts: `recover` decides at the next start.
                         None => return Err(Ending::Detach),
@@ -563,6 +613,8 @@ impl Actor {
             Some(Request::Clear { reply }) => {
                 let _ = reply.send(());
                 self.pending = Pending::Clear;
+                // A hung turn would never end: interrupt it, then clear.
+                self.interrupt(agent).await;
                 Step::Continue
             }
             Some(Request::Restart { reply }) => {
@@ -570,8 +622,45 @@ impl Actor {
                 if self.pending != Pending::Clear {
                     self.pending = Pending::Restart;
                 }
+                self.interrupt(agent).await;
                 Step::Continue
             }
+            Some(Request::Interrupt { reply }) => {
+                let _ = reply.send(self.interrupt(agent).await);
+                Step::Continue
+            }
+        }
+    }
+
+    /// Asks the agent to stop the turn in flight (the CLI answers with a `result` of subtype
+    /// `error_during_execution`); `false` when no turn runs. Asking twice sends one request.
+    async fn interrupt(&mut self, agent: &mut Agent) -> bool {
+        if !self.busy {
+            return false;
+        }
+        if self.interrupted_at.is_none() {
+            let id = format!("int-{}", uuid::Uuid::new_v4().simple());
+            if let Err(e) = agent
+                .write(&stream_json::control_request(&id, "interrupt"))
+                .await
+            {
+                warn!(session = %self.plan.session.id, error = %e, "cannot ask the agent to interrupt");
+            }
+            self.interrupted_at = Some(tokio::time::Instant::now());
+        }
+        true
+    }
+
+    /// When the running turn is due to be interrupted (`SM_TURN_TIMEOUT_SECS`), or abandoned
+    /// (an interrupt it did not answer within [`INTERRUPT_GRACE`]).
+    fn turn_deadline(&self) -> Option<tokio::time::Instant> {
+        if !self.busy {
+            return None;
+        }
+        match (self.interrupted_at, self.turn_started) {
+            (Some(at), _) => Some(at + INTERRUPT_GRACE),
+            (None, Some(started)) => Some(started + self.manager.config.turn_timeout),
+            (None, None) => None,
         }
     }
 
@@ -598,6 +687,8 @@ impl Actor {
             return;
         }
         self.busy = true;
+        self.turn_started = Some(tokio::time::Instant::now());
+        self.interrupted_at = None;
         self.in_flight = Some(text);
         if !is_compact {
             self.auto_compact.on_message();
@@ -719,7 +810,11 @@ impl Actor {
                     .store
                     .set_session_state(&self.plan.session.id, SessionState::Idle)
                     .await;
-                if result.is_error {
+                if self.interrupted_at.take().is_some() {
+                    self.manager
+                        .say(&self.plan.session, "⏹️ Claude's turn was interrupted.")
+                        .await;
+                } else if result.is_error {
                     let why = crate::chat::render::neutralize(
                         &result.result.unwrap_or_else(|| result.subtype.clone()),
                     );

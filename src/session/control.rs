@@ -89,6 +89,13 @@ pub trait SessionControl: Send + Sync + 'static {
     /// # Errors
     /// [`SessionError`].
     async fn restart(&self, session: &Session) -> Result<(), SessionError>;
+
+    /// Interrupts the turn in flight (the CLI's `interrupt` control request); `Ok(false)` when
+    /// none was running.
+    ///
+    /// # Errors
+    /// [`SessionError`].
+    async fn interrupt(&self, session: &Session) -> Result<bool, SessionError>;
 }
 
 /// The first 8 characters of an id (what people type after `stop`).

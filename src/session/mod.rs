@@ -83,6 +83,8 @@ pub struct RuntimeConfig {
     pub orchestrator_compact_threshold: u32,
     /// `SM_MAX_AGENT_LINE_BYTES`: the longest agent output line read.
     pub max_agent_line_bytes: usize,
+    /// `SM_TURN_TIMEOUT_SECS`: a turn running longer is interrupted.
+    pub turn_timeout: Duration,
 }
 
 /// The least time between two automatic compactions of an orchestrator.
@@ -389,6 +391,10 @@ impl SessionControl for SessionRuntime {
 
     async fn restart(&self, session: &Session) -> Result<(), SessionError> {
         self.running(&session.id)?.restart().await
+    }
+
+    async fn interrupt(&self, session: &Session) -> Result<bool, SessionError> {
+        self.running(&session.id)?.interrupt().await
     }
 }
 

@@ -149,4 +149,7 @@ impl SessionControl for RecordingSessions {
         self.record(Call::Restart(session.id.clone()));
         Ok(())
     }
+    async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {
+        Ok(false)
+    }
 }
