@@ -154,6 +154,78 @@ async fn a_dead_master_is_replaced() {
     assert_eq!(out.stdout.trim(), "back");
 }
 
+/// A frozen master (SIGSTOP: its control socket accepts but never answers) costs one bounded
+/// check: concurrent commands all finish, on a healthy or a new master, and the frozen one is
+/// dropped from the pool. The pool's lock is never held across that check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_master_never_blocks_the_pool() {
+    let tb = Testbed::load();
+    let pool = Arc::new(
+        SshPool::new(SshConfig {
+            max_channels_per_master: 1,
+            ..config(&tb)
+        })
+        .expect("pool"),
+    );
+    // Two masters: two commands at once with one channel each.
+    let (sa, sb) = (script("sleep 1; echo a"), script("sleep 1; echo b"));
+    let (a, b) = tokio::join!(pool.run(&sa), pool.run(&sb));
+    assert!(a.expect("a").success() && b.expect("b").success());
+    assert_eq!(pool.masters().await, 2);
+    let pids = master_pids(&pool);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    // SAFETY: stopping one of the pool's own master processes by its pid.
+    unsafe { libc::kill(pids[0], libc::SIGSTOP) };
+    // Let the masters' last checks go stale, so the next leases check them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = std::time::Instant::now();
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let pool = Arc::clone(&pool);
+        runs.push(tokio::spawn(async move {
+            let mut s = Script::new();
+            s.command("echo", &[i.to_string()]).expect("q");
+            pool.run(&s).await
+        }));
+    }
+    for (i, run) in runs.into_iter().enumerate() {
+        let out = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("a frozen master blocked the pool")
+            .expect("join")
+            .expect("run");
+        assert_eq!(out.stdout.trim(), i.to_string());
+    }
+    let took = started.elapsed();
+    eprintln!("4 commands with a frozen master: {took:?}");
+    assert!(
+        !master_pids(&pool).is_empty() && pool.masters().await >= 1,
+        "healthy masters serve on"
+    );
+    // SAFETY: ending the stopped master the test froze.
+    unsafe {
+        libc::kill(pids[0], libc::SIGKILL);
+    }
+    pool.close().await;
+}
+
+/// The pids of `pool`'s ssh master processes, oldest first.
+fn master_pids(pool: &SshPool) -> Vec<i32> {
+    let dir = pool.private_dir().display().to_string();
+    let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.starts_with("ssh ") && cmd.contains(&dir)).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// Kills the `ssh` master processes of `pool` (identified by its private directory).
 fn kill_masters_of(pool: &SshPool) -> usize {
     let dir = pool.private_dir().display().to_string();

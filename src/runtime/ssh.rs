@@ -131,7 +131,14 @@ impl CommandOutput {
 struct Master {
     session: Arc<Session>,
     channels: Arc<AtomicUsize>,
+    /// When a liveness check last succeeded.
+    checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long one liveness check of a master may take before the master counts as dead.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// A master checked this recently is used without checking it again.
+const CHECK_FRESH: Duration = Duration::from_secs(2);
 
 /// A channel slot on a master; released when dropped.
 struct Lease {
@@ -149,7 +156,11 @@ impl Drop for Lease {
 pub struct SshPool {
     // Field order matters: fields drop in declaration order, and a master is shut down through
     // its control socket inside `dir`, so the masters must go before the directory.
-    masters: Mutex<Vec<Master>>,
+    /// The open masters. Held only to pick or change the list, never across network work.
+    masters: std::sync::Mutex<Vec<Arc<Master>>>,
+    /// Serialises opening new masters (so a burst opens one, not one each); sessions on
+    /// healthy masters never wait for it.
+    connecting: Mutex<()>,
     config: SshConfig,
     key_path: PathBuf,
     known_hosts_path: PathBuf,
@@ -186,7 +197,8 @@ impl SshPool {
         };
         write_private(&known_hosts_path, known.as_bytes(), true).map_err(local)?;
         Ok(Self {
-            masters: Mutex::new(Vec::new()),
+            masters: std::sync::Mutex::new(Vec::new()),
+            connecting: Mutex::new(()),
             config,
             key_path,
             known_hosts_path,
@@ -211,8 +223,11 @@ impl SshPool {
     /// Shuts every master connection down (also done, without waiting, when the pool is
     /// dropped). Processes still running on them are cut off.
     pub async fn close(&self) {
-        let masters: Vec<Master> = self.masters.lock().await.drain(..).collect();
+        let masters: Vec<Arc<Master>> = self.masters_mut().drain(..).collect();
         for master in masters {
+            let Ok(master) = Arc::try_unwrap(master) else {
+                continue; // being checked: shuts down when dropped
+            };
             match Arc::try_unwrap(master.session) {
                 Ok(session) => {
                     if let Err(e) = session.close().await {
@@ -227,7 +242,15 @@ impl SshPool {
 
     /// How many master connections are open.
     pub async fn masters(&self) -> usize {
-        self.masters.lock().await.len()
+        self.masters_mut().len()
+    }
+
+    /// The list of masters (a poisoned lock is taken over: the list stays consistent, each
+    /// change being one push or retain).
+    fn masters_mut(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Master>>> {
+        self.masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Copies the key into the private directory. Done for every new master, so a rotated
@@ -277,37 +300,85 @@ impl SshPool {
     }
 
     /// A channel slot on a live master, opening a master when none has room.
+    ///
+    /// No lock is held across network work: a candidate master is taken from the list, checked
+    /// (at most [`CHECK_TIMEOUT`], skipped when it passed a check within [`CHECK_FRESH`]) and
+    /// dropped from the list when it does not answer; a new master is opened outside the list's
+    /// lock. So a frozen or dead master costs the callers that happened to pick it one bounded
+    /// check, and callers on healthy masters never wait for it or for a reconnect.
     async fn lease(&self) -> Result<Lease, SshError> {
-        let mut masters = self.masters.lock().await;
-        // Forget masters that died.
-        let mut alive = Vec::with_capacity(masters.len());
-        for master in masters.drain(..) {
-            if master.session.check().await.is_ok() {
-                alive.push(master);
-            } else {
-                warn!(target = %self.target(), "SSH master connection lost; it will be replaced");
-            }
+        if let Some(lease) = self.lease_existing().await {
+            return Ok(lease);
         }
-        *masters = alive;
-        let limit = self.config.max_channels_per_master.max(1);
-        if let Some(master) = masters
-            .iter()
-            .filter(|m| m.channels.load(Ordering::SeqCst) < limit)
-            .min_by_key(|m| m.channels.load(Ordering::SeqCst))
-        {
-            master.channels.fetch_add(1, Ordering::SeqCst);
-            return Ok(Lease {
-                session: Arc::clone(&master.session),
-                channels: Arc::clone(&master.channels),
-            });
+        // None has room: open one (one at a time), unless another caller just did.
+        let _gate = self.connecting.lock().await;
+        if let Some(lease) = self.lease_existing().await {
+            return Ok(lease);
         }
         let session = Arc::new(self.connect().await?);
         let channels = Arc::new(AtomicUsize::new(1));
-        masters.push(Master {
+        self.masters_mut().push(Arc::new(Master {
             session: Arc::clone(&session),
             channels: Arc::clone(&channels),
-        });
+            checked: std::sync::Mutex::new(Some(std::time::Instant::now())),
+        }));
         Ok(Lease { session, channels })
+    }
+
+    /// A slot on an existing master that answers, or `None` when no master has room.
+    async fn lease_existing(&self) -> Option<Lease> {
+        let limit = self.config.max_channels_per_master.max(1);
+        loop {
+            // Reserve a slot on the least used master with room, under the lock, no I/O.
+            let candidate = {
+                let masters = self.masters_mut();
+                let found = masters
+                    .iter()
+                    .filter(|m| m.channels.load(Ordering::SeqCst) < limit)
+                    .min_by_key(|m| m.channels.load(Ordering::SeqCst))
+                    .cloned();
+                if let Some(m) = &found {
+                    m.channels.fetch_add(1, Ordering::SeqCst);
+                }
+                found
+            }?;
+            let lease = Lease {
+                session: Arc::clone(&candidate.session),
+                channels: Arc::clone(&candidate.channels),
+            };
+            if self.answers(&candidate).await {
+                return Some(lease);
+            }
+            drop(lease);
+            warn!(target = %self.target(), "SSH master connection lost or frozen; it will be replaced");
+            self.masters_mut().retain(|m| !Arc::ptr_eq(m, &candidate));
+            // Dropping a master sends it an exit request through its control socket, and that
+            // blocks while the master is frozen: drop it off the async workers.
+            tokio::task::spawn_blocking(move || drop(candidate));
+        }
+    }
+
+    /// Whether `master` answers a check within [`CHECK_TIMEOUT`] (or passed one recently).
+    async fn answers(&self, master: &Master) -> bool {
+        let fresh = master
+            .checked
+            .lock()
+            .ok()
+            .and_then(|c| *c)
+            .is_some_and(|at| at.elapsed() < CHECK_FRESH);
+        if fresh {
+            return true;
+        }
+        let ok = matches!(
+            tokio::time::timeout(CHECK_TIMEOUT, master.session.check()).await,
+            Ok(Ok(()))
+        );
+        if ok {
+            if let Ok(mut checked) = master.checked.lock() {
+                *checked = Some(std::time::Instant::now());
+            }
+        }
+        ok
     }
 
     /// Runs `script` with `bash -lc` (login PATH), bounded by the configured timeout.
@@ -330,6 +401,12 @@ impl SshPool {
         match self.run_once(script, timeout).await {
             Err(SshError::Channel(reason)) => {
                 warn!(%reason, "remote command failed on the transport; trying once more");
+                // A master may have died since its last check: check them all again.
+                for master in self.masters_mut().iter() {
+                    if let Ok(mut checked) = master.checked.lock() {
+                        *checked = None;
+                    }
+                }
                 self.run_once(script, timeout).await
             }
             other => other,
