@@ -635,6 +635,9 @@ impl World {
             ("CONTAINER_ENV", "BENCH_AGENT=1".into()),
             ("CLAUDE_COMMAND", agent_command()),
             ("DEVCONTAINER_TIMEOUT_SECS", "600".into()),
+            // The testbed's podman is shared with other test runs: the reconciler still
+            // lists the containers every minute, but leaves others' alone during a run.
+            ("RECONCILE_GRACE_SECS", "86400".into()),
             ("EGRESS_DNS_SERVERS", self._dns.addr().to_string()),
             ("RATE_LIMIT_RPS", "10000".into()),
             ("RATE_LIMIT_BURST", "10000".into()),
@@ -1195,6 +1198,30 @@ async fn transport_baseline(
         .stdout()
         .take()
         .ok_or("baseline agent: no stdout")?;
+    let stderr = process.child.stderr().take();
+    let stderr_text: Arc<Mutex<String>> = Arc::default();
+    if let Some(stderr) = stderr {
+        let text = Arc::clone(&stderr_text);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut t = text.lock().unwrap_or_else(|e| e.into_inner());
+                if t.len() < 2000 {
+                    t.push_str(&line);
+                    t.push('\n');
+                }
+            }
+        });
+    }
+    let said = |why: &str| {
+        // Give the stderr reader a moment: the process has just ended.
+        std::thread::sleep(Duration::from_millis(200));
+        let text = stderr_text
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        format!("{why} (container {}): {}", s.container, text.trim())
+    };
     let mut lines = BufReader::new(stdout).lines();
     let (mut to_agent, mut from_agent) = (Vec::new(), Vec::new());
     for i in 0..n {
@@ -1208,9 +1235,9 @@ async fn transport_baseline(
         loop {
             let next = tokio::time::timeout(MESSAGE_TIMEOUT, lines.next_line())
                 .await
-                .map_err(|_| "the baseline agent did not answer".to_owned())?
+                .map_err(|_| said("the baseline agent did not answer"))?
                 .map_err(|e| e.to_string())?
-                .ok_or("the baseline agent ended")?;
+                .ok_or_else(|| said("the baseline agent ended"))?;
             let read = now_ns();
             if next.contains("\"result\"") && next.contains("\"type\":\"result\"") {
                 break;
