@@ -246,6 +246,8 @@ fn the_layout_is_complete() {
         "tests",
         "README.md",
         "scripts/test",
+        "scripts/bench",
+        "docs/benchmarks.md",
         ".ci/run",
     ] {
         assert!(

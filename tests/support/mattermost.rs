@@ -235,6 +235,37 @@ pub struct Reaction {
     pub channel_id: String,
 }
 
+/// Whether a [`PostWrite`] created a post or edited one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostWriteKind {
+    /// `POST /api/v4/posts` (or [`FakeMattermost::post_as`]).
+    Create,
+    /// A patch or a full update.
+    Edit,
+}
+
+/// One stored post creation or edit, as seen by [`FakeMattermost::watch_writes`].
+#[derive(Clone, Debug)]
+pub struct PostWrite {
+    /// Wall-clock time the fake stored it (comparable with timestamps of other processes on
+    /// this machine).
+    pub at: SystemTime,
+    /// Creation or edit.
+    pub kind: PostWriteKind,
+    /// The post's id.
+    pub post_id: String,
+    /// Its thread's root (`""` for a root post).
+    pub root_id: String,
+    /// Its channel.
+    pub channel_id: String,
+    /// Its author.
+    pub user_id: String,
+    /// The whole message after the write.
+    pub message: String,
+    /// Its properties after the write (attachments and their buttons included).
+    pub props: Value,
+}
+
 /// One HTTP request the fake received (REST calls and WebSocket upgrades alike).
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
@@ -493,6 +524,15 @@ impl FakeMattermost {
     /// included, WebSocket upgrades included).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
+    }
+
+    /// Sends every later post creation and edit (by anyone, the bot included) to the returned
+    /// receiver, stamped with the time the fake stored it. A second call replaces the first
+    /// receiver.
+    pub fn watch_writes(&self) -> mpsc::UnboundedReceiver<PostWrite> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.lock().write_watch = Some(tx);
+        rx
     }
 
     /// Forgets the recorded requests.
@@ -886,6 +926,8 @@ struct State {
     sockets: HashMap<u64, SocketHandle>,
     next_socket: u64,
     ws_paused: bool,
+    /// Where [`FakeMattermost::watch_writes`] sends each stored post creation and edit.
+    write_watch: Option<mpsc::UnboundedSender<PostWrite>>,
 }
 
 impl State {
@@ -917,6 +959,7 @@ impl State {
             sockets: HashMap::new(),
             next_socket: 0,
             ws_paused: false,
+            write_watch: None,
         }
     }
 
@@ -1301,9 +1344,28 @@ impl State {
                 c.last_root_post_at = now;
             }
         }
+        self.notify_write(PostWriteKind::Create, &post);
         let client = self.client_post(&post);
         self.publish_posted(&client, &channel, set_online);
         Ok(client)
+    }
+
+    /// Tells the [`FakeMattermost::watch_writes`] receiver, if any, about a stored write.
+    fn notify_write(&mut self, kind: PostWriteKind, post: &Post) {
+        let Some(tx) = &self.write_watch else { return };
+        let write = PostWrite {
+            at: SystemTime::now(),
+            kind,
+            post_id: post.id.clone(),
+            root_id: post.root_id.clone(),
+            channel_id: post.channel_id.clone(),
+            user_id: post.user_id.clone(),
+            message: post.message.clone(),
+            props: post.props.clone(),
+        };
+        if tx.send(write).is_err() {
+            self.write_watch = None;
+        }
     }
 
     /// The `posted` event (`data.post` is a JSON string), with `mentions` added for the
@@ -1390,6 +1452,7 @@ impl State {
             }
         }
         *self.post_mut(post_id).expect("post exists") = new.clone();
+        self.notify_write(PostWriteKind::Edit, &new);
         let client = self.client_post(&new);
         let mut data = Map::new();
         data.insert("post".into(), json!(post_json_string(&client)));

@@ -161,6 +161,8 @@ struct FakeState {
     /// Alias name → entries as of the last successful reconfigure.
     applied: HashMap<String, Vec<String>>,
     reconfigures: usize,
+    /// `(alias, entry)` → when a successful reconfigure first applied it.
+    first_applied: HashMap<(String, String), std::time::SystemTime>,
     requests: Vec<(String, String, Value)>,
     injected: Vec<Injected>,
     down: bool,
@@ -307,6 +309,16 @@ impl FakeOpnsense {
             .find(|a| a.name == name)
             .expect("set_content: no such alias");
         alias.content = entries.join("\n");
+    }
+
+    /// When a successful `reconfigure` first applied `entry` to alias `name` (wall clock, to
+    /// compare with timestamps taken in other processes); `None` if it never was.
+    pub fn first_applied_at(&self, name: &str, entry: &str) -> Option<std::time::SystemTime> {
+        self.shared
+            .lock()
+            .first_applied
+            .get(&(name.to_owned(), entry.to_owned()))
+            .copied()
     }
 
     /// Successful reconfigures so far (POSTs answered `{"status":"ok"}`).
@@ -508,12 +520,21 @@ fn process(
                 );
                 return error_output(500, &message, Some("Alias"));
             }
-            let applied = state
+            let applied: HashMap<String, Vec<String>> = state
                 .aliases
                 .iter()
                 .filter(|a| a.enabled == "1")
                 .map(|a| (a.name.clone(), a.entries()))
                 .collect();
+            let now = std::time::SystemTime::now();
+            for (name, entries) in &applied {
+                for entry in entries {
+                    state
+                        .first_applied
+                        .entry((name.clone(), entry.clone()))
+                        .or_insert(now);
+                }
+            }
             state.applied = applied;
             state.reconfigures += 1;
             ok(&J::obj(vec![("status", J::s("ok"))]))
