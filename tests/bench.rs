@@ -879,7 +879,9 @@ async fn clean_vm(vm: &SshPool, root: &str) -> usize {
     if s.set("root", root).is_err() {
         return 0;
     }
-    s.raw(r#"n=0; for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) podman rm -f "$id" >/dev/null; n=$((n + 1)) ;; esac; done; echo "removed=$n""#)
+    // The containers' per-folder `-uid` images go too (never forced; the sandbox image stays).
+    s.raw(r#"n=0; images=""; for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) images="$images $(podman inspect --format '{{.ImageName}}' "$id")"; podman rm -f "$id" >/dev/null; n=$((n + 1)) ;; esac; done"#)
+        .raw(r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) podman image rm "$image" >/dev/null 2>&1 || true ;; esac; done; echo "removed=$n""#)
         .raw(r#"rm -rf "$root""#);
     match vm.run(&s).await {
         Ok(out) => out

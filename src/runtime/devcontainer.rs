@@ -144,6 +144,18 @@ pub enum DevcontainerError {
     Violation(Vec<String>),
 }
 
+impl DevcontainerError {
+    /// Whether this is the CLI's own step that gives the container user the VM user's uid
+    /// (`podman build … updateUID.Dockerfile …`) failing to set up its build container: rootless
+    /// podman sometimes fails it when other builds or image removals run at the same moment,
+    /// and a second try works. A repository's own build failing is not this.
+    pub fn is_uid_build_glitch(&self) -> bool {
+        matches!(self, Self::Up { message }
+            if message.contains("updateUID.Dockerfile")
+                && message.contains("An error occurred setting up the container"))
+    }
+}
+
 /// The session's directory on the VM, relative to the VM user's home.
 ///
 /// # Errors
@@ -756,6 +768,25 @@ fn parse_ps(stdout: &str) -> Result<Vec<ManagedContainer>, DevcontainerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_clis_uid_build_setup_failure_is_retried() {
+        let glitch = DevcontainerError::Up {
+            message: "Command failed: podman build -f /tmp/devcontainercli-claude/updateUID.Dockerfile-0.89.0 -t vsc-widgets-1558-uid (An error occurred setting up the container.)".into(),
+        };
+        assert!(glitch.is_uid_build_glitch());
+        for other in [
+            DevcontainerError::Up {
+                message: "Command failed: podman build -f /work/repo/.devcontainer/Dockerfile (An error occurred setting up the container.)".into(),
+            },
+            DevcontainerError::Up {
+                message: "updateUID.Dockerfile: no space left on device".into(),
+            },
+            DevcontainerError::Output("x".into()),
+        ] {
+            assert!(!other.is_uid_build_glitch(), "{other}");
+        }
+    }
 
     #[test]
     fn only_the_clis_uid_images_are_removed_with_a_session() {

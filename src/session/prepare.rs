@@ -167,9 +167,16 @@ impl Manager {
         if let (false, Some(p)) = (plan.resume, progress.as_deref_mut()) {
             p.step("Starting the container").await;
         }
-        let up = devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
+        let up = match devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
             .await
-            .map_err(StartError::Container)?;
+        {
+            Err(e) if e.is_uid_build_glitch() => {
+                tracing::warn!(session = %session.id, error = %e, "the uid image build failed to set up; trying devcontainer up once more");
+                devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id).await
+            }
+            other => other,
+        }
+        .map_err(StartError::Container)?;
         if let Some(p) = progress {
             match up.source {
                 ConfigSource::Vetted if up.dropped.is_empty() => {
