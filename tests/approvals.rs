@@ -1055,6 +1055,16 @@ impl World {
             .collect()
     }
 
+    /// Asks for `domain` from the session, approves it for the session as its owner, and
+    /// waits until the agent is told it is approved.
+    async fn approve_for_the_session(&self, domain: &str) {
+        self.request(domain).await;
+        self.click_card(&self.session, "approvesession", &self.alice)
+            .await;
+        let told = format!("[NETWORK_APPROVED: {domain}]");
+        eventually("applied", || self.told(&self.session, &told)).await;
+    }
+
     /// Clicks `action` on the only card of `session`'s thread as `user`; the reply.
     async fn click_card(&self, session: &Session, action: &str, user: &str) -> Value {
         let card = self
@@ -1171,12 +1181,7 @@ async fn two_sessions_sharing_a_domain_keep_it_until_both_grants_end() {
         Some(opnsense_client(&opn)),
     )
     .await;
-    w.request("pypi.org").await;
-    w.click_card(&w.session, "approvesession", &w.alice).await;
-    eventually("applied", || {
-        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
-    })
-    .await;
+    w.approve_for_the_session("pypi.org").await;
     // carol's session asks for the same domain: no card, a notice, a grant of its own.
     let other = w.another_session(&w.carol).await;
     assert_eq!(
@@ -1321,12 +1326,7 @@ async fn a_granted_domain_removed_by_hand_is_not_answered_approved_until_it_is_b
         Some(opnsense_client(&opn)),
     )
     .await;
-    w.request("pypi.org").await;
-    w.click_card(&w.session, "approvesession", &w.alice).await;
-    eventually("applied", || {
-        w.told(&w.session, "[NETWORK_APPROVED: pypi.org]")
-    })
-    .await;
+    w.approve_for_the_session("pypi.org").await;
     let approved_before = w.mailbox.texts().len();
     // An operator removes it by hand (and applies that).
     let kept: Vec<String> = opn

@@ -52,12 +52,10 @@ async fn grants_are_shared_capped_refused_by_policy_and_end_with_their_session()
     let stack = Stack::start_with(
         script,
         &[
-            ("opnsense-url", opn.url()),
-            ("opnsense-key", "opn-key".into()),
-            ("opnsense-secret", "opn-secret".into()),
-            ("callback-url", "{callback}".into()),
-            ("max-pending-approvals", "2".into()),
-        ],
+            opn.bot_settings("opn-key", "opn-secret"),
+            vec![("max-pending-approvals", "2".into())],
+        ]
+        .concat(),
     )
     .await;
 

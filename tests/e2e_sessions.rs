@@ -728,16 +728,7 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
             Reply::text("That needs npm.\n[NETWORK_REQUEST: registry.npmjs.org]\n"),
         )
         .fallback(Reply::text("ok"));
-    let stack = Stack::start_with(
-        script,
-        &[
-            ("opnsense-url", opn.url()),
-            ("opnsense-key", "opn-key".into()),
-            ("opnsense-secret", "opn-secret".into()),
-            ("callback-url", "{callback}".into()),
-        ],
-    )
-    .await;
+    let stack = Stack::start_with(script, &opn.bot_settings("opn-key", "opn-secret")).await;
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
 
     stack

@@ -71,11 +71,10 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
             ("teams-app-password", teams.app_password()),
             ("teams-token-url", teams.token_url()),
             ("teams-openid-metadata-url", teams.metadata_url()),
-            ("opnsense-url", opn.url()),
-            ("opnsense-key", "opn-key".into()),
-            ("opnsense-secret", "opn-secret".into()),
-            ("callback-url", "{callback}".into()),
-        ],
+        ]
+        .into_iter()
+        .chain(opn.bot_settings("opn-key", "opn-secret"))
+        .collect::<Vec<_>>(),
     )
     .await;
     let endpoint = stack

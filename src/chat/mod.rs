@@ -265,6 +265,24 @@ impl std::fmt::Debug for ClickHandlers {
     }
 }
 
+/// A transport error with its causes ("error sending request: client error (Connect): dns
+/// error: failed to lookup address information: …"): reqwest's own message alone drops them.
+/// The URL is left out (the caller knows it, and a query could carry a token).
+pub(crate) fn transport_cause(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
 /// What the bot can do on a chat platform. Implemented once per platform.
 #[async_trait]
 pub trait ChatOutbound: Send + Sync + 'static {

@@ -634,15 +634,8 @@ impl Store {
         if let Some(row) = inserted {
             return Ok((row.try_into()?, true));
         }
-        let existing = sqlx::query_as::<_, ApprovalRow>(
-            "SELECT * FROM approval_requests WHERE session_id = $1 AND domain = $2 AND state = 'pending'",
-        )
-        .bind(session_id)
-        .bind(domain)
-        .fetch_optional(&self.pool)
-        .await?;
-        match existing {
-            Some(row) => Ok((row.try_into()?, false)),
+        match self.pending_approval(session_id, domain).await? {
+            Some(existing) => Ok((existing, false)),
             // The pending one was decided between the two statements: try once more.
             None => Box::pin(self.open_approval(session_id, domain, now, expires_at)).await,
         }

@@ -270,6 +270,17 @@ impl FakeOpnsense {
     }
 
     /// `http://127.0.0.1:PORT` (the base URL, without `/api`).
+    /// The bot's settings for this fake (`key`/`secret` as started) and its own callback URL
+    /// (`{callback}`, filled in by the test stack).
+    pub fn bot_settings(&self, key: &str, secret: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("opnsense-url", self.url()),
+            ("opnsense-key", key.into()),
+            ("opnsense-secret", secret.into()),
+            ("callback-url", "{callback}".into()),
+        ]
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

@@ -104,13 +104,20 @@ impl TokenSource {
             .body(body)
             .send()
             .await
-            .map_err(|e| ChatError::Transport(format!("token endpoint: {}", transport_cause(e))))?;
+            .map_err(|e| {
+                ChatError::Transport(format!(
+                    "token endpoint: {}",
+                    crate::chat::transport_cause(e)
+                ))
+            })?;
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| ChatError::Transport(format!("token endpoint: {}", transport_cause(e))))?;
+        let bytes = response.bytes().await.map_err(|e| {
+            ChatError::Transport(format!(
+                "token endpoint: {}",
+                crate::chat::transport_cause(e)
+            ))
+        })?;
         if !status.is_success() {
             // OAuth errors are `{"error":"invalid_client","error_description":…}`.
             let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -350,13 +357,13 @@ impl ConnectorClient {
         let response = request
             .send()
             .await
-            .map_err(|e| ChatError::Transport(transport_cause(e)))?;
+            .map_err(|e| ChatError::Transport(crate::chat::transport_cause(e)))?;
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| ChatError::Transport(transport_cause(e)))?;
+            .map_err(|e| ChatError::Transport(crate::chat::transport_cause(e)))?;
         if status.is_success() {
             let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
             return serde_json::from_slice(body).map_err(|e| ChatError::Decode(format!("{e}")));
@@ -423,23 +430,6 @@ fn seg(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
-}
-
-/// A transport error with its causes (a DNS failure, a refused connection): reqwest's own
-/// message alone drops them. The URL is left out.
-fn transport_cause(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
 }
 
 #[cfg(test)]
