@@ -146,13 +146,24 @@ pub enum DevcontainerError {
 
 impl DevcontainerError {
     /// Whether this is the CLI's own step that gives the container user the VM user's uid
-    /// (`podman build … updateUID.Dockerfile …`) failing to set up its build container: rootless
-    /// podman sometimes fails it when other builds or image removals run at the same moment,
-    /// and a second try works. A repository's own build failing is not this.
-    pub fn is_uid_build_glitch(&self) -> bool {
-        matches!(self, Self::Up { message }
-            if message.contains("updateUID.Dockerfile")
-                && message.contains("An error occurred setting up the container"))
+    /// failing to set up a container: building the `-uid` image (`podman build …
+    /// updateUID.Dockerfile …`) or running it (`podman run … vsc-…-uid …`). Rootless podman
+    /// sometimes fails these when other image operations run at the same moment, and another
+    /// try works. A repository's own build or image failing is not this.
+    pub fn is_uid_step_glitch(&self) -> bool {
+        let Self::Up { message } = self else {
+            return false;
+        };
+        if !message.contains("An error occurred setting up the container") {
+            return false;
+        }
+        let runs_uid_image = message.contains("podman run")
+            && message.split_whitespace().any(|word| {
+                let name = word.rsplit('/').next().unwrap_or(word);
+                let name = name.split(':').next().unwrap_or(name);
+                name.starts_with("vsc-") && name.ends_with("-uid")
+            });
+        message.contains("updateUID.Dockerfile") || runs_uid_image
     }
 }
 
@@ -231,7 +242,10 @@ pub async fn up(
         .command("set", &std::iter::once("--").chain(build_paths.iter().map(String::as_str)).collect::<Vec<_>>())?
         .raw(r#"for p in "$@"; do r=$(realpath -m "$p"); case "$r/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "$p"; exit 3 ;; esac; done"#)
         .raw(r#""$runtime" ps -a --external --no-trunc --quiet > "$dir/external.before" 2>/dev/null || true"#)
-        .raw(r#"setsid devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
+        .set("imagelock", &image_lock_path(layout))?
+        // A shared hold on the image lock while `up` runs: removing a `-uid` image takes it
+        // exclusively (see [`REMOVE_UID_IMAGES`]).
+        .raw(r#"setsid flock --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
         .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
         .raw(r#"wait "$!" && status=0 || status=$?"#)
         .raw(r#"rm -f "$dir/up.pid""#)
@@ -245,7 +259,10 @@ pub async fn up(
     {
         return Err(DevcontainerError::OutsideWorkspace(path.to_owned()));
     }
-    let parsed = parse_up_output(&out.stdout, &out.stderr)?;
+    let parsed = parse_up_output(&out.stdout, &out.stderr).inspect_err(|e| {
+        // The CLI's outcome names the failed command; its log says why (podman's own error).
+        tracing::warn!(session = session_id, error = %e, log = %last_lines(&out.stderr, 12), "devcontainer up failed");
+    })?;
     if source != ConfigSource::Trusted {
         let problems = verify(
             pool,
@@ -645,6 +662,30 @@ pub async fn remove(
     }
 }
 
+/// Removes every container labelled with session `session_id` (stopping it first), and
+/// nothing else: what a failed `devcontainer up` left behind.
+///
+/// # Errors
+/// [`DevcontainerError`].
+pub async fn remove_session_containers(
+    pool: &SshPool,
+    runtime: &str,
+    session_id: &str,
+) -> Result<(), DevcontainerError> {
+    let mut s = Script::new();
+    s.set("runtime", runtime)?
+        .set("label", &format!("{LABEL_SESSION}={session_id}"))?
+        .raw(r#"for id in $("$runtime" ps -a --no-trunc --quiet --filter "label=$label"); do "$runtime" rm --force --time 5 "$id" >/dev/null; done"#);
+    let out = pool.run(&s).await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(DevcontainerError::Up {
+            message: last_lines(&out.stderr, 3),
+        })
+    }
+}
+
 /// Removes everything of a session on the VM: kills a `devcontainer up` still running for it
 /// (its whole process group), removes every container labelled with the session and the
 /// `vsc-…-uid` image tag `devcontainer up` built for each (one per workspace folder, so every
@@ -662,6 +703,8 @@ pub async fn remove_session(
     s.set("rel", &session_dir_relative(layout, session_id)?)?
         .set("runtime", &layout.runtime)?
         .set("label", &format!("{LABEL_SESSION}={session_id}"))?
+        .set("imagelock", &image_lock_path(layout))?
+        .set("imagewait", &IMAGE_LOCK_WAIT_SECS.to_string())?
         .raw(r#"dir="$HOME/$rel""#)
         // An interrupted `podman build` stops its RUN step (a RUN container is outside the
         // process group); then TERM, then KILL for what is left of the group.
@@ -691,7 +734,22 @@ pub async fn remove_session(
 /// Removes, of the images named in `$images`, those `devcontainer up` builds to give the
 /// container user the VM user's uid (`vsc-<folder>-<hash>-uid`, with or without a registry and
 /// tag) with `$runtime image rm`; a failure (the image is still in use) is ignored.
-const REMOVE_UID_IMAGES: &str = r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) "$runtime" image rm "$image" >/dev/null 2>&1 || true ;; esac; done"#;
+///
+/// Rootless podman (4.3) fails other commands that look at images while one is removed ("image
+/// not known" from `podman images`, "an error occurred setting up the container" from the
+/// `devcontainer up` of another session), so the removal holds the image lock
+/// ([`image_lock_path`], `$imagelock`, relative to the home directory) exclusively, waiting at
+/// most [`IMAGE_LOCK_WAIT_SECS`]; every `devcontainer up` holds it shared. When the wait runs
+/// out the images stay (they are small, and a later session stop removes them).
+const REMOVE_UID_IMAGES: &str = r#"uid_images=""; for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) uid_images="$uid_images $image" ;; esac; done; if [ -n "$uid_images" ]; then ( flock --exclusive --wait "$imagewait" 9 || exit 0; for image in $uid_images; do "$runtime" image rm "$image" >/dev/null 2>&1 || true; done ) 9>>"$HOME/$imagelock"; fi"#;
+
+/// How long removing a session's `-uid` image waits for running `devcontainer up`s, seconds.
+pub const IMAGE_LOCK_WAIT_SECS: u32 = 120;
+
+/// The image lock file, relative to the VM user's home: beside the sessions' directories.
+fn image_lock_path(layout: &ContainerLayout) -> String {
+    format!("{}/images.lock", layout.state_dir.trim_end_matches('/'))
+}
 
 /// A container carrying [`LABEL_MANAGED`], as the reconciler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -770,11 +828,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_clis_uid_build_setup_failure_is_retried() {
+    fn only_the_clis_uid_step_setup_failures_are_retried() {
         let glitch = DevcontainerError::Up {
             message: "Command failed: podman build -f /tmp/devcontainercli-claude/updateUID.Dockerfile-0.89.0 -t vsc-widgets-1558-uid (An error occurred setting up the container.)".into(),
         };
-        assert!(glitch.is_uid_build_glitch());
+        assert!(glitch.is_uid_step_glitch());
+        let run = DevcontainerError::Up {
+            message: "Command failed: podman run --sig-proxy=false -a STDOUT -a STDERR --mount type=bind,source=/w,target=/workspaces/widgets --userns=keep-id --network=host --entrypoint /bin/sh -l devcontainer.metadata=[{\"remoteUser\":\"claude\"}] vsc-widgets-3c1268935574f9b61ebd068d3e3597a12b200ee0fcbe9eca95c45491a400d51e-uid -c echo Container started (An error occurred setting up the container.)".into(),
+        };
+        assert!(run.is_uid_step_glitch());
         for other in [
             DevcontainerError::Up {
                 message: "Command failed: podman build -f /work/repo/.devcontainer/Dockerfile (An error occurred setting up the container.)".into(),
@@ -782,9 +844,12 @@ mod tests {
             DevcontainerError::Up {
                 message: "updateUID.Dockerfile: no space left on device".into(),
             },
+            DevcontainerError::Up {
+                message: "Command failed: podman run --entrypoint /bin/sh localhost/vsc-widgets-uid-extra:latest -c echo (An error occurred setting up the container.)".into(),
+            },
             DevcontainerError::Output("x".into()),
         ] {
-            assert!(!other.is_uid_build_glitch(), "{other}");
+            assert!(!other.is_uid_step_glitch(), "{other}");
         }
     }
 
@@ -792,11 +857,13 @@ mod tests {
     fn only_the_clis_uid_images_are_removed_with_a_session() {
         // The script's own line, with a runtime that reports what it is asked to remove.
         let matches = |image: &str| {
+            let home = tempfile::tempdir().expect("home");
             let script = format!(
-                r#"exec 3>&1; fake() {{ echo "$*" >&3; }}; runtime=fake; images="$1"; {REMOVE_UID_IMAGES}"#
+                r#"exec 3>&1; fake() {{ echo "$*" >&3; }}; runtime=fake; imagelock=images.lock; imagewait=5; images="$1"; {REMOVE_UID_IMAGES}"#
             );
             let out = std::process::Command::new("bash")
                 .args(["-c", &script, "probe", image])
+                .env("HOME", home.path())
                 .output()
                 .expect("bash");
             String::from_utf8_lossy(&out.stdout).trim() == format!("image rm {image}")
@@ -819,6 +886,46 @@ mod tests {
         ] {
             assert!(!matches(image), "{image} is not a -uid image");
         }
+    }
+
+    #[test]
+    fn a_uid_image_is_removed_only_when_no_devcontainer_up_runs() {
+        // A `devcontainer up` holds the lock shared (as `up` runs it) and logs when it ends;
+        // the removal, started while it runs, must log after it.
+        let home = tempfile::tempdir().expect("home");
+        let log = home.path().join("order.log");
+        let lock = home.path().join("images.lock");
+        let mut up = std::process::Command::new("flock")
+            .arg("--shared")
+            .arg(&lock)
+            .args(["bash", "-c", r#"sleep 1; echo up-done >> "$1""#, "up"])
+            .arg(&log)
+            .spawn()
+            .expect("flock");
+        // The holder has the lock once the lock file exists and a non-blocking exclusive try fails.
+        while std::process::Command::new("flock")
+            .args(["--exclusive", "--nonblock"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .expect("flock")
+            .success()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let script = format!(
+            r#"fake() {{ echo "rm $3" >> "$log"; }}; runtime=fake; imagelock=images.lock; imagewait=30; images="localhost/vsc-w-1-uid"; {REMOVE_UID_IMAGES}"#
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .env("HOME", home.path())
+            .env("log", &log)
+            .output()
+            .expect("bash");
+        assert!(out.status.success(), "{out:?}");
+        assert!(up.wait().expect("up").success());
+        let order = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(order, "up-done\nrm localhost/vsc-w-1-uid\n");
     }
 
     #[test]

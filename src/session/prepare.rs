@@ -8,6 +8,12 @@ use crate::store::{ContainerDetails, EndReason, LockOutcome, Session, StoreError
 
 use super::{short_id, AgentContainer, Manager, SessionPlan};
 
+/// How many times `devcontainer up` is tried when the CLI's own uid step fails to set up a
+/// container ([`DevcontainerError::is_uid_step_glitch`]).
+const UP_TRIES: u32 = 3;
+/// The pause before another try, times the tries so far.
+const UP_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a session could not be brought up. Each variant knows what the user should do
 /// ([`StartError::hint`]) and why the session ends ([`StartError::end_reason`]); its `Display`
 /// is the message shown in the thread.
@@ -167,14 +173,28 @@ impl Manager {
         if let (false, Some(p)) = (plan.resume, progress.as_deref_mut()) {
             p.step("Starting the container").await;
         }
-        let up = match devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
-            .await
-        {
-            Err(e) if e.is_uid_build_glitch() => {
-                tracing::warn!(session = %session.id, error = %e, "the uid image build failed to set up; trying devcontainer up once more");
-                devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id).await
+        let mut tries = 0;
+        let up = loop {
+            tries += 1;
+            match devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
+                .await
+            {
+                Err(e) if e.is_uid_step_glitch() && tries < UP_TRIES => {
+                    tracing::warn!(session = %session.id, error = %e, tries, "the devcontainer CLI's uid step failed to set up a container; trying devcontainer up again");
+                    // What the failed try created is removed, so the next one starts clean.
+                    if let Err(e) = devcontainer::remove_session_containers(
+                        &self.ssh,
+                        &self.config.containers.runtime,
+                        &session.id,
+                    )
+                    .await
+                    {
+                        tracing::warn!(session = %session.id, error = %e, "cannot remove the failed try's containers");
+                    }
+                    tokio::time::sleep(UP_RETRY_DELAY * tries).await;
+                }
+                other => break other,
             }
-            other => other,
         }
         .map_err(StartError::Container)?;
         if let Some(p) = progress {
