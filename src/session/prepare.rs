@@ -167,12 +167,23 @@ impl Manager {
         if let (false, Some(p)) = (plan.resume, progress.as_deref_mut()) {
             p.step("Starting the container").await;
         }
-        let up = match devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
+        // A worktree's git data lives in the main clone's `.git`: its container needs it too.
+        let git_dir = session.worktree.as_ref().map(|_| {
+            format!(
+                "{}/.git",
+                self.config
+                    .git
+                    .clone_path(&session.repo_org, &session.repo_name)
+            )
+        });
+        let git_dir = git_dir.as_deref();
+        let containers = &self.config.containers;
+        let up = match devcontainer::up(&self.ssh, containers, &workspace, git_dir, &session.id)
             .await
         {
             Err(e) if e.is_uid_build_glitch() => {
                 tracing::warn!(session = %session.id, error = %e, "the uid image build failed to set up; trying devcontainer up once more");
-                devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id).await
+                devcontainer::up(&self.ssh, containers, &workspace, git_dir, &session.id).await
             }
             other => other,
         }
