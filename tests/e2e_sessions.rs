@@ -1429,7 +1429,9 @@ async fn foreign_is_running(stack: &Stack, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cooldown() {
     let stack = Stack::start_with(
-        ModelScript::new().fallback(Reply::text("ok")),
+        ModelScript::new()
+            .on_last_user("fifth", Reply::text("Answer to the fifth message."))
+            .fallback(Reply::text("ok")),
         &[("orchestrator-compact-threshold", "2".into())],
     )
     .await;
@@ -1491,7 +1493,20 @@ async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cool
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The orchestrator compacts between turns, before the next message goes to Claude (and
+    // counts a compaction before that turn ends): once a fifth message has been answered, any
+    // compaction the third and fourth would have caused has run and been counted.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "fifth")
+        .expect("post");
+    stack
+        .wait_for_bot_post(
+            "the answer to the fifth message",
+            Some(&root),
+            "Answer to the fifth message.",
+        )
+        .await;
     assert_eq!(
         compactions(&stack).await,
         1,
