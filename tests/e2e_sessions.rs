@@ -6,9 +6,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use session_manager::runtime::shell::Script;
+use session_manager::runtime::ssh::SshPool;
 use session_manager::store::{EndReason, SessionKind, SessionState};
 use support::model_server::{Reply, Script as ModelScript};
-use support::stack::{kill_ssh_masters_under, BotProcess, Stack, READY_TIMEOUT};
+use support::stack::{kill_ssh_masters_under, vm_ssh_config, BotProcess, Stack, READY_TIMEOUT};
 use support::testbed::Testbed;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1135,6 +1136,286 @@ async fn an_orchestrator_spawns_stops_and_lists_its_workers_and_reviewers() {
     stack.finish().await;
 }
 
+/// A branch a test adds to one of the testbed's bare repositories (as the VM user, who owns
+/// them), with a commit of its own on top of the default branch; removed when dropped, also
+/// when the test fails.
+struct RemoteBranch {
+    git_dir: String,
+    name: String,
+    /// The branch's commit.
+    commit: String,
+}
+
+impl RemoteBranch {
+    async fn create(stack: &Stack, slug: &str, name: &str) -> Self {
+        let base = Testbed::load().get("SM_TEST_GIT_BASE_URL");
+        let root = base
+            .strip_prefix("file://")
+            .unwrap_or_else(|| panic!("SM_TEST_GIT_BASE_URL is not a file:// URL: {base}"));
+        let git_dir = format!("{}/{slug}.git", root.trim_end_matches('/'));
+        let mut s = Script::new();
+        s.set("g", &git_dir)
+            .and_then(|s| s.set("b", name))
+            .expect("q")
+            .raw(r#"c=$(git --git-dir="$g" -c user.name=sm-e2e -c user.email=sm-e2e@example.invalid commit-tree -p HEAD -m "the base of $b" "HEAD^{tree}")"#)
+            // The empty old value: the branch must not exist yet.
+            .raw(r#"git --git-dir="$g" update-ref "refs/heads/$b" "$c" """#)
+            .raw(r#"printf '%s\n' "$c""#);
+        let out = stack.vm_run(&s).await;
+        assert!(out.success(), "cannot make {name}: {}", out.stderr);
+        Self {
+            git_dir,
+            name: name.to_owned(),
+            commit: out.stdout.trim().to_owned(),
+        }
+    }
+}
+
+impl Drop for RemoteBranch {
+    fn drop(&mut self) {
+        let (git_dir, name) = (self.git_dir.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let tb = Testbed::load();
+                let Ok(vm) = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(60), 1)) else {
+                    return;
+                };
+                let mut s = Script::new();
+                if s.set("g", &git_dir).and_then(|s| s.set("b", &name)).is_ok() {
+                    s.raw(r#"git --git-dir="$g" update-ref -d "refs/heads/$b""#);
+                    let _ = vm.run(&s).await;
+                }
+                vm.close().await;
+            });
+        })
+        .join();
+    }
+}
+
+/// `git -C dir ARGS…` on the VM, as its user: the trimmed output (panics when git fails).
+async fn vm_git(stack: &Stack, dir: &str, args: &[&str]) -> String {
+    let mut s = Script::new();
+    let all: Vec<&str> = ["-C", dir].iter().chain(args).copied().collect();
+    s.command("git", &all).expect("q");
+    let out = stack.vm_run(&s).await;
+    assert!(
+        out.success(),
+        "git {args:?} in {dir} failed: {}",
+        out.stderr
+    );
+    out.stdout.trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_orchestrator_spawns_workers_on_new_branches_and_a_reviewer_on_an_existing_one() {
+    let stack = Stack::start(ModelScript::new().fallback(Reply::text("ok"))).await;
+    let (channel, orch_root) = stack
+        .start_session("@claude orchestrate acme/widgets")
+        .await;
+    let orch = stack.session_at(&channel, &orch_root).await;
+    let clone = orch
+        .workspace_path
+        .clone()
+        .expect("the orchestrator's clone");
+    let main_commit = vm_git(&stack, &clone, &["rev-parse", "origin/main"]).await;
+    // Pushed after the orchestrator cloned: the children's fetch brings it.
+    let review = RemoteBranch::create(
+        &stack,
+        "acme/widgets",
+        &format!("review-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+    )
+    .await;
+    let commit = |branch: &str| {
+        Reply::bash(format!(
+            "printf '%s\\n' {branch} > {branch}.txt && git add {branch}.txt && git -c user.email=worker@example.invalid -c user.name=Worker commit -q -m 'work on {branch}' && echo COMMITTED-{branch}"
+        ))
+    };
+    let plan = format!(
+        "Two features and a review.\n\n[CREATE_SESSION: acme/widgets@feature-a] commit the feature-a work\n\n[CREATE_SESSION: acme/widgets@feature-b] commit the feature-b work\n\n[CREATE_REVIEWER: acme/widgets@{0}] look at {0}\n",
+        review.name
+    );
+    stack.model.set_script(
+        ModelScript::new()
+            .on_tool_result("COMMITTED-feature-a", Reply::text("feature-a is committed"))
+            .on_tool_result("COMMITTED-feature-b", Reply::text("feature-b is committed"))
+            .on_last_user("commit the feature-a work", commit("feature-a"))
+            .on_last_user("commit the feature-b work", commit("feature-b"))
+            .on_last_user(
+                format!("look at {}", review.name),
+                Reply::text(format!("reviewing {}", review.name)),
+            )
+            .on_last_user("plan the work", Reply::text(plan))
+            .fallback(Reply::text("ok")),
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "plan the work")
+        .expect("post");
+
+    // The three come up, each answering in its own thread once its work is done.
+    let answer = |c: &session_manager::store::Session| match c.branch.as_deref() {
+        Some("feature-a") => "feature-a is committed".to_owned(),
+        Some("feature-b") => "feature-b is committed".to_owned(),
+        _ => format!("reviewing {}", review.name),
+    };
+    let children = {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            // A commit that failed in a worker's container: say how.
+            if let Some(failed) = stack.model.requests().iter().find_map(|r| {
+                r.tool_results()
+                    .into_iter()
+                    .find(|t| !t.content.contains("COMMITTED-"))
+            }) {
+                panic!("a worker's tool call failed: {failed:?}");
+            }
+            let children = stack.store.children(&orch.id).await.expect("children");
+            for c in &children {
+                if let Some(failed) = stack.bot_post(Some(&c.thread_id), "❌") {
+                    panic!("a child failed to start: {}", failed.message);
+                }
+            }
+            let answered = children
+                .iter()
+                .filter(|c| stack.bot_post(Some(&c.thread_id), &answer(c)).is_some())
+                .count();
+            if children.len() == 3 && answered == 3 {
+                break children;
+            }
+            assert!(Instant::now() < deadline, "children: {children:?}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    let child = |branch: &str| {
+        children
+            .iter()
+            .find(|c| c.branch.as_deref() == Some(branch))
+            .unwrap_or_else(|| panic!("no child on {branch}: {children:?}"))
+            .clone()
+    };
+    let (a, b, reviewer) = (child("feature-a"), child("feature-b"), child(&review.name));
+    assert_eq!(a.kind, SessionKind::Worker);
+    assert_eq!(b.kind, SessionKind::Worker);
+    assert_eq!(reviewer.kind, SessionKind::Reviewer);
+
+    let worktrees: std::collections::HashSet<String> = children
+        .iter()
+        .map(|c| c.workspace_path.clone().expect("workspace"))
+        .collect();
+    assert_eq!(worktrees.len(), 3, "one worktree each: {worktrees:?}");
+    assert!(!worktrees.contains(&clone), "none in the main clone");
+    for (worker, other) in [(&a, "feature-b"), (&b, "feature-a")] {
+        let branch = worker.branch.clone().expect("branch");
+        let progress = stack
+            .bot_post(Some(&worker.thread_id), "Ready")
+            .expect("the start progress");
+        assert!(
+            progress.message.contains(&format!(
+                "Branch `{branch}` did not exist: made it from `origin/main`"
+            )),
+            "the start says the branch was made from the default branch: {}",
+            progress.message
+        );
+        let path = worker.workspace_path.clone().expect("workspace");
+        assert!(
+            path.starts_with(&format!("{}/worktrees/acme/widgets/", stack.vm_root)),
+            "{path}"
+        );
+        assert_eq!(
+            vm_git(&stack, &path, &["rev-parse", "--abbrev-ref", "HEAD"]).await,
+            branch,
+            "the worktree has its branch checked out"
+        );
+        assert_eq!(
+            vm_git(&stack, &path, &["log", "-1", "--format=%s", &branch]).await,
+            format!("work on {branch}"),
+            "the worker's commit is on its branch"
+        );
+        assert_eq!(
+            vm_git(&stack, &path, &["rev-parse", &format!("{branch}^")]).await,
+            main_commit,
+            "made from the default branch"
+        );
+        assert_eq!(
+            vm_git(&stack, &path, &["status", "--porcelain"]).await,
+            "",
+            "nothing left uncommitted"
+        );
+        assert!(
+            !vm_git(&stack, &clone, &["log", "--format=%s", other])
+                .await
+                .contains(&format!("work on {branch}")),
+            "the commit is not on {other}"
+        );
+    }
+    assert_eq!(
+        vm_git(&stack, &clone, &["rev-parse", "HEAD"]).await,
+        main_commit,
+        "the orchestrator's clone stays on the default branch"
+    );
+    assert_ne!(a.container_id, b.container_id, "a container each");
+
+    // The reviewer works on the existing branch, as it is on the remote.
+    let path = reviewer.workspace_path.clone().expect("workspace");
+    assert_eq!(
+        vm_git(&stack, &path, &["rev-parse", "--abbrev-ref", "HEAD"]).await,
+        review.name
+    );
+    assert_eq!(
+        vm_git(&stack, &path, &["rev-parse", "HEAD"]).await,
+        review.commit,
+        "the existing branch's commit, not a new branch"
+    );
+    let progress = stack
+        .bot_post(Some(&reviewer.thread_id), "Ready")
+        .expect("the start progress");
+    assert!(
+        !progress.message.contains("did not exist"),
+        "an existing branch is not made: {}",
+        progress.message
+    );
+
+    // Stopping the orchestrator stops all three and removes their worktrees and containers.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&orch_root), "!stop")
+        .expect("post");
+    stack
+        .wait_for_state(&orch.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    for c in &children {
+        let ended = stack
+            .wait_for_state(&c.id, SessionState::Ended, Duration::from_secs(120))
+            .await;
+        assert_eq!(ended.end().expect("ended").reason, EndReason::ParentEnded);
+        let mut gone = Script::new();
+        gone.set("wt", c.workspace_path.as_deref().unwrap_or_default())
+            .and_then(|s| s.set("id", c.container_id.as_deref().unwrap_or_default()))
+            .expect("q")
+            .raw(r#"if [ -e "$wt" ]; then echo "worktree $wt"; fi; if podman container exists "$id"; then echo "container $id"; fi"#);
+        assert_eq!(
+            stack.vm_run(&gone).await.stdout.trim(),
+            "",
+            "left behind by {}",
+            c.id
+        );
+    }
+    assert!(
+        !vm_git(&stack, &clone, &["worktree", "list"])
+            .await
+            .contains("/worktrees/"),
+        "the worktrees are pruned"
+    );
+    drop(review);
+    stack.finish().await;
+}
+
 async fn foreign_is_running(stack: &Stack, id: &str) -> bool {
     stack
         .store
@@ -1148,7 +1429,9 @@ async fn foreign_is_running(stack: &Stack, id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cooldown() {
     let stack = Stack::start_with(
-        ModelScript::new().fallback(Reply::text("ok")),
+        ModelScript::new()
+            .on_last_user("fifth", Reply::text("Answer to the fifth message."))
+            .fallback(Reply::text("ok")),
         &[("orchestrator-compact-threshold", "2".into())],
     )
     .await;
@@ -1210,7 +1493,20 @@ async fn an_orchestrator_compacts_at_the_threshold_and_not_again_during_the_cool
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The orchestrator compacts between turns, before the next message goes to Claude (and
+    // counts a compaction before that turn ends): once a fifth message has been answered, any
+    // compaction the third and fourth would have caused has run and been counted.
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "fifth")
+        .expect("post");
+    stack
+        .wait_for_bot_post(
+            "the answer to the fifth message",
+            Some(&root),
+            "Answer to the fifth message.",
+        )
+        .await;
     assert_eq!(
         compactions(&stack).await,
         1,

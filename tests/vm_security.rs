@@ -83,8 +83,10 @@ async fn hostile_repository_branch_and_worktree_names_never_run_anything_on_the_
             up_timeout: timeout,
             repo_config: devcontainer::RepoConfigPolicy::Vetted,
         };
-        let _ = devcontainer::up(&vm, &containers, &format!("{root}/{hostile}"), "s1").await;
-        let _ = devcontainer::up(&vm, &containers, &format!("{root}/ws"), hostile).await;
+        let _ = devcontainer::up(&vm, &containers, &format!("{root}/{hostile}"), None, "s1").await;
+        let _ = devcontainer::up(&vm, &containers, &format!("{root}/ws"), None, hostile).await;
+        let _ =
+            devcontainer::up(&vm, &containers, &format!("{root}/ws"), Some(hostile), "s2").await;
         let _ = devcontainer::remove_session(&vm, &containers, hostile).await;
         let _ = devcontainer::inspect(&vm, "podman", hostile).await;
         let _ = devcontainer::remove(&vm, "podman", hostile).await;

@@ -23,8 +23,17 @@
 //! Features and base images can ask for privileges too, so after `up` the container itself is
 //! inspected ([`verify`]): not privileged, no added capabilities or devices, no host PID/IPC/UTS
 //! namespace, on `SM_CONTAINER_NETWORK`, and no mount but the workspace, the session's state
-//! directory and anonymous volumes. A container that fails is removed and the start fails,
-//! saying why (except in `trusted` mode).
+//! directory, a worktree's git directory (below) and anonymous volumes. A container that fails
+//! is removed and the start fails, saying why (except in `trusted` mode).
+//!
+//! # Worktrees
+//! A git worktree's `.git` is a file naming its git directory inside the main clone's `.git`
+//! (`<clone>/.git/worktrees/<name>`), where the objects and refs it commits to live too. For
+//! git to work in a worktree's container, the clone's `.git` is mounted there at its own path
+//! (the one git wrote). The bot names that directory (never the worktree's `.git` file, which
+//! the agent can rewrite); it must be a directory, not a symbolic link, and is mounted at its
+//! real path. The container can then change the clone's git data as a main-clone session
+//! can: the bot runs git on the VM as it does for any clone (see [`super::git`]).
 //!
 //! # Stops during `up`, and labels
 //! `devcontainer up` runs in a process group of its own whose id is kept in the session
@@ -139,6 +148,9 @@ pub enum DevcontainerError {
     /// A session id that is not one (ids are lowercase UUIDs: letters, digits and `-`).
     #[error("{0:?} is not a session id")]
     BadSessionId(String),
+    /// The main clone's git directory cannot be shared with a worktree's container.
+    #[error("the clone's git directory {0} cannot be shared with the container: it is missing, not a directory, a symbolic link, or a path a mount cannot name")]
+    GitDir(String),
     /// The container that was created breaks the rules; it was removed.
     #[error("the container asked for {}, which is not allowed; it was removed", .0.join(", "))]
     Violation(Vec<String>),
@@ -196,6 +208,8 @@ pub fn session_dir_relative(
 /// What the preparation found on the VM.
 struct Prepared {
     session_dir: String,
+    /// The real path of the git directory to share with the container (worktrees).
+    git_dir: Option<String>,
     ctx: VetContext,
     /// `read-configuration`'s JSON, when the repository has a configuration to use.
     read: Option<String>,
@@ -203,6 +217,8 @@ struct Prepared {
 
 /// Runs `devcontainer up` for `workspace` (a path on the VM) as session `session_id`, with the
 /// configuration [`ContainerLayout::repo_config`] calls for, then checks what was created.
+/// `git_dir` is the main clone's `.git` when `workspace` is a worktree of it: it is mounted
+/// too (see the module documentation).
 ///
 /// # Errors
 /// [`DevcontainerError`]; an error outcome carries the CLI's message.
@@ -210,10 +226,11 @@ pub async fn up(
     pool: &SshPool,
     layout: &ContainerLayout,
     workspace: &str,
+    git_dir: Option<&str>,
     session_id: &str,
 ) -> Result<UpResult, DevcontainerError> {
-    let prepared = prepare(pool, layout, workspace, session_id).await?;
-    let (config, dropped, build_paths, source) = match (&prepared.read, layout.repo_config) {
+    let prepared = prepare(pool, layout, workspace, git_dir, session_id).await?;
+    let (mut config, dropped, build_paths, source) = match (&prepared.read, layout.repo_config) {
         (Some(read), RepoConfigPolicy::Vetted) => {
             let v = vetting::vet(read, Strictness::Vetted, &prepared.ctx)?;
             (v.config, v.dropped, v.build_paths, ConfigSource::Vetted)
@@ -229,6 +246,9 @@ pub async fn up(
             ConfigSource::Generated,
         ),
     };
+    if let Some(git_dir) = &prepared.git_dir {
+        share_git_dir(&mut config, git_dir)?;
+    }
     let mut s = Script::new();
     s.set("ws", workspace)?
         .set("dir", &prepared.session_dir)?
@@ -270,6 +290,7 @@ pub async fn up(
             &parsed.container_id,
             workspace,
             &prepared.session_dir,
+            prepared.git_dir.as_deref(),
         )
         .await?;
         if !problems.is_empty() {
@@ -287,16 +308,41 @@ pub async fn up(
     })
 }
 
-/// Makes the session's directory and, when the repository's configuration is to be used,
-/// reads it with the devcontainer CLI in a scrubbed environment.
+/// Adds the bind mount of a worktree's git directory (a real path) at the same path.
+fn share_git_dir(config: &mut Value, git_dir: &str) -> Result<(), DevcontainerError> {
+    // The mount is written as `key=value,…`: a path with `,` or `=` cannot be said there.
+    if git_dir.contains([',', '=']) || !git_dir.starts_with('/') {
+        return Err(DevcontainerError::GitDir(git_dir.to_owned()));
+    }
+    let Some(obj) = config.as_object_mut() else {
+        return Err(DevcontainerError::Output(
+            "the configuration is not an object".into(),
+        ));
+    };
+    let mounts = obj
+        .entry("mounts")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if let Value::Array(list) = mounts {
+        list.push(Value::String(format!(
+            "source={git_dir},target={git_dir},type=bind"
+        )));
+    }
+    Ok(())
+}
+
+/// Makes the session's directory, checks the git directory to share (`sm-gitdir=` its real
+/// path) and, when the repository's configuration is to be used, reads it with the
+/// devcontainer CLI in a scrubbed environment.
 async fn prepare(
     pool: &SshPool,
     layout: &ContainerLayout,
     workspace: &str,
+    git_dir: Option<&str>,
     session_id: &str,
 ) -> Result<Prepared, DevcontainerError> {
     let mut s = Script::new();
     s.set("ws", workspace)?
+        .set("gitdir", git_dir.unwrap_or_default())?
         .set("rel", &session_dir_relative(layout, session_id)?)?
         .set("base", layout.state_dir.trim_end_matches('/'))?
         .set("runtime", &layout.runtime)?
@@ -311,6 +357,7 @@ async fn prepare(
         .raw(r#"dir="$HOME/$rel"; neutral="$HOME/$base/neutral-home""#)
         .raw(r#"mkdir -p "$dir/claude" "$neutral"; chmod 700 "$HOME/$base" "$dir""#)
         .raw(r#"printf 'sm-dir=%s\nsm-home=%s\nsm-path=%s\n' "$dir" "$neutral" "$PATH""#)
+        .raw(r#"if [ -n "$gitdir" ]; then if [ -d "$gitdir" ] && [ ! -L "$gitdir" ]; then printf 'sm-gitdir=%s\n' "$(realpath "$gitdir")"; else printf 'sm-bad-gitdir\n'; exit 0; fi; fi"#)
         .raw(r#"cfg=; for f in "$ws/.devcontainer/devcontainer.json" "$ws/.devcontainer.json"; do if [ -e "$f" ] || [ -L "$f" ]; then cfg=$f; break; fi; done"#)
         .raw(r#"if [ "$mode" = ignore ] || [ -z "$cfg" ]; then exit 0; fi"#)
         .raw(r#"ws_real=$(realpath "$ws"); for f in "$cfg" "$ws/.devcontainer"; do if [ -e "$f" ]; then case "$(realpath "$f")/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "${f#"$ws"/}"; exit 0 ;; esac; fi; done"#)
@@ -340,6 +387,11 @@ async fn prepare(
     {
         return Err(DevcontainerError::OutsideWorkspace(path.to_owned()));
     }
+    if out.stdout.lines().any(|l| l == "sm-bad-gitdir") {
+        return Err(DevcontainerError::GitDir(
+            git_dir.unwrap_or_default().to_owned(),
+        ));
+    }
     let session_dir = field("sm-dir=");
     if session_dir.is_empty() {
         return Err(DevcontainerError::Output(
@@ -364,6 +416,7 @@ async fn prepare(
             path: field("sm-path="),
         },
         session_dir,
+        git_dir: Some(field("sm-gitdir=")).filter(|d| !d.is_empty()),
         read,
     })
 }
@@ -495,6 +548,7 @@ pub async fn verify(
     container_id: &str,
     workspace: &str,
     session_dir: &str,
+    git_dir: Option<&str>,
 ) -> Result<Vec<String>, DevcontainerError> {
     let mut s = Script::new();
     s.command(&layout.runtime, &["container", "inspect", container_id])?;
@@ -510,11 +564,19 @@ pub async fn verify(
         &layout.network,
         workspace,
         session_dir,
+        git_dir,
     ))
 }
 
 /// What is wrong with a container, from its `inspect` JSON (an array of one object).
-pub fn violations(inspect: &str, network: &str, workspace: &str, session_dir: &str) -> Vec<String> {
+/// `git_dir` is a worktree's shared git directory (mounted at its own path).
+pub fn violations(
+    inspect: &str,
+    network: &str,
+    workspace: &str,
+    session_dir: &str,
+    git_dir: Option<&str>,
+) -> Vec<String> {
     let parsed: Vec<Inspected> = match serde_json::from_str(inspect) {
         Ok(parsed) => parsed,
         Err(e) => return vec![format!("an inspection that cannot be read ({e})")],
@@ -576,10 +638,14 @@ pub fn violations(inspect: &str, network: &str, workspace: &str, session_dir: &s
         let anonymous = m.kind == "volume"
             && m.name.len() == 64
             && m.name.bytes().all(|b| b.is_ascii_hexdigit());
+        let source = m.source.trim_end_matches('/');
         let ours = m.kind == "bind"
-            && (m.source.trim_end_matches('/') == workspace
-                || (m.source.trim_end_matches('/') == state
-                    && m.destination == CLAUDE_STATE_TARGET));
+            && (source == workspace
+                || (source == state && m.destination == CLAUDE_STATE_TARGET)
+                || git_dir.is_some_and(|g| {
+                    let g = g.trim_end_matches('/');
+                    source == g && m.destination.trim_end_matches('/') == g
+                }));
         if !(anonymous || ours) {
             let what = if m.kind == "bind" { &m.source } else { &m.name };
             problems.push(format!("a {} mount of {what}", m.kind));
@@ -962,7 +1028,7 @@ mod tests {
     #[test]
     fn a_clean_container_passes_and_each_widening_is_named() {
         assert_eq!(
-            violations(CLEAN, "host", "/ws/w/", "/s/x"),
+            violations(CLEAN, "host", "/ws/w/", "/s/x", None),
             Vec::<String>::new()
         );
         let bad = CLEAN
@@ -974,7 +1040,7 @@ mod tests {
                 "[\"label=disable\",\"seccomp=unconfined\"]",
             )
             .replace("\"Source\":\"/ws/w\"", "\"Source\":\"/home/claude\"");
-        let problems = violations(&bad, "host", "/ws/w", "/s/x").join("; ");
+        let problems = violations(&bad, "host", "/ws/w", "/s/x", None).join("; ");
         for expected in [
             "--privileged",
             "SYS_ADMIN",
@@ -988,13 +1054,45 @@ mod tests {
             "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "claude-config-shared",
         );
-        assert!(violations(&named, "host", "/ws/w", "/s/x")[0].contains("claude-config-shared"));
-        assert!(violations(CLEAN, "isolated", "/ws/w", "/s/x")[0].contains("network"));
+        assert!(
+            violations(&named, "host", "/ws/w", "/s/x", None)[0].contains("claude-config-shared")
+        );
+        assert!(violations(CLEAN, "isolated", "/ws/w", "/s/x", None)[0].contains("network"));
         let isolated = CLEAN
             .replace("\"NetworkMode\":\"host\"", "\"NetworkMode\":\"bridge\"")
             .replace("\"Networks\":{}", "\"Networks\":{\"isolated\":{}}");
-        assert!(violations(&isolated, "isolated", "/ws/w", "/s/x").is_empty());
-        assert!(!violations("garbage", "host", "/ws/w", "/s/x").is_empty());
+        assert!(violations(&isolated, "isolated", "/ws/w", "/s/x", None).is_empty());
+        assert!(!violations("garbage", "host", "/ws/w", "/s/x", None).is_empty());
+        // A worktree's git directory: allowed at its own path, and only when it is the one named.
+        let git = CLEAN.replace(
+            "\"Mounts\":[",
+            "\"Mounts\":[{\"Type\":\"bind\",\"Source\":\"/r/w/.git\",\"Destination\":\"/r/w/.git\"},",
+        );
+        assert!(violations(&git, "host", "/ws/w", "/s/x", Some("/r/w/.git/")).is_empty());
+        assert!(violations(&git, "host", "/ws/w", "/s/x", None)[0].contains("/r/w/.git"));
+        assert!(!violations(&git, "host", "/ws/w", "/s/x", Some("/r/other/.git")).is_empty());
+        let elsewhere = git.replace("\"Destination\":\"/r/w/.git\"", "\"Destination\":\"/etc\"");
+        assert!(!violations(&elsewhere, "host", "/ws/w", "/s/x", Some("/r/w/.git")).is_empty());
+    }
+
+    #[test]
+    fn a_worktrees_git_directory_is_mounted_at_its_own_path() {
+        let mut config =
+            serde_json::json!({"image": "i", "mounts": ["source=/s,target=/t,type=bind"]});
+        share_git_dir(&mut config, "/r/w/.git").expect("shared");
+        assert_eq!(
+            config["mounts"],
+            serde_json::json!([
+                "source=/s,target=/t,type=bind",
+                "source=/r/w/.git,target=/r/w/.git,type=bind"
+            ])
+        );
+        let mut bare = serde_json::json!({"image": "i"});
+        share_git_dir(&mut bare, "/r/w/.git").expect("shared");
+        assert_eq!(bare["mounts"].as_array().map(Vec::len), Some(1));
+        for bad in ["/r/a,target=/etc/.git", "/r/a=b/.git", "relative/.git"] {
+            assert!(share_git_dir(&mut bare, bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -173,18 +173,28 @@ impl Manager {
         if let (false, Some(p)) = (plan.resume, progress.as_deref_mut()) {
             p.step("Starting the container").await;
         }
+        // A worktree's git data lives in the main clone's `.git`: its container needs it too.
+        let git_dir = session.worktree.as_ref().map(|_| {
+            format!(
+                "{}/.git",
+                self.config
+                    .git
+                    .clone_path(&session.repo_org, &session.repo_name)
+            )
+        });
+        let git_dir = git_dir.as_deref();
+        let containers = &self.config.containers;
         let mut tries = 0;
         let up = loop {
             tries += 1;
-            match devcontainer::up(&self.ssh, &self.config.containers, &workspace, &session.id)
-                .await
+            match devcontainer::up(&self.ssh, containers, &workspace, git_dir, &session.id).await
             {
                 Err(e) if e.is_uid_step_glitch() && tries < UP_TRIES => {
                     tracing::warn!(session = %session.id, error = %e, tries, "the devcontainer CLI's uid step failed to set up a container; trying devcontainer up again");
                     // What the failed try created is removed, so the next one starts clean.
                     if let Err(e) = devcontainer::remove_session_containers(
                         &self.ssh,
-                        &self.config.containers.runtime,
+                        &containers.runtime,
                         &session.id,
                     )
                     .await

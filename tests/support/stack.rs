@@ -67,16 +67,7 @@ impl Stack {
         let model = ModelServer::start(script).await;
         let db = TestDatabase::for_e2e().await;
         let vm_root = format!("/home/claude/sm-e2e/{}", uuid::Uuid::new_v4().simple());
-        let vm = SshPool::new(SshConfig {
-            host: tb.get("SM_TEST_VM_HOST"),
-            port: tb.port(),
-            user: tb.get("SM_TEST_VM_USER"),
-            key: SshKey::Path(tb.get("SM_TEST_VM_KEY_PATH").into()),
-            host_key: HostKeyPolicy::Pinned(tb.known_hosts()),
-            timeout: Duration::from_secs(30),
-            max_channels_per_master: 8,
-        })
-        .expect("ssh");
+        let vm = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(30), 8)).expect("ssh");
         let store = db.store().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -337,15 +328,7 @@ impl Drop for Stack {
             rt.block_on(async move {
                 // Every session the test made, ended ones included.
                 let sessions = super::sessions_of(&db_url).await;
-                let Ok(vm) = SshPool::new(SshConfig {
-                    host: tb.get("SM_TEST_VM_HOST"),
-                    port: tb.port(),
-                    user: tb.get("SM_TEST_VM_USER"),
-                    key: SshKey::Path(tb.get("SM_TEST_VM_KEY_PATH").into()),
-                    host_key: HostKeyPolicy::Pinned(tb.known_hosts()),
-                    timeout: Duration::from_secs(60),
-                    max_channels_per_master: 4,
-                }) else {
+                let Ok(vm) = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(60), 4)) else {
                     return;
                 };
                 let mut cleanup = Script::new();
@@ -376,6 +359,19 @@ impl Drop for Stack {
             });
         })
         .join();
+    }
+}
+
+/// How a test reaches the testbed's VM user over SSH.
+pub fn vm_ssh_config(tb: &Testbed, timeout: Duration, max_channels_per_master: usize) -> SshConfig {
+    SshConfig {
+        host: tb.get("SM_TEST_VM_HOST"),
+        port: tb.port(),
+        user: tb.get("SM_TEST_VM_USER"),
+        key: SshKey::Path(tb.get("SM_TEST_VM_KEY_PATH").into()),
+        host_key: HostKeyPolicy::Pinned(tb.known_hosts()),
+        timeout,
+        max_channels_per_master,
     }
 }
 
