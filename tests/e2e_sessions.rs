@@ -633,7 +633,7 @@ async fn a_repositorys_devcontainer_and_the_thread_commands() {
         .post_as(&stack.alice, &channel, t, "!clear")
         .expect("post");
     stack
-        .wait_for_bot_post("the clear notice", t, "fresh conversation")
+        .wait_for_bot_post("the clear notice", t, "Started a fresh conversation")
         .await;
     let cleared = stack
         .store
