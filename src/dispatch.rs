@@ -32,6 +32,7 @@ use crate::approval;
 use crate::chat::{ChatEvent, ChatOutbound, InboundMessage};
 use crate::command::{self, Command, ParseContext, RepoRef, UserName, WorktreeChoice};
 use crate::config::RepoAllowlist;
+use crate::leader::Gate;
 use crate::session::{
     launch, short_id, Delivery, Launch, LaunchError, Launched, SessionControl, SessionError,
 };
@@ -78,7 +79,22 @@ struct Inner {
     /// Per session, the "messages are queued" notice of the current turn, edited in place as
     /// more messages queue up (one notice per turn, not one per message).
     queued_notices: std::sync::Mutex<std::collections::HashMap<String, crate::chat::PostRef>>,
+    /// Messages are handled only while it is open (see [`crate::leader`]).
+    gate: Gate,
 }
+
+/// What became of a message the dispatcher handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Dealt with: answered, refused, or handed to an agent that has it now.
+    Done,
+    /// Waiting in its session's queue behind a running turn; the session marks it handled
+    /// once its agent has it (and a restart meanwhile hands it out again).
+    Queued,
+}
+
+/// How many recorded-but-unhandled messages a dispatcher hands out again when it starts.
+const REDELIVER_LIMIT: i64 = 1000;
 
 /// Which worker handles a message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -103,13 +119,48 @@ impl Dispatcher {
                 sessions,
                 config,
                 queued_notices: std::sync::Mutex::default(),
+                gate: Gate::always_open(),
             }),
         }
     }
 
+    /// The same dispatcher, handling messages only while `gate` is open: while this instance
+    /// is suspended they wait, recorded; on a standby they are left for the active instance
+    /// (which hands out what was recorded and not handled when it starts).
+    #[must_use]
+    pub fn with_gate(self, gate: Gate) -> Self {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.gate = gate;
+                Self {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(inner) => {
+                // Already shared: build a new one over the same parts.
+                let mut this = Self::new(
+                    Arc::clone(&inner.chat),
+                    inner.store.clone(),
+                    Arc::clone(&inner.sessions),
+                    inner.config.clone(),
+                );
+                if let Some(only) = Arc::get_mut(&mut this.inner) {
+                    only.gate = gate;
+                }
+                this
+            }
+        }
+    }
+
     /// Handles events until `events` closes or `cancel` fires, then waits for the workers to
-    /// finish what they hold.
-    pub async fn run(self, mut events: mpsc::Receiver<ChatEvent>, cancel: CancellationToken) {
+    /// finish what they hold, and gives `events` back (a queue that outlives this dispatcher,
+    /// such as the Teams route's, is read by the next one). Messages recorded and not handled
+    /// when the bot last stopped are handled first.
+    pub async fn run(
+        self,
+        mut events: mpsc::Receiver<ChatEvent>,
+        cancel: CancellationToken,
+    ) -> mpsc::Receiver<ChatEvent> {
         let this = self.clone();
         let mut workers = OrderedWorkers::new(WORKER_QUEUE, WORKER_IDLE, move |message| {
             let this = this.clone();
@@ -117,6 +168,18 @@ impl Dispatcher {
         });
         // Notices to senders whose thread was full; awaited before returning.
         let notices = tokio_util::task::TaskTracker::new();
+        // What was recorded and not handled when the bot last stopped goes first, in order.
+        for message in self.unhandled().await {
+            let key = WorkerKey {
+                channel_id: message.channel_id.clone(),
+                root_id: message.root_id.clone(),
+            };
+            info!(post = %message.post_id, channel = %message.channel_id, "handling a message recorded before the bot stopped");
+            metrics::counter!(crate::telemetry::names::INBOUND_REDELIVERED_TOTAL).increment(1);
+            if let Err(refused) = workers.try_send(key, message) {
+                warn!(post = %refused.post_id, "a thread's queue is full; a recorded message waits for the next start");
+            }
+        }
         loop {
             let event = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -135,6 +198,8 @@ impl Dispatcher {
                 warn!(channel = %refused.channel_id, post = %refused.post_id, "a thread's queue is full; message refused");
                 let this = self.clone();
                 notices.spawn(async move {
+                    // Refused and told: not to be handled after a restart either.
+                    this.mark_handled(&refused).await;
                     this.notify(
                         &refused,
                         &format!(
@@ -148,22 +213,80 @@ impl Dispatcher {
         workers.shutdown().await;
         notices.close();
         notices.wait().await;
+        events
     }
 
-    /// Handles one message; a panic inside becomes an error reply, not a dead worker.
+    /// The messages recorded on this platform and not handled yet, oldest first.
+    async fn unhandled(&self) -> Vec<InboundMessage> {
+        let platform = self.inner.chat.platform();
+        let payloads = match self
+            .inner
+            .store
+            .unhandled_inbound(platform, REDELIVER_LIMIT)
+            .await
+        {
+            Ok(payloads) => payloads,
+            Err(e) => {
+                warn!(error = %e, "cannot read the messages recorded before the bot stopped");
+                return Vec::new();
+            }
+        };
+        payloads
+            .into_iter()
+            .filter_map(
+                |payload| match serde_json::from_str::<InboundMessage>(&payload) {
+                    Ok(message) if message.platform == platform => Some(message),
+                    Ok(_) => None,
+                    Err(e) => {
+                        warn!(error = %e, "a recorded message cannot be read; it is skipped");
+                        None
+                    }
+                },
+            )
+            .collect()
+    }
+
+    /// Handles one message once this instance may act, then marks it handled unless its
+    /// session queued it (the session marks it once its agent has it); a panic inside becomes
+    /// an error reply, not a dead worker.
     async fn handle_guarded(&self, message: InboundMessage) {
+        if self.inner.gate.opened().await.is_err() {
+            // A standby: the active instance hands the recorded message out.
+            return;
+        }
         let this = self.clone();
         let copy = message.clone();
         let outcome = tokio::spawn(async move { this.handle(copy).await }).await;
-        if let Err(e) = outcome {
-            error!(error = %e, post = %message.post_id, "handling a message panicked");
-            self.reply(&message, "Sorry, something went wrong while handling that message. It was not forwarded; please try again.")
-                .await;
+        let taken = match outcome {
+            Ok(taken) => taken,
+            Err(e) => {
+                error!(error = %e, post = %message.post_id, "handling a message panicked");
+                self.reply(&message, "Sorry, something went wrong while handling that message. It was not forwarded; please try again.")
+                    .await;
+                Taken::Done
+            }
+        };
+        if taken == Taken::Done {
+            self.mark_handled(&message).await;
         }
     }
 
-    /// Handles one message (see the module documentation for the rules).
-    pub async fn handle(&self, message: InboundMessage) {
+    /// Marks a recorded message handled, so it is not handled again after a restart.
+    async fn mark_handled(&self, message: &InboundMessage) {
+        if let Err(e) = self
+            .inner
+            .store
+            .mark_inbound_handled(message.platform, &message.post_id)
+            .await
+        {
+            warn!(error = %e, post = %message.post_id, "cannot mark a message handled; it may be handled again after a restart");
+        }
+    }
+
+    /// Handles one message (see the module documentation for the rules). Returns whether the
+    /// message now waits in its session's queue ([`Taken::Queued`]: the session marks it
+    /// handled once its agent has it) or was dealt with here ([`Taken::Done`]).
+    pub async fn handle(&self, message: InboundMessage) -> Taken {
         let inner = &self.inner;
         let thread_session = match &message.root_id {
             Some(root) => match inner
@@ -175,7 +298,7 @@ impl Dispatcher {
                 Err(e) => {
                     error!(error = %e, "cannot look up the thread's session");
                     self.reply(&message, STORAGE_DOWN).await;
-                    return;
+                    return Taken::Done;
                 }
             },
             None => None,
@@ -186,19 +309,26 @@ impl Dispatcher {
             in_session_thread: thread_session.is_some(),
         };
         match command::parse(&message.text, &ctx) {
-            Some(Ok(cmd)) => self.command(cmd, &message, thread_session).await,
+            Some(Ok(cmd)) => {
+                // A command acts at most once: one cut short by a crash is not run again after
+                // the restart (a second `start` would open a second session); its sender sees
+                // no answer and can send it again.
+                self.mark_handled(&message).await;
+                self.command(cmd, &message, thread_session).await;
+            }
             Some(Err(e)) => self.reply(&message, &e.reply(&inner.config.trigger)).await,
-            None => self.route(&message, thread_session).await,
+            None => return self.route(&message, thread_session).await,
         }
+        Taken::Done
     }
 
-    async fn route(&self, message: &InboundMessage, thread_session: Option<Session>) {
+    async fn route(&self, message: &InboundMessage, thread_session: Option<Session>) -> Taken {
         let inner = &self.inner;
         if let Some(session) = thread_session {
             return self.forward(message, &session).await;
         }
         if message.root_id.is_some() {
-            return; // a conversation in a thread the bot does not own
+            return Taken::Done; // a conversation in a thread the bot does not own
         }
         let project = match inner
             .store
@@ -206,11 +336,11 @@ impl Dispatcher {
             .await
         {
             Ok(Some(project)) => project,
-            Ok(None) => return, // not a channel the bot serves
+            Ok(None) => return Taken::Done, // not a channel the bot serves
             Err(e) => {
                 error!(error = %e, "cannot look up the channel");
                 self.reply(message, STORAGE_DOWN).await;
-                return;
+                return Taken::Done;
             }
         };
         let candidates: Vec<Session> = match inner
@@ -224,12 +354,13 @@ impl Dispatcher {
                 .collect(),
             Err(e) => {
                 error!(error = %e, "cannot list the channel's sessions");
-                return self.reply(message, STORAGE_DOWN).await;
+                self.reply(message, STORAGE_DOWN).await;
+                return Taken::Done;
             }
         };
         let trigger = &inner.config.trigger;
         match candidates.as_slice() {
-            [only] => self.forward(message, only).await,
+            [only] => return self.forward(message, only).await,
             [] => {
                 self.reply(
                     message,
@@ -253,28 +384,29 @@ impl Dispatcher {
                 .await;
             }
         }
+        Taken::Done
     }
 
     /// A message for a session's agent: only from its owner, participants and admins.
-    async fn forward(&self, message: &InboundMessage, session: &Session) {
+    async fn forward(&self, message: &InboundMessage, session: &Session) -> Taken {
         if !self.may(message, session, Act::Talk).await {
-            return;
+            return Taken::Done;
         }
         if !session.state().is_active() {
             let why = session
                 .end()
                 .map(|e| format!(" ({})", e.reason))
                 .unwrap_or_default();
-            return self
-                .reply(
-                    message,
-                    &format!(
-                        "This session has ended{why}, so your message was not delivered. Start a new one with `{} start {}`.",
-                        self.inner.config.trigger,
-                        session.repo_slug()
-                    ),
-                )
-                .await;
+            self.reply(
+                message,
+                &format!(
+                    "This session has ended{why}, so your message was not delivered. Start a new one with `{} start {}`.",
+                    self.inner.config.trigger,
+                    session.repo_slug()
+                ),
+            )
+            .await;
+            return Taken::Done;
         }
         match self.inner.sessions.send(session, message).await {
             Ok(Delivery::Delivered) => {
@@ -282,11 +414,16 @@ impl Dispatcher {
                 if let Ok(mut notices) = self.inner.queued_notices.lock() {
                     notices.remove(&session.id);
                 }
+                Taken::Done
             }
-            Ok(Delivery::Queued { position }) => self.queued(session, message, position).await,
+            Ok(Delivery::Queued { position }) => {
+                self.queued(session, message, position).await;
+                Taken::Queued
+            }
             Err(e) => {
                 self.reply(message, &format!("Your message was not delivered: {e}"))
-                    .await
+                    .await;
+                Taken::Done
             }
         }
     }

@@ -73,7 +73,6 @@ pub mod workers;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,14 +84,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::access::{Access, Roles};
-use crate::approval::{ApprovalConfig, Approvals, Approvers};
+use crate::approval::{ApprovalConfig, Approvals, Approvers, GatedAliasWriter};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
 use crate::chat::router::ChatRouter;
 use crate::chat::teams::{TeamsAdapter, TeamsConfig};
 use crate::chat::ChatEvent;
-use crate::chat::{ChatOutbound, ClickHandlers};
+use crate::chat::{ChatOutbound, ClickHandlers, GatedClicks};
 use crate::config::Settings;
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::firewall::opnsense::OpnsenseClient;
@@ -100,7 +99,7 @@ use crate::firewall::policy::EgressPolicy;
 use crate::health::HealthRegistry;
 use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
-use crate::leader::Role;
+use crate::leader::{Gate, Role};
 use crate::orchestrator::{Orchestrator, OrchestratorConfig};
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
@@ -190,21 +189,6 @@ pub async fn serve(
         role_tx,
         shutdown.clone(),
     ));
-    let lost = Arc::new(AtomicBool::new(false));
-    {
-        let mut role = role.clone();
-        let shutdown = shutdown.clone();
-        let lost = Arc::clone(&lost);
-        tasks.spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => {}
-                changed = role.wait_for(|r| *r == Role::Lost) => if changed.is_ok() {
-                    lost.store(true, Ordering::SeqCst);
-                    shutdown.cancel();
-                },
-            }
-        });
-    }
 
     let health = HealthRegistry::new();
     let limiter = Arc::new(ClientRateLimiter::new(
@@ -374,11 +358,6 @@ pub async fn serve(
     ssh.close().await;
     store.close().await;
     info!("stopped");
-    if lost.load(Ordering::SeqCst) {
-        anyhow::bail!(
-            "stopped because the instance lock was lost (another instance may be active)"
-        );
-    }
     server
 }
 
@@ -433,9 +412,10 @@ struct Shared {
     teams: Option<(Arc<TeamsAdapter>, mpsc::Receiver<ChatEvent>)>,
 }
 
-/// Connects to Mattermost (retrying with backoff while it is unreachable, so the rest of the
-/// bot keeps serving), resolves `SM_ALLOWED_USERS`, then runs adapter and dispatcher until
-/// `cancel` fires.
+/// Runs the chat side for every term this instance is active: waits until it is, then runs
+/// [`active_term`] until shutdown or until the instance becomes a standby (another one took
+/// over while it was suspended), and waits again. While it is only suspended the term goes on,
+/// acting on nothing (see [`leader::Gate`]).
 async fn run_chat(
     settings: Settings,
     shared: Shared,
@@ -450,30 +430,100 @@ async fn run_chat(
         health,
         teams,
     } = shared;
-    // Only the active instance talks to chat and runs sessions.
-    tokio::select! {
-        () = cancel.cancelled() => return,
-        active = role.wait_for(|r| *r == Role::Active) => if active.is_err() { return },
+    let (teams, mut teams_events) = match teams {
+        Some((adapter, events)) => (Some(adapter), Some(events)),
+        None => (None, None),
+    };
+    let gate = Gate::new(role.clone());
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            active = role.wait_for(|r| *r == Role::Active) => if active.is_err() { break },
+        }
+        let term = cancel.child_token();
+        let standing_by = {
+            let (mut role, term) = (role.clone(), term.clone());
+            tokio::spawn(async move {
+                if role.wait_for(|r| *r == Role::Standby).await.is_ok() {
+                    term.cancel();
+                }
+            })
+        };
+        teams_events = active_term(
+            &settings,
+            Term {
+                store: store.clone(),
+                ssh: Arc::clone(&ssh),
+                firewall: Arc::clone(&firewall),
+                clicks: clicks.clone(),
+                health: health.clone(),
+                teams: teams.clone(),
+                gate: gate.clone(),
+            },
+            teams_events,
+            term,
+        )
+        .await;
+        standing_by.abort();
+        let _ = standing_by.await;
+        clicks.clear();
+        if cancel.is_cancelled() {
+            break;
+        }
+        warn!("this instance is a standby now: its sessions were let go to the active instance");
     }
+    if let Some(adapter) = &teams {
+        adapter.close().await;
+    }
+}
+
+/// What one active term works with.
+struct Term {
+    store: Store,
+    ssh: Arc<SshPool>,
+    firewall: Arc<OpnsenseClient>,
+    clicks: ClickHandlers,
+    health: HealthRegistry,
+    teams: Option<Arc<TeamsAdapter>>,
+    gate: Gate,
+}
+
+/// One term as the active instance: connects to Mattermost (retrying with backoff while it is
+/// unreachable, so the rest of the bot keeps serving), resolves `SM_ALLOWED_USERS`, then runs
+/// adapters, dispatchers and sessions until `cancel` fires. Returns the Teams event queue,
+/// which outlives the term (the `/api/messages` route feeds it).
+async fn active_term(
+    settings: &Settings,
+    term: Term,
+    teams_events: Option<mpsc::Receiver<ChatEvent>>,
+    cancel: CancellationToken,
+) -> Option<mpsc::Receiver<ChatEvent>> {
+    let Term {
+        store,
+        ssh,
+        firewall,
+        clicks,
+        health,
+        teams,
+        gate,
+    } = term;
+    let settings = settings.clone();
     let mattermost = match settings.mattermost.as_ref() {
         None => None,
         Some(mattermost) => {
             match connect_mattermost(&settings, mattermost, &store, &health, &cancel).await {
                 Some(adapter) => Some(adapter),
-                None => return, // shutting down
+                None => return teams_events, // shutting down
             }
         }
-    };
-    let (teams, teams_events) = match teams {
-        Some((adapter, events)) => (Some(adapter), Some(events)),
-        None => (None, None),
     };
     let Some(chat) = ChatRouter::new(
         mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
         teams.clone().map(|a| a as Arc<dyn ChatOutbound>),
-    ) else {
+    )
+    .map(|chat| chat.with_gate(gate.clone())) else {
         error!("no chat platform is configured (SM_MATTERMOST_URL or SM_TEAMS_APP_ID): the chat side is off");
-        return;
+        return teams_events;
     };
     let platforms: Vec<Arc<dyn ChatOutbound>> = [
         mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
@@ -534,11 +584,12 @@ async fn run_chat(
         Arc::new(chat.clone()),
         runtime_config(&settings),
         markers_tx,
+        gate.clone(),
     );
     let approvals = Approvals::new(
         store.clone(),
         Arc::new(chat.clone()),
-        firewall,
+        Arc::new(GatedAliasWriter::new(firewall, gate.clone())),
         Arc::new(runtime.clone()),
         ApprovalConfig {
             callback_url: settings.callback.url.to_string(),
@@ -594,10 +645,11 @@ async fn run_chat(
             containers: runtime_config(&settings).containers,
             interval: settings.container.reconcile_interval,
             grace: settings.container.reconcile_grace,
+            gate: gate.clone(),
         },
         cancel.clone(),
     ));
-    clicks.set(approvals);
+    clicks.set(Arc::new(GatedClicks::new(approvals, gate.clone())));
     runtime.recover().await;
     // One dispatcher per platform, over the one session runtime: a thread is found on the
     // platform its message came from.
@@ -617,11 +669,16 @@ async fn run_chat(
             store.clone(),
             Arc::clone(&sessions),
             config.clone(),
-        );
+        )
+        .with_gate(gate.clone());
         let (events_tx, events_rx) = mpsc::channel(256);
         chat_tasks.spawn(Arc::clone(adapter).run(events_tx, health.clone(), cancel.clone()));
-        chat_tasks.spawn(dispatcher.run(events_rx, cancel.clone()));
+        let cancel = cancel.clone();
+        chat_tasks.spawn(async move {
+            dispatcher.run(events_rx, cancel).await;
+        });
     }
+    let mut teams_dispatcher = None;
     if let (Some(adapter), Some(events)) = (&teams, teams_events) {
         health.register("teams");
         health.report(
@@ -634,22 +691,31 @@ async fn run_chat(
             store.clone(),
             Arc::clone(&sessions),
             config.clone(),
-        );
-        chat_tasks.spawn(dispatcher.run(events, cancel.clone()));
+        )
+        .with_gate(gate.clone());
+        teams_dispatcher = Some(tokio::spawn(dispatcher.run(events, cancel.clone())));
     }
     while let Some(done) = chat_tasks.join_next().await {
         if let Err(e) = done {
             error!(error = %e, "a chat task failed");
         }
     }
-    if let Some(adapter) = &teams {
-        adapter.close().await;
-    }
+    let teams_events = match teams_dispatcher {
+        Some(task) => match task.await {
+            Ok(events) => Some(events),
+            Err(e) => {
+                error!(error = %e, "the Teams dispatcher failed");
+                None
+            }
+        },
+        None => None,
+    };
     runtime.detach_all(SESSION_GRACE).await;
     markers_stop.cancel();
     let _ = router.await;
     let _ = workers.await;
     let _ = reconciler.await;
+    teams_events
 }
 
 /// Connects to Mattermost, retrying with backoff (reported on `/health` as component

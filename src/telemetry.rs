@@ -49,6 +49,12 @@ pub mod names {
     pub const FIREWALL_CHANGES_TOTAL: &str = "session_manager_firewall_changes_total";
     /// Counter: domains a live grant covers that the alias had lost, put back.
     pub const FIREWALL_DRIFT_REPAIRS_TOTAL: &str = "session_manager_firewall_drift_repairs_total";
+    /// Counter: times the active instance lost its instance-lock connection and stopped acting
+    /// until it took the lock back (or stood by).
+    pub const LEADER_SUSPENSIONS_TOTAL: &str = "session_manager_leader_suspensions_total";
+    /// Counter: inbound messages recorded but not handled when the bot stopped, handled after
+    /// it came back.
+    pub const INBOUND_REDELIVERED_TOTAL: &str = "session_manager_inbound_redelivered_total";
 }
 
 /// Every metric name the bot exports itself (process metrics come from `metrics-process`).
@@ -68,6 +74,8 @@ pub const ALL_METRICS: &[&str] = &[
     names::EGRESS_GRANTS_TOTAL,
     names::FIREWALL_CHANGES_TOTAL,
     names::FIREWALL_DRIFT_REPAIRS_TOTAL,
+    names::LEADER_SUSPENSIONS_TOTAL,
+    names::INBOUND_REDELIVERED_TOTAL,
 ];
 
 /// Histogram buckets for request durations, in seconds.
@@ -259,6 +267,14 @@ fn describe() {
     describe_counter!(
         names::FIREWALL_DRIFT_REPAIRS_TOTAL,
         "Domains a live grant covers that the alias had lost, put back by the bot."
+    );
+    describe_counter!(
+        names::LEADER_SUSPENSIONS_TOTAL,
+        "Times this instance lost its instance-lock connection and stopped acting until it took the lock back."
+    );
+    describe_counter!(
+        names::INBOUND_REDELIVERED_TOTAL,
+        "Inbound messages recorded but not handled when the bot stopped, handled after it came back."
     );
     describe_gauge!(
         names::BUILD_INFO,

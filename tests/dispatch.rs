@@ -999,3 +999,70 @@ async fn status_shows_orchestrators_with_their_children_indented() {
     );
     assert!(lines[wk].contains("worker") && lines[rv].contains("reviewer"));
 }
+
+/// Runs a fresh dispatcher over the world's parts (as after a restart) until `calls` sends
+/// were recorded in total, then stops it.
+async fn run_until_sends(w: &World, sends: usize) {
+    let dispatcher = w.dispatcher.clone();
+    let (_events_tx, events) = tokio::sync::mpsc::channel(8);
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn(dispatcher.run(events, cancel.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w
+        .sessions
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Send(..)))
+        .count()
+        < sends
+    {
+        assert!(Instant::now() < deadline, "sends: {:?}", w.sessions.calls());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cancel.cancel();
+    run.await.expect("dispatcher");
+}
+
+#[tokio::test]
+async fn messages_recorded_before_a_stop_are_handled_once_when_the_dispatcher_starts() {
+    let w = world(Access::Everyone, false).await;
+    let s = w.start("@claude start acme/widgets").await;
+    // Recorded by the adapter, then the bot stopped before the dispatcher took them.
+    let first = w.message(ALICE, &s.channel_id, Some(&s.thread_id), "first");
+    let second = w.message(ALICE, &s.channel_id, Some(&s.thread_id), "second");
+    let chatter = w.message(BOB, GENERAL, None, "lunch?");
+    for m in [&first, &second, &chatter] {
+        assert!(m.record(&w.store).await.expect("record"));
+    }
+    // The session queues the first (a turn runs) and has the second at once.
+    *w.sessions.queue_next.lock().expect("lock") = true;
+    run_until_sends(&w, 2).await;
+    let sends = |calls: Vec<Call>| -> Vec<String> {
+        calls
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Send(id, text) if id == s.id => Some(text),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(sends(w.sessions.calls()), ["first", "second"], "in order");
+    // What the session holds in its queue waits for it; the rest is handled.
+    let waiting = w
+        .store
+        .unhandled_inbound(Platform::Mattermost, 10)
+        .await
+        .expect("unhandled");
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert!(waiting[0].contains(&first.post_id), "{waiting:?}");
+
+    // Another restart before the session got to it: the queued one is handed out again, once.
+    run_until_sends(&w, 3).await;
+    assert_eq!(sends(w.sessions.calls()), ["first", "second", "first"]);
+    assert!(w
+        .store
+        .unhandled_inbound(Platform::Mattermost, 10)
+        .await
+        .expect("unhandled")
+        .is_empty());
+}

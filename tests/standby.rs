@@ -149,3 +149,72 @@ async fn the_embedded_database_is_always_active() {
     .await;
     assert_eq!(only.get("/health").await.1["role"], "active");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_loses_its_database_suspends_and_comes_back_as_active_or_standby() {
+    let db = TestDatabase::postgres().await;
+    let (proxy, through) = support::proxied(&db.url).await;
+    let first = Instance::start(&through);
+    wait_until(
+        "the first instance is active",
+        Duration::from_secs(20),
+        async || first.get("/health?probe=readiness").await.0 == 200,
+    )
+    .await;
+
+    // The database goes away (as in a restart): the instance suspends and stays up.
+    proxy.cut();
+    wait_until(
+        "the first instance suspends",
+        Duration::from_secs(20),
+        async || first.get("/health").await.1["role"] == "suspended",
+    )
+    .await;
+    let (status, ready) = first.get("/health?probe=readiness").await;
+    assert_eq!(status, 503, "a suspended instance is not ready: {ready}");
+    // It comes back: the same instance is active again.
+    proxy.restore().await;
+    wait_until(
+        "the first instance is active again",
+        Duration::from_secs(20),
+        async || first.get("/health?probe=readiness").await.0 == 200,
+    )
+    .await;
+    assert_eq!(first.get("/health").await.1["role"], "active");
+
+    // Cut again, and another instance takes the lock meanwhile: the first one stands by.
+    proxy.cut();
+    wait_until(
+        "the first instance suspends again",
+        Duration::from_secs(20),
+        async || first.get("/health").await.1["role"] == "suspended",
+    )
+    .await;
+    let second = Instance::start(&db.url);
+    wait_until(
+        "the second instance takes over",
+        Duration::from_secs(20),
+        async || second.get("/health?probe=readiness").await.0 == 200,
+    )
+    .await;
+    proxy.restore().await;
+    wait_until(
+        "the first instance stands by",
+        Duration::from_secs(20),
+        async || first.get("/health").await.1["role"] == "standby",
+    )
+    .await;
+    let (status, _) = first.get("/health?probe=readiness").await;
+    assert_eq!(status, 503, "a standby is not ready");
+    assert_eq!(second.get("/health").await.1["role"], "active");
+
+    // And it takes over in turn when the second one dies: the process never exited.
+    drop(second);
+    wait_until(
+        "the first instance takes over",
+        Duration::from_secs(20),
+        async || first.get("/health?probe=readiness").await.0 == 200,
+    )
+    .await;
+    assert_eq!(first.get("/health").await.1["role"], "active");
+}

@@ -47,6 +47,7 @@ on_both_backends!(
     containers_and_their_users,
     unknown_stored_values_are_errors_not_panics,
     inbound_posts_are_claimed_once_and_keep_a_cursor,
+    recorded_messages_wait_until_handled_and_are_handed_out_again,
     spawns_are_claimed_once_within_the_window,
     teams_references_survive_a_new_pool_and_keep_known_fields,
     grants_live_end_and_uncover_domains,
@@ -1189,6 +1190,82 @@ async fn unknown_stored_values_are_errors_not_panics(db: &TestDatabase) {
         Ok(v) if v.is_empty()
     ));
     assert!(store.session(&s.id).await.is_err());
+}
+
+async fn recorded_messages_wait_until_handled_and_are_handed_out_again(db: &TestDatabase) {
+    let store = db.store().await;
+    for (id, at) in [("m2", 200), ("m1", 100), ("m3", 300)] {
+        assert!(store
+            .record_inbound(
+                Platform::Mattermost,
+                id,
+                "c1",
+                at,
+                &format!("{{\"id\":\"{id}\"}}")
+            )
+            .await
+            .expect("record"));
+    }
+    assert!(
+        !store
+            .record_inbound(Platform::Mattermost, "m1", "c1", 100, "again")
+            .await
+            .expect("record again"),
+        "a message is recorded once"
+    );
+    // A card submit is taken and handled at once: never handed out again.
+    assert!(store
+        .claim_inbound_post(Platform::Mattermost, "click", "c1", 150)
+        .await
+        .expect("claim"));
+    assert!(store
+        .record_inbound(Platform::Teams, "t1", "19:a", 50, "teams")
+        .await
+        .expect("record"));
+    let waiting = store
+        .unhandled_inbound(Platform::Mattermost, 10)
+        .await
+        .expect("unhandled");
+    assert_eq!(
+        waiting,
+        vec![r#"{"id":"m1"}"#, r#"{"id":"m2"}"#, r#"{"id":"m3"}"#],
+        "oldest first, this platform only, the first payload kept"
+    );
+    assert!(store
+        .mark_inbound_handled(Platform::Mattermost, "m2")
+        .await
+        .expect("mark"));
+    assert!(
+        !store
+            .mark_inbound_handled(Platform::Mattermost, "m2")
+            .await
+            .expect("mark again"),
+        "handled once"
+    );
+    assert_eq!(
+        store
+            .unhandled_inbound(Platform::Mattermost, 1)
+            .await
+            .expect("unhandled"),
+        vec![r#"{"id":"m1"}"#],
+        "the limit holds"
+    );
+    assert_eq!(
+        store
+            .unhandled_inbound(Platform::Mattermost, 10)
+            .await
+            .expect("unhandled")
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .inbound_cursor(Platform::Mattermost, "c1")
+            .await
+            .expect("cursor"),
+        Some(300),
+        "recorded messages move the catch-up cursor like claimed ones"
+    );
 }
 
 async fn inbound_posts_are_claimed_once_and_keep_a_cursor(db: &TestDatabase) {

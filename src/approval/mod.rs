@@ -155,6 +155,45 @@ impl AliasWriter for crate::firewall::opnsense::OpnsenseClient {
     }
 }
 
+/// An [`AliasWriter`] whose writes (`add`, `remove`) first wait until this instance is
+/// active ([`crate::leader::Gate`]) and fail, not permanently, on a standby; `contains` only
+/// reads and does not wait.
+pub struct GatedAliasWriter {
+    inner: Arc<dyn AliasWriter>,
+    gate: crate::leader::Gate,
+}
+
+impl GatedAliasWriter {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn AliasWriter>, gate: crate::leader::Gate) -> Self {
+        Self { inner, gate }
+    }
+
+    async fn acting(&self) -> Result<(), ApplyError> {
+        self.gate.opened().await.map_err(|e| ApplyError {
+            message: e.to_string(),
+            permanent: false,
+        })
+    }
+}
+
+#[async_trait]
+impl AliasWriter for GatedAliasWriter {
+    async fn add(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.acting().await?;
+        self.inner.add(domain).await
+    }
+
+    async fn remove(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.acting().await?;
+        self.inner.remove(domain).await
+    }
+
+    async fn contains(&self, domain: &str) -> Result<bool, ApplyError> {
+        self.inner.contains(domain).await
+    }
+}
+
 /// Who may decide.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Approvers {

@@ -18,15 +18,16 @@ pub mod router;
 pub mod stream;
 pub mod teams;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use crate::store::Platform;
 
-/// Something a person wrote, as every platform delivers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Something a person wrote, as every platform delivers it. Serialized (JSON) as the record
+/// kept until it is handled ([`crate::store::Store::record_inbound`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InboundMessage {
     /// Platform it came from.
     pub platform: Platform,
@@ -50,6 +51,24 @@ impl InboundMessage {
     /// The thread this message belongs to: its root, or itself when it is top-level.
     pub fn thread_id(&self) -> &str {
         self.root_id.as_deref().unwrap_or(&self.post_id)
+    }
+
+    /// Records the message for handling ([`crate::store::Store::record_inbound`]): `true`
+    /// the first time, `false` when it was recorded before (a replay or catch-up).
+    ///
+    /// # Errors
+    /// [`crate::store::StoreError`].
+    pub async fn record(&self, store: &crate::store::Store) -> crate::store::StoreResult<bool> {
+        let payload = serde_json::to_string(self).unwrap_or_default();
+        store
+            .record_inbound(
+                self.platform,
+                &self.post_id,
+                &self.channel_id,
+                self.created_at,
+                &payload,
+            )
+            .await
     }
 }
 
@@ -128,6 +147,10 @@ pub enum ChatError {
     /// The bot's own records (which channel belongs to which repository) could not be read.
     #[error("cannot read the bot's records: {0}")]
     Storage(String),
+    /// This instance is not the active one any more (see [`crate::leader`]): it must not
+    /// change anything on the platform.
+    #[error("this instance is not the active one")]
+    NotActive,
 }
 
 impl ChatError {
@@ -136,7 +159,7 @@ impl ChatError {
         match self {
             Self::RateLimited { .. } | Self::Transport(_) | Self::Storage(_) => true,
             Self::Api { status, .. } => *status >= 500,
-            Self::Decode(_) => false,
+            Self::Decode(_) | Self::NotActive => false,
         }
     }
 
@@ -236,9 +259,10 @@ pub trait CardClickHandler: Send + Sync + 'static {
 }
 
 /// Where adapters find the click handler. Empty until this instance is active and the flow
-/// behind the cards runs (adapters answer 503 meanwhile). Cheap to clone.
+/// behind the cards runs, and again after it stood down (adapters answer 503 meanwhile).
+/// Cheap to clone.
 #[derive(Clone, Default)]
-pub struct ClickHandlers(Arc<OnceLock<Arc<dyn CardClickHandler>>>);
+pub struct ClickHandlers(Arc<std::sync::RwLock<Option<Arc<dyn CardClickHandler>>>>);
 
 impl ClickHandlers {
     /// An empty slot.
@@ -246,21 +270,54 @@ impl ClickHandlers {
         Self::default()
     }
 
-    /// Installs the handler (the first one stays).
+    /// Installs the handler, replacing the one before.
     pub fn set(&self, handler: Arc<dyn CardClickHandler>) {
-        let _ = self.0.set(handler);
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(handler);
+        }
     }
 
-    /// The handler, once installed.
-    pub fn get(&self) -> Option<&Arc<dyn CardClickHandler>> {
-        self.0.get()
+    /// Removes the handler (this instance stopped acting).
+    pub fn clear(&self) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = None;
+        }
+    }
+
+    /// The handler, while one is installed.
+    pub fn get(&self) -> Option<Arc<dyn CardClickHandler>> {
+        self.0.read().ok()?.clone()
+    }
+}
+
+/// A click handler that answers [`ClickError::Unavailable`] while this instance may not act
+/// (suspended or standby, see [`crate::leader::Gate`]), and passes clicks on otherwise.
+pub struct GatedClicks {
+    inner: Arc<dyn CardClickHandler>,
+    gate: crate::leader::Gate,
+}
+
+impl GatedClicks {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn CardClickHandler>, gate: crate::leader::Gate) -> Self {
+        Self { inner, gate }
+    }
+}
+
+#[async_trait]
+impl CardClickHandler for GatedClicks {
+    async fn on_click(&self, click: CardClick) -> Result<ClickReply, ClickError> {
+        if !self.gate.is_open() {
+            return Err(ClickError::Unavailable);
+        }
+        self.inner.on_click(click).await
     }
 }
 
 impl std::fmt::Debug for ClickHandlers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClickHandlers")
-            .field("installed", &self.0.get().is_some())
+            .field("installed", &self.get().is_some())
             .finish()
     }
 }

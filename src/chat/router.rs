@@ -16,6 +16,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{ActionCard, ChannelRef, ChatError, ChatOutbound, ChatUser, PostRef};
+use crate::leader::Gate;
 use crate::store::Platform;
 
 /// The platforms the bot serves. Cheap to clone.
@@ -25,6 +26,9 @@ pub struct ChatRouter {
     primary: Arc<dyn ChatOutbound>,
     mattermost: Option<Arc<dyn ChatOutbound>>,
     teams: Option<Arc<dyn ChatOutbound>>,
+    /// Every call that changes something on a platform waits for it
+    /// ([`ChatRouter::with_gate`]).
+    gate: Gate,
 }
 
 impl std::fmt::Debug for ChatRouter {
@@ -47,7 +51,22 @@ impl ChatRouter {
             primary,
             mattermost,
             teams,
+            gate: Gate::always_open(),
         })
+    }
+
+    /// The same router, whose calls that change something on a platform (posts, edits, cards,
+    /// typing, channel members) first wait until this instance is active, and fail with
+    /// [`ChatError::NotActive`] on a standby. Reads (`resolve_user`, `permalink`) do not wait.
+    #[must_use]
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Waits for the gate.
+    async fn acting(&self) -> Result<(), ChatError> {
+        self.gate.opened().await.map_err(|_| ChatError::NotActive)
     }
 
     /// The adapter of `platform`, or the primary one when that platform is not served (a
@@ -112,6 +131,7 @@ impl ChatOutbound for ChatRouter {
         root_id: Option<&str>,
         text: &str,
     ) -> Result<PostRef, ChatError> {
+        self.acting().await?;
         self.for_channel(channel_id)
             .post(channel_id, root_id, text)
             .await
@@ -124,18 +144,21 @@ impl ChatOutbound for ChatRouter {
         user_id: &str,
         text: &str,
     ) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(channel_id)
             .post_ephemeral(channel_id, root_id, user_id, text)
             .await
     }
 
     async fn add_channel_members(&self, channel_id: &str, users: &[&str]) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(channel_id)
             .add_channel_members(channel_id, users)
             .await
     }
 
     async fn update(&self, post: &PostRef, text: &str) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(&post.channel_id).update(post, text).await
     }
 
@@ -145,18 +168,21 @@ impl ChatOutbound for ChatRouter {
         root_id: &str,
         card: &ActionCard,
     ) -> Result<PostRef, ChatError> {
+        self.acting().await?;
         self.for_channel(channel_id)
             .post_card(channel_id, root_id, card)
             .await
     }
 
     async fn update_card(&self, post: &PostRef, card: &ActionCard) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(&post.channel_id)
             .update_card(post, card)
             .await
     }
 
     async fn typing(&self, channel_id: &str, root_id: Option<&str>) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(channel_id)
             .typing(channel_id, root_id)
             .await
@@ -167,12 +193,14 @@ impl ChatOutbound for ChatRouter {
         repo_slug: &str,
         members: &[&str],
     ) -> Result<ChannelRef, ChatError> {
+        self.acting().await?;
         self.primary()
             .ensure_project_channel(repo_slug, members)
             .await
     }
 
     async fn follow_thread(&self, user_id: &str, root: &PostRef) -> Result<(), ChatError> {
+        self.acting().await?;
         self.for_channel(&root.channel_id)
             .follow_thread(user_id, root)
             .await

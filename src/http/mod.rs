@@ -120,12 +120,14 @@ fn layered(routes: Router, state: &AppState) -> Router {
 #[derive(Debug, Serialize)]
 pub struct HealthReport {
     /// `ok` (everything up), `degraded` (database up, something else down), `unavailable`
-    /// (database down: the bot cannot work; HTTP 503), or `standby` (readiness probe on an
-    /// instance that is not the active one; HTTP 503).
+    /// (database down: the bot cannot work; HTTP 503), `standby` (readiness probe on an
+    /// instance that is not the active one; HTTP 503) or `suspended` (readiness probe on an
+    /// instance that lost its lock connection; HTTP 503).
     pub status: &'static str,
     /// Crate version.
     pub version: &'static str,
-    /// `active`, or `standby` while another instance holds the instance lock.
+    /// `active`; `standby` while another instance holds the instance lock; `suspended` while
+    /// this one lost its lock connection and tries to take the lock back.
     pub role: Role,
     /// Each component by name; `database` is always present.
     pub components: std::collections::BTreeMap<String, ComponentHealth>,
@@ -181,6 +183,9 @@ async fn health(
     let readiness = query.probe.as_deref() == Some("readiness");
     let (code, status) = match (db_up, all_up) {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, _) if readiness && role == Role::Suspended => {
+            (StatusCode::SERVICE_UNAVAILABLE, "suspended")
+        }
         (true, _) if readiness && role != Role::Active => {
             (StatusCode::SERVICE_UNAVAILABLE, "standby")
         }

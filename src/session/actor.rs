@@ -22,14 +22,14 @@ use crate::chat::progress::Progress;
 use crate::chat::render::CoalesceConfig;
 use crate::chat::stream::{spawn_thread_output, TurnInput};
 use crate::chat::PostRef;
-use crate::store::{now_ms, EndReason, SessionKind, SessionState, UsageDelta};
+use crate::store::{now_ms, EndReason, Platform, SessionKind, SessionState, UsageDelta};
 
 /// Requests to an actor.
 #[derive(Debug)]
 pub(super) enum Request {
     /// A message for the agent (a person's, or one the bot injects).
     Message {
-        text: String,
+        turn: Turn,
         reply: oneshot::Sender<Delivery>,
     },
     /// `/compact`.
@@ -43,6 +43,27 @@ pub(super) enum Request {
     Interrupt { reply: oneshot::Sender<bool> },
     /// Stop the agent; the manager cleans up.
     Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A user turn for the agent: its text and, for a person's chat message, the record
+/// ([`crate::store::Store::record_inbound`]) marked handled once the agent has it. Turns
+/// still queued when the bot stops are handed out again after it comes back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// What the agent is sent.
+    pub text: String,
+    /// The chat message it came from (platform, post id), when it came from one.
+    pub inbound: Option<(Platform, String)>,
+}
+
+impl Turn {
+    /// A turn the bot itself sends (approval answers, orchestrator notes, `/compact`).
+    pub fn injected(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            inbound: None,
+        }
+    }
 }
 
 /// A cloneable handle to a running actor.
@@ -70,8 +91,8 @@ impl SessionHandle {
     ///
     /// # Errors
     /// [`SessionError::NotRunning`] when the actor is gone.
-    pub async fn message(&self, text: String) -> Result<Delivery, SessionError> {
-        self.ask(|reply| Request::Message { text, reply }).await
+    pub async fn message(&self, turn: Turn) -> Result<Delivery, SessionError> {
+        self.ask(|reply| Request::Message { turn, reply }).await
     }
 
     /// Asks for `/compact`.
@@ -186,7 +207,7 @@ pub(super) struct Actor {
     busy: bool,
     /// The message of the running turn, until the agent shows it got it (any output of the
     /// turn): if the agent is lost before that, the message is sent again to its successor.
-    in_flight: Option<String>,
+    in_flight: Option<Turn>,
     /// When the running turn started (for `SM_TURN_TIMEOUT_SECS`).
     turn_started: Option<tokio::time::Instant>,
     /// When the bot asked the agent to interrupt the running turn, if it did.
@@ -196,6 +217,9 @@ pub(super) struct Actor {
     abandoning: bool,
     /// What to do once the current turn is over.
     pending: Pending,
+    /// The last agent started had nothing to resume (the conversation had no turn yet), so
+    /// it started the conversation under its id: nothing was lost.
+    resumed_empty: bool,
     scanner: MarkerScanner,
     /// Tool calls shown in this turn (the CLI may repeat one).
     seen_tools: HashSet<String>,
@@ -224,6 +248,7 @@ impl Actor {
             turn_started: None,
             interrupted_at: None,
             pending: Pending::None,
+            resumed_empty: false,
             scanner,
             seen_tools: HashSet::new(),
         }
@@ -237,7 +262,7 @@ impl Actor {
             self.plan.session.thread_id.clone(),
             CoalesceConfig::for_post_limit(self.manager.chat.max_post_chars()),
         );
-        let mut queue: VecDeque<String> = VecDeque::new();
+        let mut queue: VecDeque<Turn> = VecDeque::new();
         let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
         let ending = self.live(&mut rx, &output, &mut queue, &mut waiters).await;
         let _ = output.send(TurnInput::EndTurn).await;
@@ -251,19 +276,37 @@ impl Actor {
     async fn end(
         mut self,
         ending: Ending,
-        queue: VecDeque<String>,
+        queue: VecDeque<Turn>,
         waiters: Vec<oneshot::Sender<()>>,
     ) {
         let undelivered = queue.len();
         match ending {
             Ending::Detach => {
-                if undelivered > 0 {
+                // People's messages stay recorded and unhandled: they are delivered after the
+                // restart. Only what the bot itself queued is lost with this process.
+                let lost = queue.iter().filter(|t| t.inbound.is_none()).count();
+                if lost > 0 {
                     self.manager
-                        .say(&self.plan.session, &format!("⚠️ The bot is restarting; {undelivered} queued message(s) were not delivered. Please send them again once it says the session continues."))
+                        .say(&self.plan.session, &format!("⚠️ The bot is restarting; {lost} queued note(s) from the bot to Claude were not delivered."))
                         .await;
+                }
+                if undelivered > lost {
+                    info!(session = %self.plan.session.id, queued = undelivered - lost, "queued messages wait for the restart");
                 }
             }
             Ending::End(reason, detail) => {
+                for turn in &queue {
+                    if let Some((platform, post_id)) = &turn.inbound {
+                        if let Err(e) = self
+                            .manager
+                            .store
+                            .mark_inbound_handled(*platform, post_id)
+                            .await
+                        {
+                            warn!(error = %e, post = %post_id, "cannot mark an undelivered message handled");
+                        }
+                    }
+                }
                 if undelivered > 0 {
                     self.manager
                         .say(
@@ -292,7 +335,7 @@ impl Actor {
         &mut self,
         rx: &mut mpsc::Receiver<Request>,
         output: &mpsc::Sender<TurnInput>,
-        queue: &mut VecDeque<String>,
+        queue: &mut VecDeque<Turn>,
         waiters: &mut Vec<oneshot::Sender<()>>,
     ) -> Ending {
         let mut agent = match self.start_up(rx, queue, waiters).await {
@@ -303,7 +346,22 @@ impl Actor {
         let mut resumes: Vec<tokio::time::Instant> = Vec::new();
         self.next_turn(&mut agent, queue).await;
         loop {
+            if !self.manager.gate.is_open() {
+                // Suspended (see `crate::leader`): no input to the agent, none of its output
+                // read (it waits in the pipe), nothing posted, until this instance acts again.
+                // A standby lets the session go: the active instance resumes it.
+                info!(session = %self.plan.session.id, "this instance is suspended: the session waits");
+                if self.manager.gate.opened().await.is_err() {
+                    agent.close().await;
+                    return Ending::Detach;
+                }
+                info!(session = %self.plan.session.id, "this instance acts again: the session goes on");
+                self.next_turn(&mut agent, queue).await;
+            }
+            let gate = self.manager.gate.clone();
             let step = tokio::select! {
+                // Suspended: the top of the loop waits.
+                () = gate.closed() => continue,
                 request = rx.recv() => self.on_request(request, &mut agent, queue, waiters).await,
                 line = agent.next_line() => match line {
                     Ok(Some(line)) => {
@@ -387,15 +445,17 @@ impl Actor {
                     // A message the lost agent never showed it got goes to its successor.
                     let unseen = self.in_flight.take();
                     let resend = unseen.is_some();
-                    if let Some(text) = unseen {
-                        queue.push_front(text);
+                    if let Some(turn) = unseen {
+                        queue.push_front(turn);
                     }
                     let abandoned = std::mem::take(&mut self.abandoning);
                     match self.replace_agent(agent, Replace::Resume).await {
                         Ok(new_agent) if abandoned => agent = new_agent,
                         Ok(new_agent) => {
                             agent = new_agent;
-                            let note = if resend {
+                            let note = if self.resumed_empty && !resend && !was_busy {
+                                "⚠️ The connection to Claude was lost before the conversation began; Claude was started again and nothing was lost."
+                            } else if resend {
                                 "⚠️ The connection to Claude was lost before it answered; Claude was restarted, the conversation resumed, and your message was sent again."
                             } else if was_busy {
                                 "⚠️ The connection to Claude was lost in the middle of an answer; Claude was restarted and the conversation resumed. The interrupted answer may be incomplete: ask again if needed."
@@ -405,10 +465,11 @@ impl Actor {
                             self.manager.say(&self.plan.session, note).await;
                         }
                         Err(e) => {
-                            return Ending::End(
-                                EndReason::AgentExited,
-                                Some(format!("{why}; resuming failed: {e}")),
-                            )
+                            warn!(session = %self.plan.session.id, %why, error = %e, "cannot resume the agent");
+                            match self.dormant(rx, queue, waiters, &e).await {
+                                Ok(new_agent) => agent = new_agent,
+                                Err(ending) => return ending,
+                            }
                         }
                     }
                 }
@@ -420,8 +481,10 @@ impl Actor {
                 };
                 match self.replace_agent(agent, how).await {
                     Ok(new_agent) => agent = new_agent,
-                    // The old agent is gone and no new one runs: the session is over.
-                    Err(e) => return Ending::End(EndReason::Error, Some(e.to_string())),
+                    Err(e) => match self.dormant(rx, queue, waiters, &e).await {
+                        Ok(new_agent) => agent = new_agent,
+                        Err(ending) => return ending,
+                    },
                 }
             }
             // An orchestrator compacts between turns, before its next message.
@@ -430,7 +493,7 @@ impl Actor {
                 && self.auto_compact.due(tokio::time::Instant::now())
             {
                 info!(session = %self.plan.session.id, "auto-compacting the orchestrator");
-                queue.push_front("/compact".to_owned());
+                queue.push_front(Turn::injected("/compact"));
             }
             self.next_turn(&mut agent, queue).await;
         }
@@ -440,7 +503,7 @@ impl Actor {
     async fn start_up(
         &mut self,
         rx: &mut mpsc::Receiver<Request>,
-        queue: &mut VecDeque<String>,
+        queue: &mut VecDeque<Turn>,
         waiters: &mut Vec<oneshot::Sender<()>>,
     ) -> Result<Agent, Ending> {
         let result = {
@@ -450,8 +513,8 @@ impl Actor {
                 tokio::select! {
                     result = &mut bring_up => break result,
                     request = rx.recv() => match request {
-                        Some(Request::Message { text, reply }) => {
-                            queue.push_back(text);
+                        Some(Request::Message { turn, reply }) => {
+                            queue.push_back(turn);
                             let _ = reply.send(Delivery::Queued { position: queue.len() });
                         }
                         Some(Request::Shutdown { reply }) => {
@@ -516,6 +579,7 @@ impl Actor {
     /// conversation the CLI has no record of (the agent was lost before its first turn was
     /// written) is started under the same id instead: nothing of it existed to lose.
     async fn spawn_agent(&mut self, fresh: bool) -> Result<Agent, AgentError> {
+        self.resumed_empty = false;
         let session = &mut self.plan.session;
         let (conversation, resume) = match (&session.agent_session_id, fresh) {
             (Some(existing), false) => (existing.clone(), true),
@@ -543,6 +607,7 @@ impl Actor {
             Err(e) if resume && e.is_no_conversation() => {
                 info!(session = %self.plan.session.id, %conversation, "the conversation had no turn yet: starting it under the same id");
                 self.last_total_cost = 0.0;
+                self.resumed_empty = true;
                 Agent::start(
                     &self.manager,
                     &self.plan.session,
@@ -553,6 +618,74 @@ impl Actor {
                 .await
             }
             other => other,
+        }
+    }
+
+    /// The session without an agent, because starting one (resuming, `restart`, `clear`)
+    /// failed with `error`: the thread is told why (the CLI's own words when it said any), and
+    /// the session stays, holding what is sent meanwhile, until `restart` or `clear` starts an
+    /// agent (returned) or a stop or detach ends it.
+    async fn dormant(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut VecDeque<Turn>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+        error: &AgentError,
+    ) -> Result<Agent, Ending> {
+        self.busy = false;
+        self.in_flight = None;
+        self.interrupted_at = None;
+        self.pending = Pending::None;
+        let session = self.plan.session.clone();
+        self.manager
+            .say(&session, &format!("❌ Claude could not be started again: {error}. The session is kept: `!restart` tries again on the same conversation, `!clear` starts a new one, `!stop` ends it. Messages sent meanwhile wait for Claude."))
+            .await;
+        loop {
+            if self.manager.gate.opened().await.is_err() {
+                return Err(Ending::Detach);
+            }
+            let (fresh, reply) = match rx.recv().await {
+                None => return Err(Ending::Detach),
+                Some(Request::Shutdown { reply }) => {
+                    waiters.push(reply);
+                    return Err(Ending::End(EndReason::UserRequested, None));
+                }
+                Some(Request::Message { turn, reply }) => {
+                    queue.push_back(turn);
+                    let _ = reply.send(Delivery::Queued {
+                        position: queue.len(),
+                    });
+                    continue;
+                }
+                Some(Request::Compact { reply }) => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Request::Interrupt { reply }) => {
+                    let _ = reply.send(false);
+                    continue;
+                }
+                Some(Request::Restart { reply }) => (false, reply),
+                Some(Request::Clear { reply }) => (true, reply),
+            };
+            let _ = reply.send(());
+            match self.spawn_agent(fresh).await {
+                Ok(agent) => {
+                    let note = if fresh {
+                        "🧹 Started a fresh conversation."
+                    } else {
+                        "🔄 Restarted Claude; the conversation continues."
+                    };
+                    self.manager.say(&session, note).await;
+                    return Ok(agent);
+                }
+                Err(e) => {
+                    warn!(session = %session.id, error = %e, "cannot start the agent");
+                    self.manager
+                        .say(&session, &format!("❌ Claude could not be started: {e}. `!restart` tries again, `!clear` starts a new conversation, `!stop` ends the session."))
+                        .await;
+                }
+            }
         }
     }
 
@@ -580,7 +713,7 @@ impl Actor {
         &mut self,
         request: Option<Request>,
         agent: &mut Agent,
-        queue: &mut VecDeque<String>,
+        queue: &mut VecDeque<Turn>,
         waiters: &mut Vec<oneshot::Sender<()>>,
     ) -> Step {
         match request {
@@ -589,24 +722,25 @@ impl Actor {
                 waiters.push(reply);
                 Step::Exit(EndReason::UserRequested, None)
             }
-            Some(Request::Message { text, reply }) => {
+            Some(Request::Message { turn, reply }) => {
                 if self.busy || !queue.is_empty() {
-                    queue.push_back(text);
+                    queue.push_back(turn);
                     let _ = reply.send(Delivery::Queued {
                         position: queue.len(),
                     });
                 } else {
                     let _ = reply.send(Delivery::Delivered);
-                    self.send_turn(agent, queue, text).await;
+                    self.send_turn(agent, queue, turn).await;
                 }
                 Step::Continue
             }
             Some(Request::Compact { reply }) => {
                 let _ = reply.send(());
                 if self.busy || !queue.is_empty() {
-                    queue.push_back("/compact".into());
+                    queue.push_back(Turn::injected("/compact"));
                 } else {
-                    self.send_turn(agent, queue, "/compact".to_owned()).await;
+                    self.send_turn(agent, queue, Turn::injected("/compact"))
+                        .await;
                 }
                 Step::Continue
             }
@@ -665,7 +799,7 @@ impl Actor {
     }
 
     /// Between turns: sends the next queued message, if any.
-    async fn next_turn(&mut self, agent: &mut Agent, queue: &mut VecDeque<String>) {
+    async fn next_turn(&mut self, agent: &mut Agent, queue: &mut VecDeque<Turn>) {
         if !self.busy {
             if let Some(next) = queue.pop_front() {
                 self.send_turn(agent, queue, next).await;
@@ -677,19 +811,31 @@ impl Actor {
     /// process or SSH channel died), the message goes back to the front of `queue`: the end of
     /// the agent's output follows, the conversation is resumed in a new process, and the queue
     /// delivers it there. Nothing is dropped.
-    async fn send_turn(&mut self, agent: &mut Agent, queue: &mut VecDeque<String>, text: String) {
-        let line = stream_json::user_turn(&text);
-        let is_compact = text == "/compact";
+    async fn send_turn(&mut self, agent: &mut Agent, queue: &mut VecDeque<Turn>, turn: Turn) {
+        if !self.manager.gate.is_open() {
+            // Suspended: it waits, first in line, until this instance acts again.
+            queue.push_front(turn);
+            return;
+        }
+        let line = stream_json::user_turn(&turn.text);
+        let is_compact = turn.text == "/compact";
         self.in_flight = None;
         if let Err(e) = agent.write(&line).await {
             warn!(session = %self.plan.session.id, error = %e, "cannot write to the agent; the message waits for the agent to be resumed");
-            queue.push_front(text);
+            queue.push_front(turn);
             return;
         }
         self.busy = true;
         self.turn_started = Some(tokio::time::Instant::now());
         self.interrupted_at = None;
-        self.in_flight = Some(text);
+        let store = &self.manager.store;
+        // The agent has it: the chat message it came from is handled.
+        if let Some((platform, post_id)) = &turn.inbound {
+            if let Err(e) = store.mark_inbound_handled(*platform, post_id).await {
+                warn!(session = %self.plan.session.id, error = %e, post = %post_id, "cannot mark a message handled; it may be sent again after a restart");
+            }
+        }
+        self.in_flight = Some(turn);
         if !is_compact {
             self.auto_compact.on_message();
         }
@@ -697,7 +843,6 @@ impl Actor {
             messages: 1,
             ..UsageDelta::default()
         };
-        let store = &self.manager.store;
         if let Err(e) = store
             .add_usage(&self.plan.session.id, &usage, now_ms())
             .await

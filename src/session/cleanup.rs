@@ -211,7 +211,10 @@ impl Manager {
         .await;
         if let Some(handle) = self.handle(parent_id) {
             let _ = handle
-                .message(format!("[SESSION_ENDED: {}] {why}", child.id))
+                .message(super::actor::Turn::injected(format!(
+                    "[SESSION_ENDED: {}] {why}",
+                    child.id
+                )))
                 .await;
         }
     }

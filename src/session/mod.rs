@@ -50,6 +50,7 @@ pub use prepare::StartError;
 
 use crate::chat::{ChatOutbound, InboundMessage, PostRef};
 use crate::config::EnvEntry;
+use crate::leader::Gate;
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::{self, GitError, GitLayout};
 use crate::runtime::ssh::SshPool;
@@ -164,6 +165,8 @@ pub(crate) struct Manager {
     markers: mpsc::Sender<MarkerEvent>,
     actors: Mutex<HashMap<String, SessionHandle>>,
     tasks: TaskTracker,
+    /// Actors act (write to their agent, read its output) only while it is open.
+    gate: Gate,
 }
 
 impl Manager {
@@ -194,13 +197,16 @@ impl std::fmt::Debug for SessionRuntime {
 
 impl SessionRuntime {
     /// A runtime over an SSH pool, storage and a chat platform. Markers found in agents'
-    /// output are sent on `markers` (see [`markers::route`]).
+    /// output are sent on `markers` (see [`markers::route`]). Actors act only while `gate` is
+    /// open: while this instance is suspended they hold their agents as they are, and once it
+    /// is a standby they let their sessions go (see [`crate::leader`]).
     pub fn new(
         ssh: Arc<SshPool>,
         store: Store,
         chat: Arc<dyn ChatOutbound>,
         config: RuntimeConfig,
         markers: mpsc::Sender<MarkerEvent>,
+        gate: Gate,
     ) -> Self {
         Self {
             manager: Arc::new(Manager {
@@ -211,6 +217,7 @@ impl SessionRuntime {
                 markers,
                 actors: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
+                gate,
             }),
         }
     }
@@ -226,7 +233,9 @@ impl SessionRuntime {
     /// # Errors
     /// [`SessionError::NotRunning`] when the session has no running actor.
     pub async fn inject(&self, session_id: &str, text: String) -> Result<Delivery, SessionError> {
-        self.running(session_id)?.message(text).await
+        self.running(session_id)?
+            .message(actor::Turn::injected(text))
+            .await
     }
 
     /// Whether `org/repo` exists at `SM_GIT_BASE_URL` and the VM can read it.
@@ -355,7 +364,10 @@ impl SessionControl for SessionRuntime {
         message: &InboundMessage,
     ) -> Result<Delivery, SessionError> {
         self.running(&session.id)?
-            .message(message.text.clone())
+            .message(actor::Turn {
+                text: message.text.clone(),
+                inbound: Some((message.platform, message.post_id.clone())),
+            })
             .await
     }
 

@@ -34,6 +34,8 @@ pub struct ReconcileConfig {
     pub interval: Duration,
     /// `SM_RECONCILE_GRACE_SECS`.
     pub grace: Duration,
+    /// Passes run only while this instance is active (see [`crate::leader`]).
+    pub gate: crate::leader::Gate,
 }
 
 /// What the reconciler decided for one container.
@@ -61,6 +63,9 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(config.interval) => {}
+        }
+        if !config.gate.is_open() {
+            continue;
         }
         if let Err(e) = pass(&ssh, &store, &config, &mut first_orphaned).await {
             warn!(error = %e, "the reconciler could not look at the VM's containers");

@@ -1283,9 +1283,10 @@ impl Store {
 
     // ----- inbound posts ------------------------------------------------------------------
 
-    /// Takes an inbound chat post for handling. Returns `true` exactly once per
-    /// `(platform, post_id)`, however many times and from however many places (live event,
-    /// replay, catch-up) it arrives.
+    /// Takes an inbound chat post for handling, handled at once (nothing to hand out again
+    /// after a restart: card submits; messages use [`Store::record_inbound`]). Returns `true`
+    /// exactly once per `(platform, post_id)`, however many times and from however many places
+    /// (live event, replay, catch-up) it arrives.
     ///
     /// # Errors
     /// [`StoreError::Database`].
@@ -1297,8 +1298,8 @@ impl Store {
         create_at: i64,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "INSERT INTO inbound_posts (platform, post_id, channel_id, create_at, received_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            "INSERT INTO inbound_posts (platform, post_id, channel_id, create_at, received_at, handled_at)
+             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT DO NOTHING",
         )
         .bind(<&str>::from(platform))
         .bind(post_id)
@@ -1308,6 +1309,80 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records an inbound message for handling, with `payload` (the message as the
+    /// dispatcher takes it, JSON), unhandled until [`Store::mark_inbound_handled`]. Returns
+    /// `true` exactly once per `(platform, post_id)`, like [`Store::claim_inbound_post`]; a
+    /// message recorded but not handled when the bot stops is handed out again by
+    /// [`Store::unhandled_inbound`].
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn record_inbound(
+        &self,
+        platform: Platform,
+        post_id: &str,
+        channel_id: &str,
+        create_at: i64,
+        payload: &str,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO inbound_posts (platform, post_id, channel_id, create_at, received_at, payload)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(<&str>::from(platform))
+        .bind(post_id)
+        .bind(channel_id)
+        .bind(create_at)
+        .bind(now_ms())
+        .bind(payload)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks a recorded message handled (taken by its session, or otherwise dealt with), and
+    /// forgets its payload. Returns whether it was waiting.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn mark_inbound_handled(
+        &self,
+        platform: Platform,
+        post_id: &str,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE inbound_posts SET handled_at = $3, payload = NULL
+             WHERE platform = $1 AND post_id = $2 AND handled_at IS NULL",
+        )
+        .bind(<&str>::from(platform))
+        .bind(post_id)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The payloads of messages recorded on `platform` and not handled yet, oldest first (at
+    /// most `limit`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn unhandled_inbound(
+        &self,
+        platform: Platform,
+        limit: i64,
+    ) -> StoreResult<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT payload FROM inbound_posts
+             WHERE platform = $1 AND handled_at IS NULL AND payload IS NOT NULL
+             ORDER BY create_at, received_at LIMIT $2",
+        )
+        .bind(<&str>::from(platform))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// The creation time (Unix ms) of the newest post taken in a channel, where a catch-up

@@ -23,6 +23,7 @@ pub fn now_ms() -> i64 {
     Eq,
     Hash,
     Serialize,
+    serde::Deserialize,
     strum::EnumString,
     strum::IntoStaticStr,
     strum::Display,

@@ -341,6 +341,9 @@ impl FakeMattermost {
                 .timeout(INTEGRATION_TIMEOUT)
                 .build()
                 .expect("integration HTTP client"),
+            holds: Mutex::new(Vec::new()),
+            held: std::sync::atomic::AtomicUsize::new(0),
+            release: tokio::sync::watch::channel(false).0,
         });
         let app = router(Arc::clone(&shared));
         let shutdown = shared.shutdown.clone();
@@ -635,6 +638,32 @@ impl FakeMattermost {
         });
     }
 
+    /// From now on, a `POST /posts` whose message contains `needle` is not answered (nor the
+    /// post made) until [`FakeMattermost::release_posts`]: a chat server that hangs.
+    pub fn hold_posts_containing(&self, needle: &str) {
+        self.shared
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(needle.to_owned());
+        self.shared.release.send_replace(false);
+    }
+
+    /// How many creates were held so far.
+    pub fn held_posts(&self) -> usize {
+        self.shared.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops holding: held creates go on (their client may be gone by then).
+    pub fn release_posts(&self) {
+        self.shared
+            .holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.shared.release.send_replace(true);
+    }
+
     /// Every typing notification received (REST or WebSocket `user_typing`), as
     /// `(user_id, channel_id, parent_id)`.
     pub fn typing_events(&self) -> Vec<(String, String, String)> {
@@ -752,6 +781,13 @@ struct Shared {
     shutdown: CancellationToken,
     /// Client for the button integrations.
     http: reqwest::Client,
+    /// Creates of posts whose message contains one of these wait for
+    /// [`FakeMattermost::release_posts`] (a server that hangs on a request).
+    holds: Mutex<Vec<String>>,
+    /// How many creates are (or were) held.
+    held: std::sync::atomic::AtomicUsize,
+    /// Releases the held creates.
+    release: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -2675,6 +2711,19 @@ async fn create_post(
     let input: NewPost = parse_body(&body, "post")?;
     if input.post_type.starts_with("system_") {
         return Err(FakeError::invalid_body("post.type"));
+    }
+    let hold = shared
+        .holds
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|needle| input.message.contains(needle.as_str()));
+    if hold {
+        shared
+            .held
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut release = shared.release.subscribe();
+        let _ = release.wait_for(|released| *released).await;
     }
     let set_online = query.get("set_online").is_none_or(|v| v != "false");
     let post = shared

@@ -222,6 +222,27 @@ impl TcpProxy {
     }
 }
 
+/// A [`TcpProxy`] to the server of the PostgreSQL URL `url`, and the same URL through it.
+pub async fn proxied(url: &str) -> (TcpProxy, String) {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let (userinfo, hostpath) = match rest.split_once('@') {
+        Some((user, hostpath)) => (format!("{user}@"), hostpath),
+        None => (String::new(), rest),
+    };
+    let (hostport, path) = match hostpath.find('/') {
+        Some(i) => (&hostpath[..i], &hostpath[i..]),
+        None => (hostpath, ""),
+    };
+    let server = tokio::net::lookup_host(hostport)
+        .await
+        .expect("resolve the database host")
+        .next()
+        .expect("an address");
+    let proxy = TcpProxy::start(server).await;
+    let through = format!("{scheme}://{userinfo}{}{path}", proxy.addr);
+    (proxy, through)
+}
+
 impl Drop for TcpProxy {
     fn drop(&mut self) {
         self.cut();
@@ -328,6 +349,11 @@ impl TestApp {
     /// `http://127.0.0.1:port{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Whether `serve` is still running (it returns only on shutdown or a fatal error).
+    pub fn is_running(&self) -> bool {
+        !self.handle.is_finished()
     }
 
     /// Shuts the bot down and waits for it; panics if it failed.

@@ -48,6 +48,28 @@ impl Stack {
     /// Like [`Stack::start`], with more settings; `{callback}` in a value is replaced by the
     /// app's own /callback URL.
     pub async fn start_with(script: ModelScript, extra: &[(&str, String)]) -> Self {
+        Self::start_on(script, extra, TestDatabase::for_e2e().await, None).await
+    }
+
+    /// Like [`Stack::start_with`] on PostgreSQL, the bot reaching it through a [`TcpProxy`]
+    /// the test can cut (as a database restart looks to the bot); the test's own store
+    /// connects directly.
+    pub async fn start_behind_proxy(
+        script: ModelScript,
+        extra: &[(&str, String)],
+    ) -> (Self, super::TcpProxy) {
+        let db = TestDatabase::postgres().await;
+        let (proxy, url) = super::proxied(&db.url).await;
+        let stack = Self::start_on(script, extra, db, Some(url)).await;
+        (stack, proxy)
+    }
+
+    async fn start_on(
+        script: ModelScript,
+        extra: &[(&str, String)],
+        db: TestDatabase,
+        bot_database_url: Option<String>,
+    ) -> Self {
         let tb = Testbed::load();
         let fake = FakeMattermost::start().await;
         let alice = fake.add_user("alice");
@@ -65,7 +87,6 @@ impl Stack {
             ],
         );
         let model = ModelServer::start(script).await;
-        let db = TestDatabase::for_e2e().await;
         let vm_root = format!("/home/claude/sm-e2e/{}", uuid::Uuid::new_v4().simple());
         let vm = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(30), 8)).expect("ssh");
         let store = db.store().await;
@@ -87,6 +108,9 @@ impl Stack {
             .collect();
         if !extra.iter().any(|(k, _)| *k == "egress-dns-servers") {
             extra.insert(0, ("egress-dns-servers", dns.addr().to_string()));
+        }
+        if let Some(url) = bot_database_url {
+            extra.push(("database-url", url));
         }
         let app = TestApp::start_on(
             listener,

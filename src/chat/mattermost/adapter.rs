@@ -2,9 +2,11 @@
 //! [`ChatOutbound`] implemented on the REST client.
 //!
 //! Inbound, every `posted` event and every post found by a catch-up goes through one path:
-//! the bot's own posts, system posts and deleted posts are skipped, and each post is claimed in
-//! storage ([`Store::claim_inbound_post`]) before it is delivered, so it is handled at most once
-//! whether it arrived live, replayed on resume, or fetched after a reconnect.
+//! the bot's own posts, system posts and deleted posts are skipped, and each post is recorded in
+//! storage with its content ([`Store::record_inbound`]) before it is delivered, so it is handled
+//! once whether it arrived live, replayed on resume, or fetched after a reconnect, and a post
+//! not yet handled when the bot stops is handled after it comes back (the dispatcher marks it
+//! handled).
 //!
 //! A catch-up (after a connection that did not resume, and at start) fetches, for every channel
 //! the bot serves (project channels and channels with active sessions), the posts created since
@@ -244,34 +246,6 @@ impl MattermostAdapter {
         if post.user_id == self.bot.id || !post.post_type.is_empty() || post.delete_at != 0 {
             return true;
         }
-        // Storage must answer before the post can be taken; keep trying rather than drop it.
-        let mut delay = Duration::from_millis(200);
-        let claimed = loop {
-            match self
-                .store
-                .claim_inbound_post(
-                    Platform::Mattermost,
-                    &post.id,
-                    &post.channel_id,
-                    post.create_at,
-                )
-                .await
-            {
-                Ok(claimed) => break claimed,
-                Err(e) => {
-                    warn!(error = %e, post = %post.id, "cannot record an inbound post; retrying");
-                    tokio::select! {
-                        () = cancel.cancelled() => return false,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                }
-            }
-        };
-        if !claimed {
-            return true;
-        }
-        metrics::counter!(crate::telemetry::names::CHAT_POSTS_RECEIVED_TOTAL, "platform" => "mattermost").increment(1);
         let message = InboundMessage {
             platform: Platform::Mattermost,
             channel_id: post.channel_id.clone(),
@@ -282,6 +256,26 @@ impl MattermostAdapter {
             created_at: post.create_at,
             post_id: post.id,
         };
+        // Storage must answer before the post can be taken (it is recorded, so it is handled
+        // after a crash too); keep trying rather than drop it.
+        let mut delay = Duration::from_millis(200);
+        let recorded = loop {
+            match message.record(&self.store).await {
+                Ok(recorded) => break recorded,
+                Err(e) => {
+                    warn!(error = %e, post = %message.post_id, "cannot record an inbound post; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return false,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        if !recorded {
+            return true;
+        }
+        metrics::counter!(crate::telemetry::names::CHAT_POSTS_RECEIVED_TOTAL, "platform" => "mattermost").increment(1);
         events.send(ChatEvent::Message(message)).await.is_ok()
     }
 

@@ -6,8 +6,10 @@
 //!
 //! - **`message` with text**: a channel message that mentions the bot, a reply in a thread,
 //!   a personal or group chat message. The conversation reference is recorded, the message is
-//!   claimed in storage by its activity id ([`Store::claim_inbound_post`](crate::store::Store::claim_inbound_post), so a redelivery is
-//!   handled once), and an [`InboundMessage`] is queued for the dispatcher; the answer is 200
+//!   recorded in storage by its activity id with its content
+//!   ([`Store::record_inbound`](crate::store::Store::record_inbound), so a redelivery is
+//!   handled once, and a message not handled when the bot stops is handled after it comes
+//!   back), and an [`InboundMessage`] is queued for the dispatcher; the answer is 200
 //!   with an empty body (TDOCS `conversation-messages.md`). When the queue stays full for
 //!   [`ENQUEUE_TIMEOUT`], or storage fails, the answer is 503 and nothing was taken.
 //! - **Mentions** of the bot are removed using `entities` (other mentions keep their names).
@@ -403,10 +405,28 @@ async fn message(state: &Inbound, activity: &Activity, place: &Place) -> Respons
         Ok(Err(_)) => return unavailable("the bot is not taking messages right now"),
         Err(_) => return unavailable("the bot is busy; try again"),
     };
-    match store
-        .claim_inbound_post(Platform::Teams, post_id, &place.channel_id, now_ms())
-        .await
-    {
+    let user = user_id(from);
+    let user_name = from.name.clone().filter(|n| !n.trim().is_empty());
+    let message = InboundMessage {
+        platform: Platform::Teams,
+        channel_id: place.channel_id.clone(),
+        post_id: post_id.to_owned(),
+        root_id: root_id.clone(),
+        user_id: user.clone(),
+        user_name: user_name.clone(),
+        text,
+        created_at: now_ms(),
+    };
+    // A message to deliver is recorded with its content, so it is handled after a crash too;
+    // one that is only answered is taken at once.
+    let recorded = if deliver {
+        message.record(store).await
+    } else {
+        store
+            .claim_inbound_post(Platform::Teams, post_id, &place.channel_id, now_ms())
+            .await
+    };
+    match recorded {
         Ok(true) => {}
         Ok(false) => return StatusCode::OK.into_response(), // a redelivery
         Err(e) => {
@@ -416,19 +436,17 @@ async fn message(state: &Inbound, activity: &Activity, place: &Place) -> Respons
     }
     metrics::counter!(crate::telemetry::names::CHAT_POSTS_RECEIVED_TOTAL, "platform" => "teams")
         .increment(1);
-    let user = user_id(from);
-    let user_name = from.name.clone().filter(|n| !n.trim().is_empty());
     let record = TeamsUser {
-        user_id: user.clone(),
+        user_id: user,
         account_id: from.id.clone(),
-        name: user_name.clone().unwrap_or_default(),
+        name: user_name.unwrap_or_default(),
         last_conversation_id: addressed.then(|| place.channel_id.clone()),
         updated_at: now_ms(),
     };
     if let Err(e) = store.upsert_teams_user(&record).await {
         warn!(error = %e, "cannot record a Teams user");
     }
-    let thread = root_id.clone().unwrap_or_else(|| post_id.to_owned());
+    let thread = root_id.unwrap_or_else(|| post_id.to_owned());
     adapter.learn_link(post_id, &place.channel_id, &thread);
     if !unsupported.is_empty() && (addressed || in_session) {
         let notice = unsupported_notice(&unsupported, deliver);
@@ -440,16 +458,7 @@ async fn message(state: &Inbound, activity: &Activity, place: &Place) -> Respons
         });
     }
     if deliver {
-        permit.send(ChatEvent::Message(InboundMessage {
-            platform: Platform::Teams,
-            channel_id: place.channel_id.clone(),
-            post_id: post_id.to_owned(),
-            root_id,
-            user_id: user,
-            user_name,
-            text,
-            created_at: now_ms(),
-        }));
+        permit.send(ChatEvent::Message(message));
     }
     StatusCode::OK.into_response()
 }
