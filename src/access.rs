@@ -143,6 +143,7 @@ mod tests {
             container_id: None,
             container: None,
             stats: SessionStats::default(),
+            permission_mode: None,
             created_at: 0,
             updated_at: 0,
             last_activity_at: 0,

@@ -68,6 +68,8 @@ use std::str::FromStr;
 
 use strum::EnumCount as _;
 
+use crate::permission::PermissionMode;
+
 /// Longest rendering (in characters) of a user-supplied value inside an error
 /// message, including the `…` that marks a truncation.
 const MAX_QUOTED_CHARS: usize = 60;
@@ -364,7 +366,38 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         },
         ..CommandSpec::DEFAULT
     },
+    CommandSpec {
+        kind: CommandKind::Mode,
+        word: "mode",
+        scope: Scope::ThreadOnly,
+        args: &[MODE_ARG],
+        summary: "switch Claude's permission mode: default (asks before edits and commands), \
+                  acceptEdits (edits allowed, commands ask), plan (changes nothing) or \
+                  bypassPermissions (never asks); without a mode, show it",
+        build: |values| Some(Command::Mode { mode: values.mode }),
+        ..CommandSpec::DEFAULT
+    },
 ];
+
+/// The argument of `mode`: a permission mode, or none to show the current one.
+const MODE_ARG: ArgSpec = ArgSpec {
+    value: ValueKind {
+        placeholder: "<default|acceptEdits|plan|bypassPermissions>",
+        noun: "mode",
+        parse: |text, _, values| match text.parse::<PermissionMode>() {
+            Ok(mode) => {
+                values.mode = Some(mode);
+                Ok(())
+            }
+            Err(_) => Err(CommandError::BadMode {
+                value: text.to_owned(),
+            }),
+        },
+    },
+    presence: Presence::Optional,
+    missing: |command| CommandError::MissingDomain { command },
+    surplus: ArgSpec::UNEXPECTED,
+};
 
 /// The domain argument of `revoke`, normalised like a network request.
 const DOMAIN_ARG: ArgSpec = ArgSpec {
@@ -535,7 +568,6 @@ enum Presence {
     /// Never.
     Required,
     /// Always (e.g. `all` in a `status [all]`).
-    #[cfg_attr(not(test), allow(dead_code))] // for coming commands; see the tests
     Optional,
     /// In a session thread, where leaving it out means the thread's own
     /// session (`stop`); required elsewhere.
@@ -620,6 +652,8 @@ struct Values {
     user: Option<UserName>,
     /// A domain argument, normalised.
     domain: Option<String>,
+    /// A permission mode argument.
+    mode: Option<PermissionMode>,
     /// `all` was given.
     all: bool,
     /// Values of the test-only table.
@@ -720,6 +754,11 @@ pub enum Command {
         /// The domain, normalised (lowercase, IDNA ASCII).
         domain: String,
     },
+    /// `mode [<mode>]` (session thread only): switch the permission mode, or show it.
+    Mode {
+        /// The new mode; `None` shows the current one.
+        mode: Option<PermissionMode>,
+    },
 }
 
 impl Command {
@@ -742,6 +781,7 @@ impl Command {
             Command::Interrupt => CommandKind::Interrupt,
             Command::Grants => CommandKind::Grants,
             Command::Revoke { .. } => CommandKind::Revoke,
+            Command::Mode { .. } => CommandKind::Mode,
         }
     }
 }
@@ -764,6 +804,7 @@ impl fmt::Display for Command {
             Command::Kick { user } => write!(f, "kick {user}"),
             Command::Join { target: Some(id) } => write!(f, "join {id}"),
             Command::Revoke { domain } => write!(f, "revoke {domain}"),
+            Command::Mode { mode: Some(mode) } => write!(f, "mode {mode}"),
             other => f.write_str(other.kind().as_str()),
         }
     }
@@ -814,6 +855,8 @@ pub enum CommandKind {
     Grants,
     /// `revoke` (session thread only)
     Revoke,
+    /// `mode` (session thread only)
+    Mode,
 }
 
 impl CommandKind {
@@ -1842,6 +1885,12 @@ pub enum CommandError {
         /// The command.
         command: CommandKind,
     },
+    /// A `mode` argument that is not a permission mode.
+    #[error("Unknown permission mode {}: use default, acceptEdits, plan or bypassPermissions.", quote(.value))]
+    BadMode {
+        /// The value as typed.
+        value: String,
+    },
     /// A domain argument that is not a valid domain.
     #[error("Invalid domain {}: {reason}.", quote(.value))]
     BadDomain {
@@ -1987,6 +2036,7 @@ impl CommandError {
             | CommandError::MissingUser { command }
             | CommandError::MissingDomain { command } => usage(*command),
             CommandError::BadDomain { .. } => usage(CommandKind::Revoke),
+            CommandError::BadMode { .. } => usage(CommandKind::Mode),
             CommandError::BadUser { .. } => format!(
                 "User names use letters, digits, `.`, `_` and `-`. {}",
                 usage(CommandKind::Invite)

@@ -81,6 +81,7 @@ use ipnet::IpNet;
 use secrecy::SecretString;
 use url::Url;
 
+pub use crate::permission::PermissionMode;
 pub use crate::runtime::devcontainer::RepoConfigPolicy;
 
 /// The default database when `SM_DATABASE_URL` is unset: an embedded SQLite file in the
@@ -454,12 +455,14 @@ pub struct ContainerSettings {
         value_parser = word
     )]
     pub image: String,
-    /// Command that starts Claude Code inside the container (split like a shell would).
+    /// Command that starts Claude Code inside the container (split like a shell would). The
+    /// permission mode is not part of it (SM_PERMISSION_MODE); an old value ending in
+    /// `--dangerously-skip-permissions` still works, as bypassPermissions, with a warning.
     #[arg(
         id = "claude_command",
         long = "claude-command",
         env = "SM_CLAUDE_COMMAND",
-        default_value = "claude --dangerously-skip-permissions",
+        default_value = "claude",
         value_name = "COMMAND",
         value_parser = command_line
     )]
@@ -575,6 +578,30 @@ pub struct ContainerSettings {
         value_parser = seconds
     )]
     pub turn_timeout: Duration,
+    /// Permission mode of the agents (the CLI's --permission-mode): default (asks before
+    /// edits and commands), acceptEdits (edits in the container allowed, commands and other
+    /// tools ask), plan (changes nothing) or bypassPermissions (never asks). Questions become
+    /// cards in the session's thread; `!mode` switches a running session.
+    #[arg(
+        id = "permission_mode",
+        long = "permission-mode",
+        env = "SM_PERMISSION_MODE",
+        default_value = "acceptEdits",
+        value_name = "MODE",
+        value_parser = permission_mode
+    )]
+    pub permission_mode: PermissionMode,
+    /// Seconds a tool-permission card waits for an answer before the use is denied (the
+    /// session's owner is mentioned once halfway).
+    #[arg(
+        id = "permission_timeout_secs",
+        long = "permission-timeout-secs",
+        env = "SM_PERMISSION_TIMEOUT_SECS",
+        default_value = "900",
+        value_name = "SECS",
+        value_parser = seconds
+    )]
+    pub permission_timeout: Duration,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",
@@ -585,6 +612,33 @@ pub struct ContainerSettings {
         value_parser = whole::<usize>(1, 1000, "a whole number of sessions, at least 1")
     )]
     pub max_child_sessions: usize,
+}
+
+/// The flag older deployments put in `SM_CLAUDE_COMMAND` to skip every permission question.
+pub const LEGACY_SKIP_PERMISSIONS: &str = "--dangerously-skip-permissions";
+
+impl ContainerSettings {
+    /// The agent's command without [`LEGACY_SKIP_PERMISSIONS`], and the permission mode in
+    /// effect: `bypassPermissions` when the command carried that flag, `SM_PERMISSION_MODE`
+    /// otherwise.
+    pub fn agent_command(&self) -> (Vec<String>, PermissionMode) {
+        let legacy = self
+            .claude_command
+            .iter()
+            .any(|w| w == LEGACY_SKIP_PERMISSIONS);
+        let command = self
+            .claude_command
+            .iter()
+            .filter(|w| *w != LEGACY_SKIP_PERMISSIONS)
+            .cloned()
+            .collect();
+        let mode = if legacy {
+            PermissionMode::BypassPermissions
+        } else {
+            self.permission_mode
+        };
+        (command, mode)
+    }
 }
 
 /// Where repositories come from and live on the VM.
@@ -1483,6 +1537,23 @@ fn rules(v: &Values, p: &mut Problems) {
             );
         }
     }
+    // The permission mode moved out of SM_CLAUDE_COMMAND: the seed system's default keeps
+    // working (as bypassPermissions), anything else that sets it there is refused.
+    if let Some(command) = v.get::<Vec<String>>("SM_CLAUDE_COMMAND") {
+        if command.iter().any(|w| w == LEGACY_SKIP_PERMISSIONS) {
+            p.warn("SM_CLAUDE_COMMAND carries --dangerously-skip-permissions: the agents run with the permission mode bypassPermissions (nothing asks). Remove the flag and set SM_PERMISSION_MODE instead (default acceptEdits: commands ask in the thread).");
+        }
+        if let Some(flag) = command.iter().find(|w| {
+            ["--permission-mode", "--permission-prompt-tool"]
+                .iter()
+                .any(|f| w.as_str() == *f || w.starts_with(&format!("{f}=")))
+        }) {
+            p.push(
+                "SM_CLAUDE_COMMAND",
+                format!("must not carry {flag}: the bot sets the permission mode (SM_PERMISSION_MODE) and answers the agent's permission questions itself"),
+            );
+        }
+    }
     // Trusting repositories' devcontainer.json is the operator's explicit choice: say what it means.
     if v.get::<RepoConfigPolicy>("SM_REPO_DEVCONTAINER") == Some(RepoConfigPolicy::Trusted) {
         p.warn("SM_REPO_DEVCONTAINER=trusted: repositories' devcontainer.json are used as written; their initializeCommand runs on the VM and they may ask for privileges or mounts of the VM. Use it only when you own every repository the bot may open.");
@@ -1793,7 +1864,9 @@ fn word(v: &str) -> Result<String, String> {
 fn command_line(v: &str) -> Result<Vec<String>, String> {
     match shlex::split(v) {
         Some(words) if !words.is_empty() => Ok(words),
-        _ => Err("expected a command line such as \"claude --dangerously-skip-permissions\" (unbalanced quotes?)".into()),
+        _ => Err(
+            "expected a command line such as \"claude --model opus\" (unbalanced quotes?)".into(),
+        ),
     }
 }
 
@@ -1897,6 +1970,11 @@ fn absolute_path(v: &str) -> Result<PathBuf, String> {
     } else {
         Err(format!("expected an absolute path on the VM, got {v:?}"))
     }
+}
+
+fn permission_mode(v: &str) -> Result<PermissionMode, String> {
+    v.parse()
+        .map_err(|_| format!("expected default, acceptEdits, plan or bypassPermissions, got {v:?}"))
 }
 
 fn repo_devcontainer(v: &str) -> Result<RepoConfigPolicy, String> {
@@ -2176,10 +2254,9 @@ mod tests {
         assert_eq!(s.container.runtime, "podman");
         assert_eq!(s.container.network, "isolated");
         assert_eq!(s.container.image, "claude-code:latest");
-        assert_eq!(
-            s.container.claude_command,
-            vec!["claude", "--dangerously-skip-permissions"]
-        );
+        assert_eq!(s.container.claude_command, vec!["claude"]);
+        assert_eq!(s.container.permission_mode, PermissionMode::AcceptEdits);
+        assert_eq!(s.container.permission_timeout, Duration::from_secs(900));
         assert_eq!(s.container.devcontainer_timeout, Duration::from_secs(120));
         assert_eq!(s.container.orchestrator_compact_threshold, 50);
         assert_eq!(s.repos.repos_base_path, PathBuf::from("/home/claude/repos"));
@@ -2482,6 +2559,41 @@ mod tests {
         pairs.push(("repo-devcontainer", "open"));
         let err = args(&pairs).expect_err("invalid");
         assert_eq!(err.0[0].var, "SM_REPO_DEVCONTAINER");
+    }
+
+    #[test]
+    fn the_permission_mode_is_its_own_setting_and_the_old_skip_flag_means_bypass() {
+        let s = args(&complete()).expect("valid");
+        assert_eq!(
+            s.container.agent_command(),
+            (vec!["claude".to_owned()], PermissionMode::AcceptEdits)
+        );
+        let mut pairs = complete();
+        pairs.push(("permission-mode", "plan"));
+        let s = args(&pairs).expect("valid");
+        assert_eq!(s.container.agent_command().1, PermissionMode::Plan);
+        // The seed system's default keeps working, loudly.
+        let mut pairs = complete();
+        pairs.push(("claude-command", "claude --dangerously-skip-permissions"));
+        let s = args(&pairs).expect("valid");
+        assert_eq!(
+            s.container.agent_command(),
+            (vec!["claude".to_owned()], PermissionMode::BypassPermissions)
+        );
+        assert!(s.warnings.iter().any(|w| w.contains("bypassPermissions")));
+        for command in [
+            "claude --permission-mode plan",
+            "claude --permission-prompt-tool=stdio",
+        ] {
+            let mut pairs = complete();
+            pairs.push(("claude-command", command));
+            let err = args(&pairs).expect_err(command);
+            assert_eq!(err.0[0].var, "SM_CLAUDE_COMMAND", "{command}");
+        }
+        let mut pairs = complete();
+        pairs.push(("permission-mode", "yolo"));
+        let err = args(&pairs).expect_err("invalid");
+        assert_eq!(err.0[0].var, "SM_PERMISSION_MODE");
     }
 
     #[test]

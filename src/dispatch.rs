@@ -33,6 +33,7 @@ use crate::chat::{ChatEvent, ChatOutbound, InboundMessage};
 use crate::command::{self, Command, ParseContext, RepoRef, UserName, WorktreeChoice};
 use crate::config::RepoAllowlist;
 use crate::leader::Gate;
+use crate::permission::PermissionMode;
 use crate::session::{
     launch, short_id, Delivery, Launch, LaunchError, Launched, SessionControl, SessionError,
 };
@@ -63,6 +64,8 @@ pub struct DispatchConfig {
     pub allowlist: RepoAllowlist,
     /// `SM_MAX_SESSIONS_PER_USER`, `SM_MAX_SESSIONS`.
     pub limits: crate::session::SessionLimits,
+    /// The permission mode of agents `!mode` did not switch (`SM_PERMISSION_MODE`).
+    pub permission_mode: PermissionMode,
 }
 
 /// Routes chat events. Cheap to clone.
@@ -269,6 +272,11 @@ impl Dispatcher {
         if taken == Taken::Done {
             self.mark_handled(&message).await;
         }
+    }
+
+    /// The permission mode `session`'s agent runs with.
+    fn permission_mode(&self, session: &Session) -> PermissionMode {
+        crate::permission::mode_of(session, self.inner.config.permission_mode)
     }
 
     /// Marks a recorded message handled, so it is not handled again after a restart.
@@ -532,7 +540,9 @@ impl Dispatcher {
             Command::Status { all: false } | Command::Grants if thread_session.is_some() => {
                 Some(Act::Look)
             }
-            Command::Interrupt => Some(Act::Talk),
+            Command::Interrupt | Command::Mode { mode: None } => Some(Act::Talk),
+            // A mode decides what Claude may do unasked: the owner's (or an admin's) call.
+            Command::Mode { mode: Some(_) } => Some(Act::Manage),
             Command::Revoke { .. } => Some(Act::Manage),
             Command::Clear | Command::Restart | Command::Invite { .. } | Command::Kick { .. } => {
                 Some(Act::Manage)
@@ -559,7 +569,11 @@ impl Dispatcher {
             }
             Command::Status { all } => match thread_session {
                 Some(session) if !all => {
-                    let text = status_text(std::slice::from_ref(&session), now_ms());
+                    let mut text = status_text(std::slice::from_ref(&session), now_ms());
+                    text.push_str(&format!(
+                        "\nPermission mode: `{}`.",
+                        self.permission_mode(&session)
+                    ));
                     self.reply(message, &text).await;
                 }
                 _ => self.status(message, all).await,
@@ -593,6 +607,26 @@ impl Dispatcher {
                 }
             }
             Command::Grants => self.grants(message, thread_session.as_ref()).await,
+            Command::Mode { mode } => {
+                if let Some(session) = thread_session {
+                    let text = match mode {
+                        None => format!(
+                            "Permission mode: `{}`. Switch with `!mode <default|acceptEdits|plan|bypassPermissions>`.",
+                            self.permission_mode(&session)
+                        ),
+                        Some(mode) => match self
+                            .inner
+                            .sessions
+                            .set_permission_mode(&session, mode)
+                            .await
+                        {
+                            Ok(()) => format!("Permission mode is now `{mode}`."),
+                            Err(e) => format!("Could not switch the permission mode: {e}"),
+                        },
+                    };
+                    self.reply(message, &text).await;
+                }
+            }
             Command::Interrupt => {
                 if let Some(session) = thread_session {
                     let text = match self.inner.sessions.interrupt(&session).await {

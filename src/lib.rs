@@ -64,6 +64,7 @@ pub mod health;
 pub mod http;
 pub mod leader;
 pub mod orchestrator;
+pub mod permission;
 pub mod runtime;
 pub mod session;
 pub mod store;
@@ -101,6 +102,7 @@ use crate::http::ratelimit::ClientRateLimiter;
 use crate::http::AppState;
 use crate::leader::{Gate, Role};
 use crate::orchestrator::{Orchestrator, OrchestratorConfig};
+use crate::permission::{ClickRouter, PermissionConfig, Permissions};
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
@@ -571,6 +573,20 @@ async fn active_term(
         }
     };
     let allowlist = settings.repo_allowlist();
+    // What this deployment's containers are labelled with (the reconciler leaves other
+    // deployments' containers on the same VM user alone).
+    let deployment = loop {
+        match store.deployment_id().await {
+            Ok(id) => break id,
+            Err(e) => {
+                warn!(error = %e, "cannot read this deployment's id; retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return teams_events,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     let limits = session::SessionLimits {
         per_user: settings.container.max_sessions_per_user,
         total: settings.container.max_sessions,
@@ -578,12 +594,14 @@ async fn active_term(
     // Ownership is a tree: the runtime knows only where markers go; the approval flow, the
     // orchestrator and the marker router hold the runtime.
     let (markers_tx, markers_rx) = mpsc::channel(MARKER_QUEUE);
+    let (permissions_tx, permissions_rx) = mpsc::channel(MARKER_QUEUE);
     let runtime = SessionRuntime::new(
         Arc::clone(&ssh),
         store.clone(),
         Arc::new(chat.clone()),
-        runtime_config(&settings),
+        runtime_config(&settings, &deployment),
         markers_tx,
+        permissions_tx,
         gate.clone(),
     );
     let approvals = Approvals::new(
@@ -617,7 +635,7 @@ async fn active_term(
         runtime.clone(),
         OrchestratorConfig {
             max_children: settings.container.max_child_sessions,
-            git: runtime_config(&settings).git,
+            git: runtime_config(&settings, &deployment).git,
             default_org: settings.repos.default_org.clone(),
             repo_host: repo_host.clone(),
             allowlist: allowlist.clone(),
@@ -642,14 +660,34 @@ async fn active_term(
         Arc::clone(&ssh),
         store.clone(),
         session::reconcile::ReconcileConfig {
-            containers: runtime_config(&settings).containers,
+            containers: runtime_config(&settings, &deployment).containers,
             interval: settings.container.reconcile_interval,
             grace: settings.container.reconcile_grace,
             gate: gate.clone(),
         },
         cancel.clone(),
     ));
-    clicks.set(Arc::new(GatedClicks::new(approvals, gate.clone())));
+    // Tool-permission questions: cards in the session's thread, answered by its people.
+    let permissions = Permissions::new(
+        store.clone(),
+        Arc::new(chat.clone()),
+        Arc::new(runtime.clone()),
+        PermissionConfig {
+            callback_url: settings.callback.url.to_string(),
+            secret: settings.callback.secret.clone(),
+            timeout: settings.container.permission_timeout,
+            roles: roles.clone(),
+        },
+    );
+    let permission_flow =
+        tokio::spawn(Arc::clone(&permissions).run(permissions_rx, cancel.clone()));
+    clicks.set(Arc::new(GatedClicks::new(
+        Arc::new(ClickRouter {
+            other: approvals,
+            tools: permissions,
+        }),
+        gate.clone(),
+    )));
     runtime.recover().await;
     // One dispatcher per platform, over the one session runtime: a thread is found on the
     // platform its message came from.
@@ -660,6 +698,7 @@ async fn active_term(
         roles,
         allowlist,
         limits,
+        permission_mode: settings.container.agent_command().1,
     };
     let sessions: Arc<dyn session::SessionControl> = Arc::new(runtime.clone());
     let mut chat_tasks = JoinSet::new();
@@ -714,6 +753,7 @@ async fn active_term(
     markers_stop.cancel();
     let _ = router.await;
     let _ = workers.await;
+    let _ = permission_flow.await;
     let _ = reconciler.await;
     teams_events
 }
@@ -798,7 +838,7 @@ async fn firewall_health_loop(
 }
 
 /// The session runtime's settings.
-fn runtime_config(settings: &Settings) -> RuntimeConfig {
+fn runtime_config(settings: &Settings, deployment: &str) -> RuntimeConfig {
     RuntimeConfig {
         git: GitLayout {
             base_url: settings.repos.git_base_url.clone(),
@@ -813,8 +853,10 @@ fn runtime_config(settings: &Settings) -> RuntimeConfig {
             state_dir: ".local/share/session-manager".into(),
             up_timeout: settings.container.devcontainer_timeout,
             repo_config: settings.container.repo_devcontainer,
+            deployment: Some(deployment.to_owned()),
         },
-        claude_command: settings.container.claude_command.clone(),
+        claude_command: settings.container.agent_command().0,
+        permission_mode: settings.container.agent_command().1,
         container_env: settings.container.env.clone(),
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),

@@ -231,6 +231,7 @@ async fn world_full(
             roles,
             allowlist,
             limits,
+            permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
         },
     );
     World {

@@ -110,6 +110,13 @@ impl SessionControl for Accepting {
     async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {
         Ok(false)
     }
+    async fn set_permission_mode(
+        &self,
+        _session: &Session,
+        _mode: session_manager::permission::PermissionMode,
+    ) -> Result<(), SessionError> {
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,6 +137,7 @@ async fn the_start_flow_creates_channel_category_and_root_post_with_the_real_sha
             roles: session_manager::access::Roles::open(),
             allowlist: session_manager::config::RepoAllowlist::Any,
             limits: Default::default(),
+            permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
         },
     );
     w.fake.clear_requests();

@@ -1209,3 +1209,125 @@ async fn real_cli_errors_and_interrupt() {
     assert!(exit.success(), "exit {exit:?}");
     server.stop().await;
 }
+
+/// The real CLI's side of tool permissions answered from chat: in `acceptEdits` a command
+/// asks (`can_use_tool`) with the CLI's own permission suggestions; allowing with them as
+/// session rules (`updatedPermissions`, destination `session`) stops it asking for the same
+/// command again and writes nothing into the workspace; `set_permission_mode` switches a
+/// running process to `plan`, where an edit asks too (and a deny keeps it from happening).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_cli_permission_suggestions_and_mode_switch() {
+    let bin = claude_bin();
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let session = uuid::Uuid::new_v4().to_string();
+    let command = json!({"command": "sh -c 'echo one'", "description": "Print one"});
+    let server = ModelServer::start(
+        Script::new()
+            .on_tool_result("one", Reply::text("written"))
+            .on_last_user("write it", Reply::tool_use("Bash", command.clone()))
+            .on_last_user(
+                "write in plan",
+                Reply::tool_use(
+                    "Write",
+                    json!({"file_path": cwd.path().join("plan.txt").display().to_string(), "content": "x\n"}),
+                ),
+            )
+            .fallback(Reply::text("ok")),
+    )
+    .await;
+    let flags = [
+        "--session-id",
+        session.as_str(),
+        "--permission-prompt-tool",
+        "stdio",
+        "--permission-mode",
+        "acceptEdits",
+    ];
+    let mut cli = ClaudeProcess::spawn(&bin, home.path(), cwd.path(), &server.url(), &flags);
+    // Reads a turn, answering permission questions with `answer`; returns the questions.
+    async fn turn(cli: &mut ClaudeProcess, answer: impl Fn(&Value) -> Value) -> Vec<Value> {
+        let mut asked = Vec::new();
+        loop {
+            let event = cli.next().await;
+            if event["type"] == "control_request" && event["request"]["subtype"] == "can_use_tool" {
+                eprintln!("can_use_tool: {}", event["request"]);
+                let response = answer(&event["request"]);
+                cli.send(&json!({
+                    "type": "control_response",
+                    "response": {"subtype": "success", "request_id": event["request_id"], "response": response},
+                }));
+                asked.push(event["request"].clone());
+            }
+            if event["type"] == "result" {
+                return asked;
+            }
+        }
+    }
+    cli.send_user("write it");
+    // "For this session": the CLI's suggestion, kept in the session instead of the
+    // workspace's settings file the CLI proposes.
+    let asked = turn(&mut cli, |request| {
+        let mut rules = request["permission_suggestions"].clone();
+        for rule in rules.as_array_mut().into_iter().flatten() {
+            rule["destination"] = json!("session");
+        }
+        json!({
+            "behavior": "allow",
+            "updatedInput": request["input"],
+            "updatedPermissions": rules,
+        })
+    })
+    .await;
+    assert_eq!(asked.len(), 1, "asked once");
+    let suggestions = asked[0]["permission_suggestions"].clone();
+    assert!(
+        suggestions.as_array().is_some_and(|s| !s.is_empty()),
+        "the CLI suggests a rule: {}",
+        asked[0]
+    );
+    cli.send_user("write it again");
+    let again = turn(
+        &mut cli,
+        |_| json!({"behavior": "deny", "message": "should not be asked"}),
+    )
+    .await;
+    assert!(
+        again.is_empty(),
+        "the suggestion applied: not asked again: {again:?}"
+    );
+    assert!(
+        !cwd.path().join(".claude").exists(),
+        "a session rule is not written into the workspace"
+    );
+
+    cli.send(&json!({
+        "type": "control_request",
+        "request_id": "mode-1",
+        "request": {"subtype": "set_permission_mode", "mode": "plan"},
+    }));
+    let answer = loop {
+        let event = cli.next().await;
+        if event["type"] == "control_response" {
+            break event;
+        }
+    };
+    eprintln!("set_permission_mode: {answer}");
+    assert_eq!(answer["response"]["subtype"], "success", "{answer}");
+    assert_eq!(answer["response"]["request_id"], "mode-1");
+    cli.send_user("write in plan");
+    let asked = turn(
+        &mut cli,
+        |_| json!({"behavior": "deny", "message": "asked in plan mode"}),
+    )
+    .await;
+    assert_eq!(asked.len(), 1, "in plan mode an edit asks: {asked:?}");
+    assert_eq!(asked[0]["tool_name"], "Write");
+    assert_eq!(
+        asked[0]["decision_reason_type"], "mode",
+        "because of the mode"
+    );
+    assert!(!cwd.path().join("plan.txt").exists(), "denied: not written");
+    let status = cli.finish().await;
+    assert!(status.success(), "{status:?}");
+}

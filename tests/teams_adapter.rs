@@ -1125,6 +1125,13 @@ impl SessionControl for Sessions {
     async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {
         Ok(false)
     }
+    async fn set_permission_mode(
+        &self,
+        _session: &Session,
+        _mode: session_manager::permission::PermissionMode,
+    ) -> Result<(), SessionError> {
+        Ok(())
+    }
 }
 
 #[tokio::test]
@@ -1142,6 +1149,7 @@ async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispa
             roles: session_manager::access::Roles::open(),
             allowlist: session_manager::config::RepoAllowlist::Any,
             limits: Default::default(),
+            permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
         },
     );
     let (_unused, placeholder) = mpsc::channel(1);

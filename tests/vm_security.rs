@@ -82,6 +82,7 @@ async fn hostile_repository_branch_and_worktree_names_never_run_anything_on_the_
             state_dir: format!("{}/state", root.trim_start_matches("/home/claude/")),
             up_timeout: timeout,
             repo_config: devcontainer::RepoConfigPolicy::Vetted,
+            deployment: Some(hostile.clone()),
         };
         let _ = devcontainer::up(&vm, &containers, &format!("{root}/{hostile}"), None, "s1").await;
         let _ = devcontainer::up(&vm, &containers, &format!("{root}/ws"), None, hostile).await;

@@ -315,9 +315,26 @@ pub fn permission_response(request_id: &str, allow: Result<&Value, &str>) -> Str
         Ok(input) => json!({ "behavior": "allow", "updatedInput": input }),
         Err(message) => json!({ "behavior": "deny", "message": message }),
     };
+    control_response(request_id, &response)
+}
+
+/// A successful control response to the CLI's request `request_id`, carrying `response`
+/// (for `can_use_tool`: `behavior` allow with `updatedInput` and optionally
+/// `updatedPermissions`, or deny with `message`).
+pub fn control_response(request_id: &str, response: &Value) -> String {
     line(&json!({
         "type": "control_response",
         "response": { "subtype": "success", "request_id": request_id, "response": response }
+    }))
+}
+
+/// Switches the permission mode of a running CLI (`set_permission_mode`; the CLI answers with
+/// a `control_response` carrying the mode).
+pub fn set_permission_mode(request_id: &str, mode: &str) -> String {
+    line(&json!({
+        "type": "control_request",
+        "request_id": request_id,
+        "request": { "subtype": "set_permission_mode", "mode": mode }
     }))
 }
 

@@ -62,6 +62,8 @@ pub const LABEL_MANAGED: &str = "session-manager.managed";
 pub const LABEL_WORKSPACE: &str = "session-manager.workspace";
 /// Label carrying the id of the session the container belongs to.
 pub const LABEL_SESSION: &str = "session-manager.session";
+/// The label naming the deployment (one bot's database) a container belongs to.
+pub const LABEL_DEPLOYMENT: &str = "session-manager.deployment";
 
 /// How a repository's own devcontainer configuration is used (`SM_REPO_DEVCONTAINER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display)]
@@ -91,6 +93,9 @@ pub struct ContainerLayout {
     pub up_timeout: Duration,
     /// `SM_REPO_DEVCONTAINER`.
     pub repo_config: RepoConfigPolicy,
+    /// This deployment's id ([`crate::store::Store::deployment_id`]): containers are labelled
+    /// with it ([`LABEL_DEPLOYMENT`]) and the reconciler looks only at its own.
+    pub deployment: Option<String>,
 }
 
 /// Which configuration a container was started with.
@@ -257,6 +262,14 @@ pub async fn up(
         .set("managed", &format!("{LABEL_MANAGED}=true"))?
         .set("sessionlabel", &format!("{LABEL_SESSION}={session_id}"))?
         .set("wslabel", &format!("{LABEL_WORKSPACE}={workspace}"))?
+        .set(
+            "deploymentlabels",
+            &layout
+                .deployment
+                .as_deref()
+                .map(|d| format!("{LABEL_DEPLOYMENT}={d}"))
+                .unwrap_or_default(),
+        )?
         .raw(r#"printf '%s\n' "$config" > "$dir/devcontainer.json""#)
         .raw(r#"ws_real=$(realpath "$ws")"#)
         .command("set", &std::iter::once("--").chain(build_paths.iter().map(String::as_str)).collect::<Vec<_>>())?
@@ -265,7 +278,7 @@ pub async fn up(
         .set("imagelock", &image_lock_path(layout))?
         // A shared hold on the image lock while `up` runs: removing a `-uid` image takes it
         // exclusively (see [`REMOVE_UID_IMAGES`]).
-        .raw(r#"setsid flock --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
+        .raw(r#"setsid flock --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" ${deploymentlabels:+--id-label "$deploymentlabels"} </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
         .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
         .raw(r#"wait "$!" && status=0 || status=$?"#)
         .raw(r#"rm -f "$dir/up.pid""#)
@@ -826,6 +839,8 @@ pub struct ManagedContainer {
     pub session: Option<String>,
     /// [`LABEL_WORKSPACE`], when set.
     pub workspace: Option<String>,
+    /// [`LABEL_DEPLOYMENT`], when set (containers of older versions lack it).
+    pub deployment: Option<String>,
     /// Whether it runs.
     pub running: bool,
 }
@@ -883,6 +898,7 @@ fn parse_ps(stdout: &str) -> Result<Vec<ManagedContainer>, DevcontainerError> {
                 id: e.id,
                 session: labels.get(LABEL_SESSION).cloned(),
                 workspace: labels.get(LABEL_WORKSPACE).cloned(),
+                deployment: labels.get(LABEL_DEPLOYMENT).cloned(),
                 running: e.state.eq_ignore_ascii_case("running"),
             }
         })

@@ -22,6 +22,7 @@ use crate::chat::progress::Progress;
 use crate::chat::render::CoalesceConfig;
 use crate::chat::stream::{spawn_thread_output, TurnInput};
 use crate::chat::PostRef;
+use crate::permission::{PermissionAnswer, PermissionAsk, PermissionEvent, PermissionMode};
 use crate::store::{now_ms, EndReason, Platform, SessionKind, SessionState, UsageDelta};
 
 /// Requests to an actor.
@@ -43,6 +44,18 @@ pub(super) enum Request {
     Interrupt { reply: oneshot::Sender<bool> },
     /// Stop the agent; the manager cleans up.
     Shutdown { reply: oneshot::Sender<()> },
+    /// The answer to the agent's permission question `request_id`.
+    Permission {
+        request_id: String,
+        answer: PermissionAnswer,
+        reply: oneshot::Sender<()>,
+    },
+    /// Switch the agent's permission mode (`set_permission_mode`); answers whether the agent
+    /// took it.
+    SetMode {
+        mode: PermissionMode,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// A user turn for the agent: its text and, for a person's chat message, the record
@@ -125,6 +138,32 @@ impl SessionHandle {
     /// [`SessionError::NotRunning`].
     pub async fn interrupt(&self) -> Result<bool, SessionError> {
         self.ask(|reply| Request::Interrupt { reply }).await
+    }
+
+    /// Hands the answer to a permission question to the agent.
+    ///
+    /// # Errors
+    /// [`SessionError::NotRunning`].
+    pub async fn permission(
+        &self,
+        request_id: String,
+        answer: PermissionAnswer,
+    ) -> Result<(), SessionError> {
+        self.ask(|reply| Request::Permission {
+            request_id,
+            answer,
+            reply,
+        })
+        .await
+    }
+
+    /// Switches the agent's permission mode; `Err` with the reason when the agent could not
+    /// be told.
+    ///
+    /// # Errors
+    /// [`SessionError::NotRunning`].
+    pub async fn set_mode(&self, mode: PermissionMode) -> Result<Result<(), String>, SessionError> {
+        self.ask(|reply| Request::SetMode { mode, reply }).await
     }
 
     /// Stops the agent and waits until it is gone.
@@ -220,6 +259,11 @@ pub(super) struct Actor {
     /// The last agent started had nothing to resume (the conversation had no turn yet), so
     /// it started the conversation under its id: nothing was lost.
     resumed_empty: bool,
+    /// A permission question denied in the thread: (its request id, until when a reply is
+    /// taken as the reason, who denied it).
+    deny_reason: Option<(String, tokio::time::Instant, String)>,
+    /// Permission questions to deny at once (the permission flow could not take them).
+    pending_denials: Vec<String>,
     scanner: MarkerScanner,
     /// Tool calls shown in this turn (the CLI may repeat one).
     seen_tools: HashSet<String>,
@@ -249,6 +293,8 @@ impl Actor {
             interrupted_at: None,
             pending: Pending::None,
             resumed_empty: false,
+            deny_reason: None,
+            pending_denials: Vec::new(),
             scanner,
             seen_tools: HashSet::new(),
         }
@@ -280,6 +326,10 @@ impl Actor {
         waiters: Vec<oneshot::Sender<()>>,
     ) {
         let undelivered = queue.len();
+        self.close_questions(match ending {
+            Ending::Detach => "the bot restarted; Claude asks again if it needs to",
+            Ending::End(..) => "the session ended",
+        });
         match ending {
             Ending::Detach => {
                 // People's messages stay recorded and unhandled: they are delivered after the
@@ -366,6 +416,12 @@ impl Actor {
                 line = agent.next_line() => match line {
                     Ok(Some(line)) => {
                         self.on_line(&line, output).await;
+                        for request_id in std::mem::take(&mut self.pending_denials) {
+                            let answer = PermissionAnswer::Deny {
+                                message: "The bot could not put this question to the chat thread, so it was denied.".into(),
+                            };
+                            self.answer_permission(&mut agent, &request_id, &answer).await;
+                        }
                         Step::Continue
                     }
                     Ok(None) => Step::AgentLost("the agent's output ended".into()),
@@ -398,6 +454,14 @@ impl Actor {
                         self.interrupt(&mut agent).await;
                         Step::Continue
                     }
+                }
+                () = sleep_until_or_never(self.deny_reason.as_ref().map(|d| d.1)) => {
+                    // Nobody said why: the agent is told who denied it.
+                    if let Some((request_id, _, by)) = self.deny_reason.take() {
+                        let answer = PermissionAnswer::Deny { message: format!("Denied by {by}.") };
+                        self.answer_permission(&mut agent, &request_id, &answer).await;
+                    }
+                    Step::Continue
                 }
                 permit = markers.reserve(), if !self.outbox.is_empty() => {
                     match permit {
@@ -527,6 +591,13 @@ impl Actor {
                         // Nothing runs yet.
                         Some(Request::Interrupt { reply }) => {
                             let _ = reply.send(false);
+                        }
+                        // No agent asked anything yet.
+                        Some(Request::Permission { reply, .. }) => {
+                            let _ = reply.send(());
+                        }
+                        Some(Request::SetMode { reply, .. }) => {
+                            let _ = reply.send(Err("Claude is still starting; try again once it says it is ready".into()));
                         }
                         // The bot stops while this session starts: `recover` decides at the next start.
                         None => return Err(Ending::Detach),
@@ -665,6 +736,23 @@ impl Actor {
                     let _ = reply.send(false);
                     continue;
                 }
+                // The agent that asked is gone.
+                Some(Request::Permission { reply, .. }) => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                // The next agent starts in this mode.
+                Some(Request::SetMode { mode, reply }) => {
+                    self.plan.session.permission_mode = Some(mode.as_cli().to_owned());
+                    let recorded = self
+                        .manager
+                        .store
+                        .set_session_permission_mode(&self.plan.session.id, Some(mode.as_cli()))
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(recorded);
+                    continue;
+                }
                 Some(Request::Restart { reply }) => (false, reply),
                 Some(Request::Clear { reply }) => (true, reply),
             };
@@ -693,6 +781,7 @@ impl Actor {
     /// (told in the thread).
     async fn replace_agent(&mut self, old: Agent, how: Replace) -> Result<Agent, AgentError> {
         old.close().await;
+        self.close_questions("Claude was restarted, and the new process asks again if it needs to");
         if let (Replace::Resume, Some(container)) = (how, &self.plan.container) {
             // The agent may be lost because its container was stopped.
             if let Err(e) = self.manager.revive_container(&container.id).await {
@@ -721,6 +810,64 @@ impl Actor {
             Some(Request::Shutdown { reply }) => {
                 waiters.push(reply);
                 Step::Exit(EndReason::UserRequested, None)
+            }
+            Some(Request::Message { turn, reply })
+                if turn.inbound.is_some() && self.deny_reason.is_some() =>
+            {
+                // The reply right after a Deny is the reason the agent gets.
+                if let Some((request_id, _, by)) = self.deny_reason.take() {
+                    let answer = PermissionAnswer::Deny {
+                        message: format!("Denied by {by}: {}", turn.text),
+                    };
+                    self.answer_permission(agent, &request_id, &answer).await;
+                    if let Some((platform, post_id)) = &turn.inbound {
+                        if let Err(e) = self
+                            .manager
+                            .store
+                            .mark_inbound_handled(*platform, post_id)
+                            .await
+                        {
+                            warn!(error = %e, "cannot mark a message handled");
+                        }
+                    }
+                }
+                let _ = reply.send(Delivery::Delivered);
+                Step::Continue
+            }
+            Some(Request::Permission {
+                request_id,
+                answer,
+                reply,
+            }) => {
+                let _ = reply.send(());
+                match answer {
+                    PermissionAnswer::DenyAwaitingReason { by, wait } => {
+                        self.deny_reason =
+                            Some((request_id, tokio::time::Instant::now() + wait, by));
+                    }
+                    answer => self.answer_permission(agent, &request_id, &answer).await,
+                }
+                Step::Continue
+            }
+            Some(Request::SetMode { mode, reply }) => {
+                let id = format!("mode-{}", uuid::Uuid::new_v4().simple());
+                let told = agent
+                    .write(&stream_json::set_permission_mode(&id, mode.as_cli()))
+                    .await
+                    .map_err(|e| e.to_string());
+                if told.is_ok() {
+                    self.plan.session.permission_mode = Some(mode.as_cli().to_owned());
+                    if let Err(e) = self
+                        .manager
+                        .store
+                        .set_session_permission_mode(&self.plan.session.id, Some(mode.as_cli()))
+                        .await
+                    {
+                        warn!(error = %e, "cannot record the permission mode");
+                    }
+                }
+                let _ = reply.send(told);
+                Step::Continue
             }
             Some(Request::Message { turn, reply }) => {
                 if self.busy || !queue.is_empty() {
@@ -763,6 +910,36 @@ impl Actor {
                 let _ = reply.send(self.interrupt(agent).await);
                 Step::Continue
             }
+        }
+    }
+
+    /// Writes the answer to permission question `request_id`.
+    async fn answer_permission(
+        &mut self,
+        agent: &mut Agent,
+        request_id: &str,
+        answer: &PermissionAnswer,
+    ) {
+        if let Err(e) = agent
+            .write(&stream_json::control_response(
+                request_id,
+                &answer.response(),
+            ))
+            .await
+        {
+            warn!(session = %self.plan.session.id, error = %e, "cannot answer the agent's permission question");
+        }
+    }
+
+    /// Tells the permission flow that this agent process is gone: its open questions close.
+    fn close_questions(&mut self, why: &str) {
+        self.deny_reason = None;
+        let event = PermissionEvent::Closed {
+            session_id: self.plan.session.id.clone(),
+            why: why.to_owned(),
+        };
+        if self.manager.permissions.try_send(event).is_err() {
+            debug!(session = %self.plan.session.id, "the permission flow is not running");
         }
     }
 
@@ -982,6 +1159,38 @@ impl Actor {
             }
             AgentEvent::Init { session_id, .. } => {
                 debug!(session = %self.plan.session.id, conversation = %session_id, "agent initialised");
+            }
+            AgentEvent::ControlRequest {
+                request_id,
+                subtype,
+                request,
+            } if subtype == "can_use_tool" => {
+                let ask = PermissionAsk {
+                    session: self.plan.session.clone(),
+                    request_id,
+                    tool_name: request["tool_name"].as_str().unwrap_or("a tool").to_owned(),
+                    input: request
+                        .get("input")
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null),
+                    suggestions: request
+                        .get("permission_suggestions")
+                        .cloned()
+                        .unwrap_or(serde_json::Value::Null),
+                };
+                if let Err(e) = self
+                    .manager
+                    .permissions
+                    .try_send(PermissionEvent::Ask(Box::new(ask)))
+                {
+                    let ask = match e {
+                        mpsc::error::TrySendError::Full(PermissionEvent::Ask(ask))
+                        | mpsc::error::TrySendError::Closed(PermissionEvent::Ask(ask)) => ask,
+                        _ => return,
+                    };
+                    warn!(session = %self.plan.session.id, "the permission flow cannot take a question; denying it");
+                    self.pending_denials.push(ask.request_id);
+                }
             }
             AgentEvent::ControlRequest {
                 request_id,

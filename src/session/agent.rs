@@ -341,10 +341,15 @@ fn agent_script(
     } else {
         NETWORK_PROMPT.to_owned()
     });
-    if session.kind == SessionKind::Reviewer {
-        words.push("--permission-mode".into());
-        words.push("plan".into());
-    }
+    // Permission questions come to the bot on stdout (answered from the thread's cards).
+    words.push("--permission-prompt-tool".into());
+    words.push("stdio".into());
+    words.push("--permission-mode".into());
+    words.push(
+        crate::permission::mode_of(session, config.permission_mode)
+            .as_cli()
+            .into(),
+    );
     // `set -- <runtime> <args>` puts every word, quoted, into "$@"; `exec` replaces the shell
     // so the agent's stdio is the channel's.
     let from_vm: Vec<&str> = config

@@ -96,6 +96,17 @@ pub trait SessionControl: Send + Sync + 'static {
     /// # Errors
     /// [`SessionError`].
     async fn interrupt(&self, session: &Session) -> Result<bool, SessionError>;
+
+    /// Switches the agent's permission mode (the CLI's `set_permission_mode`), kept for the
+    /// rest of the session.
+    ///
+    /// # Errors
+    /// [`SessionError`].
+    async fn set_permission_mode(
+        &self,
+        session: &Session,
+        mode: crate::permission::PermissionMode,
+    ) -> Result<(), SessionError>;
 }
 
 /// The first 8 characters of an id (what people type after `stop`).

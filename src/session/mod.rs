@@ -71,8 +71,11 @@ pub struct RuntimeConfig {
     pub git: GitLayout,
     /// Containers on the VM.
     pub containers: ContainerLayout,
-    /// `SM_CLAUDE_COMMAND`, split.
+    /// `SM_CLAUDE_COMMAND`, split, without the old skip-permissions flag.
     pub claude_command: Vec<String>,
+    /// The permission mode of new agents (`SM_PERMISSION_MODE`, or bypassPermissions for an
+    /// old `SM_CLAUDE_COMMAND`); `!mode` overrides it per session.
+    pub permission_mode: crate::permission::PermissionMode,
     /// `SM_CONTAINER_ENV`.
     pub container_env: Vec<EnvEntry>,
     /// VM host, recorded with containers.
@@ -163,6 +166,8 @@ pub(crate) struct Manager {
     chat: Arc<dyn ChatOutbound>,
     config: RuntimeConfig,
     markers: mpsc::Sender<MarkerEvent>,
+    /// Where agents' permission questions go (see [`crate::permission`]).
+    permissions: mpsc::Sender<crate::permission::PermissionEvent>,
     actors: Mutex<HashMap<String, SessionHandle>>,
     tasks: TaskTracker,
     /// Actors act (write to their agent, read its output) only while it is open.
@@ -197,7 +202,8 @@ impl std::fmt::Debug for SessionRuntime {
 
 impl SessionRuntime {
     /// A runtime over an SSH pool, storage and a chat platform. Markers found in agents'
-    /// output are sent on `markers` (see [`markers::route`]). Actors act only while `gate` is
+    /// output are sent on `markers` (see [`markers::route`]), their permission questions on
+    /// `permissions` (see [`crate::permission`]). Actors act only while `gate` is
     /// open: while this instance is suspended they hold their agents as they are, and once it
     /// is a standby they let their sessions go (see [`crate::leader`]).
     pub fn new(
@@ -206,6 +212,7 @@ impl SessionRuntime {
         chat: Arc<dyn ChatOutbound>,
         config: RuntimeConfig,
         markers: mpsc::Sender<MarkerEvent>,
+        permissions: mpsc::Sender<crate::permission::PermissionEvent>,
         gate: Gate,
     ) -> Self {
         Self {
@@ -215,6 +222,7 @@ impl SessionRuntime {
                 chat,
                 config,
                 markers,
+                permissions,
                 actors: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 gate,
@@ -339,6 +347,27 @@ impl SessionRuntime {
 }
 
 #[async_trait]
+impl crate::permission::PermissionSink for SessionRuntime {
+    async fn answer(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        answer: crate::permission::PermissionAnswer,
+    ) {
+        let handle = match self.running(session_id) {
+            Ok(handle) => handle,
+            Err(e) => {
+                info!(session = session_id, error = %e, "cannot hand a permission answer over (the session is not running)");
+                return;
+            }
+        };
+        if let Err(e) = handle.permission(request_id.to_owned(), answer).await {
+            info!(session = session_id, error = %e, "cannot hand a permission answer over");
+        }
+    }
+}
+
+#[async_trait]
 impl SessionControl for SessionRuntime {
     async fn repo_exists(&self, org: &str, repo: &str) -> Result<bool, SessionError> {
         SessionRuntime::repo_exists(self, org, repo)
@@ -407,6 +436,17 @@ impl SessionControl for SessionRuntime {
 
     async fn interrupt(&self, session: &Session) -> Result<bool, SessionError> {
         self.running(&session.id)?.interrupt().await
+    }
+
+    async fn set_permission_mode(
+        &self,
+        session: &Session,
+        mode: crate::permission::PermissionMode,
+    ) -> Result<(), SessionError> {
+        self.running(&session.id)?
+            .set_mode(mode)
+            .await?
+            .map_err(|why| SessionError::Refused(format!("Claude could not switch: {why}")))
     }
 }
 

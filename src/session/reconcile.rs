@@ -83,7 +83,12 @@ async fn pass(
     let runtime = &config.containers.runtime;
     let containers = devcontainer::managed_containers(ssh, runtime).await?;
     let mut seen = Vec::with_capacity(containers.len());
+    let ours = config.containers.deployment.as_deref();
     for container in containers {
+        // Another deployment's (another bot on the same VM user): never ours to judge.
+        if container.deployment.is_some() && container.deployment.as_deref() != ours {
+            continue;
+        }
         seen.push(container.id.clone());
         match verdict(store, &container).await? {
             Verdict::Fine | Verdict::Leave => {

@@ -350,6 +350,47 @@ impl Store {
         expect_one(done.rows_affected(), || format!("session {id}"))
     }
 
+    /// This deployment's id (made at the first call, then the same for every instance on
+    /// this database): what its containers are labelled with.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn deployment_id(&self) -> StoreResult<String> {
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        sqlx::query(
+            "INSERT INTO deployment (id, created_at)
+             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM deployment)",
+        )
+        .bind(&fresh)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        // Two instances racing at the very first start may both insert: all take the first.
+        Ok(
+            sqlx::query_scalar("SELECT id FROM deployment ORDER BY created_at, id LIMIT 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records the permission mode `!mode` chose for a session (`None`: back to the default).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn set_session_permission_mode(
+        &self,
+        id: &str,
+        mode: Option<&str>,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE sessions SET permission_mode = $2, updated_at = $3 WHERE id = $1")
+            .bind(id)
+            .bind(mode)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Adds usage to a session's counters and marks activity at `now` (Unix ms).
     ///
     /// # Errors
@@ -1727,6 +1768,7 @@ struct SessionRow {
     updated_at: i64,
     last_activity_at: i64,
     ended_at: Option<i64>,
+    permission_mode: Option<String>,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -1785,6 +1827,7 @@ impl TryFrom<SessionRow> for Session {
                 context_tokens: r.context_tokens,
                 cost_usd: r.cost_usd,
             },
+            permission_mode: r.permission_mode,
             created_at: r.created_at,
             updated_at: r.updated_at,
             last_activity_at: r.last_activity_at,

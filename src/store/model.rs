@@ -196,6 +196,9 @@ pub struct Session {
     pub container: Option<ContainerDetails>,
     /// Counters.
     pub stats: SessionStats,
+    /// The permission mode `!mode` chose (the CLI's name, e.g. `plan`); `None`: the
+    /// configured default.
+    pub permission_mode: Option<String>,
     /// Created (Unix ms).
     pub created_at: i64,
     /// Last row change (Unix ms).

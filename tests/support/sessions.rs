@@ -26,6 +26,8 @@ pub enum Call {
     Clear(String),
     /// `restart(session id)`.
     Restart(String),
+    /// `set_permission_mode(session id, mode)`.
+    Mode(String, String),
 }
 
 /// Records calls; see the module documentation.
@@ -147,6 +149,14 @@ impl SessionControl for RecordingSessions {
     }
     async fn restart(&self, session: &Session) -> Result<(), SessionError> {
         self.record(Call::Restart(session.id.clone()));
+        Ok(())
+    }
+    async fn set_permission_mode(
+        &self,
+        session: &Session,
+        mode: session_manager::permission::PermissionMode,
+    ) -> Result<(), SessionError> {
+        self.record(Call::Mode(session.id.clone(), mode.to_string()));
         Ok(())
     }
     async fn interrupt(&self, _session: &Session) -> Result<bool, SessionError> {

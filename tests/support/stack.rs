@@ -176,6 +176,9 @@ impl Stack {
             // A 2-core CI machine building an image while other tests run needs more than
             // production's 120 s.
             ("devcontainer-timeout-secs", "300".into()),
+            // Tests of other things drive tools without answering permission cards; the
+            // permission tests set the mode they exercise.
+            ("permission-mode", "bypassPermissions".into()),
         ];
         let pairs: Vec<(&str, &str)> = owned
             .iter()
@@ -437,6 +440,7 @@ impl BotProcess {
             ("container-network", "host".into()),
             ("container-env", env),
             ("devcontainer-timeout-secs", "300".into()),
+            ("permission-mode", "bypassPermissions".into()),
         ];
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_session-manager"));
         cmd.arg("serve")
