@@ -147,6 +147,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             last_activity_at: 0,
+            hibernated_at: None,
         }
     }
 

@@ -602,6 +602,29 @@ pub struct ContainerSettings {
         value_parser = seconds
     )]
     pub permission_timeout: Duration,
+    /// Seconds a session may go without a message (no turn running) before it hibernates:
+    /// its agent is closed and its container stopped, not removed, until the next message
+    /// wakes it with the conversation resumed (0 = never).
+    #[arg(
+        id = "session_idle_secs",
+        long = "session-idle-secs",
+        env = "SM_SESSION_IDLE_SECS",
+        default_value = "7200",
+        value_name = "SECS",
+        value_parser = seconds_or_never
+    )]
+    pub session_idle: Duration,
+    /// Seconds a session may live from its start; an older one is ended (reason `max_age`)
+    /// with a notice in its thread (0 = no limit).
+    #[arg(
+        id = "session_max_age_secs",
+        long = "session-max-age-secs",
+        env = "SM_SESSION_MAX_AGE_SECS",
+        default_value = "0",
+        value_name = "SECS",
+        value_parser = seconds_or_never
+    )]
+    pub session_max_age: Duration,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",
@@ -1988,6 +2011,17 @@ fn seconds(v: &str) -> Result<Duration, String> {
         1,
         86_400,
         "a whole number of seconds between 1 and 86400",
+    )
+    .map(Duration::from_secs)
+}
+
+/// Seconds up to a year, 0 meaning "never" (the caller treats [`Duration::ZERO`] so).
+fn seconds_or_never(v: &str) -> Result<Duration, String> {
+    number::<u64>(
+        v,
+        0,
+        31_536_000,
+        "a whole number of seconds between 0 (never) and 31536000",
     )
     .map(Duration::from_secs)
 }

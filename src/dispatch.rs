@@ -1257,7 +1257,11 @@ pub fn status_text(sessions: &[Session], now: i64) -> String {
             short_id(&s.id),
             s.kind,
             repo_label(s),
-            s.state(),
+            if s.is_hibernating() {
+                "hibernating 💤".to_owned()
+            } else {
+                s.state().to_string()
+            },
             s.stats.message_count,
             human_duration(now - s.last_activity_at)
         )

@@ -863,6 +863,8 @@ fn runtime_config(settings: &Settings, deployment: &str) -> RuntimeConfig {
         orchestrator_compact_threshold: settings.container.orchestrator_compact_threshold,
         max_agent_line_bytes: settings.container.max_agent_line_bytes,
         turn_timeout: settings.container.turn_timeout,
+        session_idle: settings.container.session_idle,
+        session_max_age: settings.container.session_max_age,
     }
 }
 

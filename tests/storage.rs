@@ -51,7 +51,50 @@ on_both_backends!(
     spawns_are_claimed_once_within_the_window,
     teams_references_survive_a_new_pool_and_keep_known_fields,
     grants_live_end_and_uncover_domains,
+    hibernation_is_stored_woken_and_ends_with_the_session,
 );
+
+/// A hibernating session is idle and active (listed, stoppable) with the time it went to
+/// sleep; any move to an active state wakes it; `max_age` is a stored end reason.
+async fn hibernation_is_stored_woken_and_ends_with_the_session(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store.create_session(&new_session("th")).await.expect("s");
+    assert_eq!(s.hibernated_at, None);
+    assert!(!s.is_hibernating());
+    assert!(store.set_hibernating(&s.id, 5_000).await.expect("sleep"));
+    let asleep = store.session(&s.id).await.expect("read").expect("row");
+    assert_eq!(asleep.state(), SessionState::Idle);
+    assert_eq!(asleep.hibernated_at, Some(5_000));
+    assert!(asleep.is_hibernating());
+    assert_eq!(
+        store.active_sessions().await.expect("list").len(),
+        1,
+        "a hibernating session is still active"
+    );
+    assert!(store
+        .set_session_state(&s.id, SessionState::Running)
+        .await
+        .expect("wake"));
+    let awake = store.session(&s.id).await.expect("read").expect("row");
+    assert_eq!(awake.hibernated_at, None, "a state change wakes it");
+    assert!(store.set_hibernating(&s.id, 6_000).await.expect("sleep"));
+    let claimed = store.claim_stop(&s.id).await.expect("claim").expect("won");
+    assert!(
+        !claimed.is_hibernating(),
+        "a stopping session does not sleep"
+    );
+    assert!(
+        !store.set_hibernating(&s.id, 7_000).await.expect("sleep"),
+        "stopping is final"
+    );
+    assert!(store
+        .end_session(&s.id, EndReason::MaxAge, Some("older than 5s"))
+        .await
+        .expect("end"));
+    let ended = store.session(&s.id).await.expect("read").expect("row");
+    assert_eq!(ended.hibernated_at, None);
+    assert_eq!(ended.end().expect("ended").reason, EndReason::MaxAge);
+}
 
 fn grant_of(session: &Session, domain: &str, expires_at: Option<i64>) -> NewGrant {
     NewGrant {

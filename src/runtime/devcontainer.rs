@@ -720,6 +720,28 @@ pub async fn start(
     }
 }
 
+/// Stops a container without removing it (a hibernating session's): its processes get
+/// `SIGTERM`, then `SIGKILL` after 5 s. One already stopped is fine.
+///
+/// # Errors
+/// [`DevcontainerError`], also when there is no such container.
+pub async fn stop(
+    pool: &SshPool,
+    runtime: &str,
+    container_id: &str,
+) -> Result<(), DevcontainerError> {
+    let mut s = Script::new();
+    s.command(runtime, &["stop", "--time", "5", container_id])?;
+    let out = pool.run(&s).await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(DevcontainerError::Up {
+            message: out.stderr.trim().to_owned(),
+        })
+    }
+}
+
 /// Removes a container (stopping it first).
 ///
 /// # Errors

@@ -5,6 +5,11 @@
 //! time, not only during a turn), and the agent's exit. User messages that arrive during a turn
 //! (or while the session is still starting) are queued in order and sent when the turn ends;
 //! `clear` and `restart` wait for the turn to end too.
+//!
+//! Lifetimes: a session without a message for `SM_SESSION_IDLE_SECS` hibernates (its agent
+//! closed, its container stopped, the state stored) until a message wakes it with the
+//! conversation resumed; one older than `SM_SESSION_MAX_AGE_SECS` is ended
+//! ([`EndReason::MaxAge`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -200,6 +205,8 @@ enum Step {
     Detach,
     /// The agent's stream ended unexpectedly (exit or a lost SSH connection): try to resume.
     AgentLost(String),
+    /// No message for `SM_SESSION_IDLE_SECS`: hibernate until the next one.
+    Hibernate,
 }
 
 /// How an agent process is replaced.
@@ -222,6 +229,30 @@ async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// A duration in whole milliseconds (saturating).
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// When a session created at `created_at` (Unix ms) reaches `max_age` (zero: never), as an
+/// instant of the clock whose `now` is `now_ms` on the wall clock. Already past: `now`.
+fn max_age_deadline(
+    created_at: i64,
+    max_age: Duration,
+    now_ms: i64,
+    now: tokio::time::Instant,
+) -> Option<tokio::time::Instant> {
+    if max_age.is_zero() {
+        return None;
+    }
+    let left = created_at
+        .saturating_add(duration_ms(max_age))
+        .saturating_sub(now_ms)
+        .max(0);
+    // Past the clock's range: never.
+    now.checked_add(Duration::from_millis(u64::try_from(left).unwrap_or(0)))
 }
 
 /// How many times a lost agent is resumed within [`RESUME_WINDOW`] before the session ends.
@@ -267,6 +298,9 @@ pub(super) struct Actor {
     scanner: MarkerScanner,
     /// Tool calls shown in this turn (the CLI may repeat one).
     seen_tools: HashSet<String>,
+    /// The last time something happened (a request, a turn running or ending): the session
+    /// hibernates `SM_SESSION_IDLE_SECS` after it.
+    last_active: tokio::time::Instant,
 }
 
 impl Actor {
@@ -297,6 +331,7 @@ impl Actor {
             pending_denials: Vec::new(),
             scanner,
             seen_tools: HashSet::new(),
+            last_active: tokio::time::Instant::now(),
         }
     }
 
@@ -388,10 +423,25 @@ impl Actor {
         queue: &mut VecDeque<Turn>,
         waiters: &mut Vec<oneshot::Sender<()>>,
     ) -> Ending {
-        let mut agent = match self.start_up(rx, queue, waiters).await {
+        if self
+            .max_age_deadline()
+            .is_some_and(|at| at <= tokio::time::Instant::now())
+        {
+            return self.too_old().await;
+        }
+        let started = if self.plan.resume && self.plan.session.is_hibernating() {
+            // It went to sleep before the bot restarted: it sleeps on, its container stopped,
+            // until its next message.
+            info!(session = %self.plan.session.id, "the session hibernates; it is woken by its next message");
+            self.hibernate(rx, queue, waiters, false).await
+        } else {
+            self.start_up(rx, queue, waiters).await
+        };
+        let mut agent = match started {
             Ok(agent) => agent,
             Err(ending) => return ending,
         };
+        self.last_active = tokio::time::Instant::now();
         let markers = self.manager.markers.clone();
         let mut resumes: Vec<tokio::time::Instant> = Vec::new();
         self.next_turn(&mut agent, queue).await;
@@ -409,10 +459,15 @@ impl Actor {
                 self.next_turn(&mut agent, queue).await;
             }
             let gate = self.manager.gate.clone();
+            let was_busy = self.busy;
+            let idle_deadline = self.idle_deadline(queue);
             let step = tokio::select! {
                 // Suspended: the top of the loop waits.
                 () = gate.closed() => continue,
-                request = rx.recv() => self.on_request(request, &mut agent, queue, waiters).await,
+                request = rx.recv() => {
+                    self.last_active = tokio::time::Instant::now();
+                    self.on_request(request, &mut agent, queue, waiters).await
+                }
                 line = agent.next_line() => match line {
                     Ok(Some(line)) => {
                         self.on_line(&line, output).await;
@@ -463,6 +518,11 @@ impl Actor {
                     }
                     Step::Continue
                 }
+                () = sleep_until_or_never(idle_deadline) => Step::Hibernate,
+                () = sleep_until_or_never(self.max_age_deadline()) => {
+                    agent.close().await;
+                    return self.too_old().await;
+                }
                 permit = markers.reserve(), if !self.outbox.is_empty() => {
                     match permit {
                         Ok(permit) => {
@@ -478,8 +538,20 @@ impl Actor {
                     Step::Continue
                 }
             };
+            if was_busy || self.busy || !queue.is_empty() {
+                // A turn ran (or ended) meanwhile, or messages wait for one.
+                self.last_active = tokio::time::Instant::now();
+            }
             match step {
                 Step::Continue => {}
+                Step::Hibernate => {
+                    agent.close().await;
+                    match self.hibernate(rx, queue, waiters, true).await {
+                        Ok(woken) => agent = woken,
+                        Err(ending) => return ending,
+                    }
+                    self.last_active = tokio::time::Instant::now();
+                }
                 Step::Exit(reason, detail) => {
                     agent.close().await;
                     return Ending::End(reason, detail);
@@ -715,7 +787,7 @@ impl Actor {
             if self.manager.gate.opened().await.is_err() {
                 return Err(Ending::Detach);
             }
-            let (fresh, reply) = match rx.recv().await {
+            let (fresh, reply) = match self.recv_or_too_old(rx).await? {
                 None => return Err(Ending::Detach),
                 Some(Request::Shutdown { reply }) => {
                     waiters.push(reply);
@@ -775,6 +847,327 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// The next request, or the session's end when it grows older than
+    /// `SM_SESSION_MAX_AGE_SECS` first.
+    async fn recv_or_too_old(
+        &self,
+        rx: &mut mpsc::Receiver<Request>,
+    ) -> Result<Option<Request>, Ending> {
+        tokio::select! {
+            request = rx.recv() => Ok(request),
+            () = sleep_until_or_never(self.max_age_deadline()) => Err(self.too_old().await),
+        }
+    }
+
+    /// When the session hibernates (`SM_SESSION_IDLE_SECS` after the last activity), if
+    /// nothing holds it awake: a running turn, queued messages, a pending `restart`/`clear`,
+    /// markers not yet handed over, a denial waiting for its reason.
+    fn idle_deadline(&self, queue: &VecDeque<Turn>) -> Option<tokio::time::Instant> {
+        let idle = self.manager.config.session_idle;
+        if idle.is_zero()
+            || self.busy
+            || !queue.is_empty()
+            || self.pending != Pending::None
+            || !self.outbox.is_empty()
+            || self.deny_reason.is_some()
+        {
+            return None;
+        }
+        Some(self.last_active + idle)
+    }
+
+    /// When the session reaches `SM_SESSION_MAX_AGE_SECS` (counted from its creation), if
+    /// there is a limit.
+    fn max_age_deadline(&self) -> Option<tokio::time::Instant> {
+        max_age_deadline(
+            self.plan.session.created_at,
+            self.manager.config.session_max_age,
+            now_ms(),
+            tokio::time::Instant::now(),
+        )
+    }
+
+    /// Tells the thread the session is too old; the ending that follows.
+    async fn too_old(&self) -> Ending {
+        let limit =
+            crate::dispatch::human_duration(duration_ms(self.manager.config.session_max_age));
+        info!(session = %self.plan.session.id, %limit, "the session reached its maximum age");
+        self.manager
+            .say(
+                &self.plan.session,
+                &format!("⌛ This session reached its maximum age of {limit} (SM_SESSION_MAX_AGE_SECS) and is ended. Start a new one to go on."),
+            )
+            .await;
+        Ending::End(
+            EndReason::MaxAge,
+            Some(format!("older than {limit} (SM_SESSION_MAX_AGE_SECS)")),
+        )
+    }
+
+    /// Hibernation: with `fall_asleep`, the container is stopped (not removed: the workspace
+    /// and Claude Code's state stay), the state stored and the thread told (the agent is
+    /// already closed); without, the session was hibernating when the bot started. Then waits
+    /// for a message (or `restart`, `clear`, `/compact`), keeping what is queued, and wakes the
+    /// session for it: the agent it returns has the conversation resumed (a new one for
+    /// `clear`), and the queue delivers the message. A stop, a detach or the maximum age ends
+    /// it; a wake that fails for a cause that may pass (the VM unreachable) leaves it
+    /// hibernating, told in the thread.
+    async fn hibernate(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut VecDeque<Turn>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+        fall_asleep: bool,
+    ) -> Result<Agent, Ending> {
+        self.busy = false;
+        self.in_flight = None;
+        self.interrupted_at = None;
+        self.abandoning = false;
+        self.pending = Pending::None;
+        if fall_asleep {
+            self.close_questions("Claude hibernates, and asks again if it needs to once woken");
+            self.fall_asleep().await;
+        }
+        loop {
+            if self.manager.gate.opened().await.is_err() {
+                return Err(Ending::Detach);
+            }
+            let gate = self.manager.gate.clone();
+            let request = tokio::select! {
+                () = gate.closed() => continue,
+                request = self.recv_or_too_old(rx) => request?,
+            };
+            let fresh = match request {
+                None => return Err(Ending::Detach),
+                Some(Request::Shutdown { reply }) => {
+                    waiters.push(reply);
+                    return Err(Ending::End(EndReason::UserRequested, None));
+                }
+                Some(Request::Message { turn, reply }) => {
+                    queue.push_back(turn);
+                    // The agent gets it as soon as it is awake.
+                    let _ = reply.send(Delivery::Delivered);
+                    false
+                }
+                Some(Request::Compact { reply }) => {
+                    let _ = reply.send(());
+                    queue.push_back(Turn::injected("/compact"));
+                    false
+                }
+                Some(Request::Interrupt { reply }) => {
+                    let _ = reply.send(false);
+                    continue;
+                }
+                Some(Request::Restart { reply }) => {
+                    let _ = reply.send(());
+                    false
+                }
+                Some(Request::Clear { reply }) => {
+                    let _ = reply.send(());
+                    true
+                }
+                // The agent that asked is gone.
+                Some(Request::Permission { reply, .. }) => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                // The woken agent starts in this mode.
+                Some(Request::SetMode { mode, reply }) => {
+                    self.plan.session.permission_mode = Some(mode.as_cli().to_owned());
+                    let recorded = self
+                        .manager
+                        .store
+                        .set_session_permission_mode(&self.plan.session.id, Some(mode.as_cli()))
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(recorded);
+                    continue;
+                }
+            };
+            if let Some(agent) = self.wake(rx, queue, waiters, fresh).await? {
+                return Ok(agent);
+            }
+        }
+    }
+
+    /// Stops the container (unless another live session uses it), stores the state and tells
+    /// the thread.
+    async fn fall_asleep(&mut self) {
+        let session = self.plan.session.clone();
+        let idle = crate::dispatch::human_duration(duration_ms(self.manager.config.session_idle));
+        info!(session = %session.id, %idle, "hibernating");
+        // Recorded first: the reconciler starts a live session's stopped container unless it
+        // knows the session hibernates.
+        let at = now_ms();
+        if let Err(e) = self.manager.store.set_hibernating(&session.id, at).await {
+            warn!(session = %session.id, error = %e, "cannot record the hibernation; after a bot restart the session is woken at once");
+        }
+        self.plan.session.hibernated_at = Some(at);
+        let mut stopped = false;
+        if let Some(container) = &self.plan.container {
+            let store = &self.manager.store;
+            match store
+                .container_users(&container.id, Some(&session.id))
+                .await
+            {
+                Ok(0) => {
+                    match crate::runtime::devcontainer::stop(
+                        &self.manager.ssh,
+                        &self.manager.config.containers.runtime,
+                        &container.id,
+                    )
+                    .await
+                    {
+                        Ok(()) => stopped = true,
+                        Err(e) => {
+                            warn!(session = %session.id, error = %e, "cannot stop the container of a hibernating session")
+                        }
+                    }
+                }
+                Ok(_) => {
+                    info!(session = %session.id, "another session uses the container: it keeps running")
+                }
+                Err(e) => {
+                    warn!(session = %session.id, error = %e, "cannot check the container's users; it keeps running")
+                }
+            }
+        }
+        let container = if stopped {
+            "the container is stopped"
+        } else {
+            "Claude is closed"
+        };
+        self.manager
+            .say(
+                &session,
+                &format!("💤 Hibernating after {idle} without a message: {container}. The next message wakes it."),
+            )
+            .await;
+    }
+
+    /// Wakes a hibernating session: container started, agent started (resuming the
+    /// conversation, or a new one with `fresh`), the time it took shown in a progress post.
+    /// What arrives meanwhile is queued. `Ok(None)`: it could not be woken now and still
+    /// hibernates.
+    async fn wake(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut VecDeque<Turn>,
+        waiters: &mut Vec<oneshot::Sender<()>>,
+        fresh: bool,
+    ) -> Result<Option<Agent>, Ending> {
+        let session = self.plan.session.clone();
+        let began = tokio::time::Instant::now();
+        info!(session = %session.id, fresh, "waking up");
+        let post = match self
+            .manager
+            .chat
+            .post(
+                &session.channel_id,
+                Some(&session.thread_id),
+                "⏰ Waking up…",
+            )
+            .await
+        {
+            Ok(post) => Some(post),
+            Err(e) => {
+                warn!(session = %session.id, error = %e, "cannot post in the session thread");
+                None
+            }
+        };
+        let result = {
+            let waking = self.wake_up(fresh);
+            tokio::pin!(waking);
+            loop {
+                tokio::select! {
+                    result = &mut waking => break result,
+                    request = rx.recv() => match request {
+                        Some(Request::Message { turn, reply }) => {
+                            queue.push_back(turn);
+                            let _ = reply.send(Delivery::Delivered);
+                        }
+                        Some(Request::Shutdown { reply }) => {
+                            waiters.push(reply);
+                            break Err(StartError::Stopped);
+                        }
+                        Some(Request::Compact { reply } | Request::Clear { reply } | Request::Restart { reply }) => {
+                            let _ = reply.send(());
+                        }
+                        Some(Request::Interrupt { reply }) => {
+                            let _ = reply.send(false);
+                        }
+                        // No agent asked anything yet.
+                        Some(Request::Permission { reply, .. }) => {
+                            let _ = reply.send(());
+                        }
+                        Some(Request::SetMode { reply, .. }) => {
+                            let _ = reply.send(Err("Claude is waking up; try again once it says it is awake".into()));
+                        }
+                        // The bot stops: the session still hibernates (stored), and its
+                        // message is handed out again after the restart.
+                        None => return Err(Ending::Detach),
+                    }
+                }
+            }
+        };
+        let show = |text: String| {
+            let chat = Arc::clone(&self.manager.chat);
+            let post = post.clone();
+            async move {
+                if let Some(post) = post {
+                    if let Err(e) = chat.update(&post, &text).await {
+                        warn!(error = %e, "cannot update the wake-up post");
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(agent) => {
+                let took = began.elapsed().as_secs_f64();
+                let _ = self
+                    .manager
+                    .store
+                    .set_session_state(&session.id, SessionState::Idle)
+                    .await;
+                self.plan.session.hibernated_at = None;
+                let how = if fresh { " (a new conversation)" } else { "" };
+                info!(session = %session.id, took_secs = took, "awake");
+                show(format!("⏰ Waking up… ✅ awake in {took:.1} s{how}.")).await;
+                Ok(Some(agent))
+            }
+            Err(StartError::Stopped) => Err(Ending::End(EndReason::UserRequested, None)),
+            Err(StartError::Agent(e)) => {
+                // The container runs again; the agent does not.
+                let _ = self
+                    .manager
+                    .store
+                    .set_session_state(&session.id, SessionState::Idle)
+                    .await;
+                self.plan.session.hibernated_at = None;
+                show(format!("⏰ Waking up… ❌ {e}")).await;
+                self.dormant(rx, queue, waiters, &e).await.map(Some)
+            }
+            Err(e @ StartError::ContainerGone { .. }) => {
+                show(format!("⏰ Waking up… {}", e.report())).await;
+                Err(Ending::End(e.end_reason(), Some(e.to_string())))
+            }
+            Err(e) => {
+                warn!(session = %session.id, error = %e, "cannot wake the session");
+                show(format!("⏰ Waking up… ❌ {e}. The session still hibernates: the next message tries again, `!stop` ends it.")).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The container (checked and started, as after a bot restart) and the agent.
+    async fn wake_up(&mut self, fresh: bool) -> Result<Agent, StartError> {
+        let resume = std::mem::replace(&mut self.plan.resume, true);
+        let prepared = self.manager.prepare(&mut self.plan, None).await;
+        self.plan.resume = resume;
+        prepared?;
+        self.spawn_agent(fresh).await.map_err(StartError::Agent)
     }
 
     /// Replaces the agent process: a lost one quietly, or after a turn for `restart`/`clear`
@@ -1216,5 +1609,31 @@ impl Actor {
                 marker,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_max_age_deadline_counts_from_creation_on_the_wall_clock() {
+        let now = tokio::time::Instant::now();
+        let age = Duration::from_secs(10);
+        assert_eq!(max_age_deadline(1_000, Duration::ZERO, 5_000, now), None);
+        assert_eq!(
+            max_age_deadline(1_000, age, 5_000, now),
+            Some(now + Duration::from_secs(6)),
+            "created 4 s ago: 6 s left"
+        );
+        assert_eq!(
+            max_age_deadline(1_000, age, 60_000, now),
+            Some(now),
+            "already older: now"
+        );
+        assert!(
+            max_age_deadline(i64::MAX - 5, age, 0, now).is_none_or(|at| at > now),
+            "no overflow"
+        );
     }
 }

@@ -21,7 +21,9 @@
 //!
 //! A bot restart loses nothing: [`SessionRuntime::recover`] finds the sessions that were not
 //! ended, checks their containers (starting a stopped one, ending the session when it is gone)
-//! and restarts each agent with `--resume` of its stored conversation id.
+//! and restarts each agent with `--resume` of its stored conversation id. A hibernating session
+//! (no message for `SM_SESSION_IDLE_SECS`: agent closed, container stopped) gets its actor
+//! back still hibernating, container stopped, until its next message wakes it.
 
 pub mod actor;
 pub mod agent;
@@ -89,6 +91,12 @@ pub struct RuntimeConfig {
     pub max_agent_line_bytes: usize,
     /// `SM_TURN_TIMEOUT_SECS`: a turn running longer is interrupted.
     pub turn_timeout: Duration,
+    /// `SM_SESSION_IDLE_SECS`: a session without a message this long hibernates
+    /// ([`Duration::ZERO`] = never).
+    pub session_idle: Duration,
+    /// `SM_SESSION_MAX_AGE_SECS`: a session older than this is ended ([`Duration::ZERO`] =
+    /// no limit).
+    pub session_max_age: Duration,
 }
 
 /// The least time between two automatic compactions of an orchestrator.
@@ -290,7 +298,11 @@ impl SessionRuntime {
                     }
                 }
                 _ => {
-                    info!(session = %id, "resuming a session after restart");
+                    if session.is_hibernating() {
+                        info!(session = %id, "a hibernating session stays hibernating after restart");
+                    } else {
+                        info!(session = %id, "resuming a session after restart");
+                    }
                     self.spawn_actor(
                         SessionPlan {
                             session,

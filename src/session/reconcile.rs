@@ -4,7 +4,8 @@
 //! Every `SM_RECONCILE_INTERVAL_SECS` it lists the containers carrying the bot's label and
 //! compares them with the sessions in storage:
 //! - a container of a live session (starting, running, idle) that is stopped is started again
-//!   (`action="started"`);
+//!   (`action="started"`), unless the session hibernates (its container is stopped on
+//!   purpose until its next message);
 //! - a container of an ended or unknown session, or one its live session does not use, is
 //!   removed once it has been seen so for `SM_RECONCILE_GRACE_SECS` (`action="removed"`), with
 //!   the session's directory when the session is ended or unknown.
@@ -45,7 +46,8 @@ enum Verdict {
     Fine,
     /// It belongs to a live session and is stopped: start it.
     Start,
-    /// Its session is stopping: its cleanup takes care of it.
+    /// Its session is stopping (its cleanup takes care of it), or hibernates (stopped on
+    /// purpose).
     Leave,
     /// Nobody owns it; `session` names the ended or unknown session it was made for.
     Orphan { session: Option<String> },
@@ -170,6 +172,77 @@ async fn verdict(store: &Store, container: &ManagedContainer) -> anyhow::Result<
             Verdict::Orphan { session: None }
         }
         _ if container.running => Verdict::Fine,
+        // Hibernating: stopped on purpose until its next message.
+        _ if session.is_hibernating() => Verdict::Leave,
         _ => Verdict::Start,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatabaseSettings, DatabaseUrl};
+    use crate::store::{new_session_id, NewSession, Platform, SessionKind};
+
+    /// A live session's stopped container is started again, unless the session hibernates.
+    #[tokio::test]
+    async fn a_hibernating_sessions_stopped_container_is_left_stopped() {
+        let store = Store::connect(&DatabaseSettings {
+            url: DatabaseUrl::parse("sqlite::memory:").expect("url"),
+            is_default: false,
+            pool_size: 1,
+        })
+        .await
+        .expect("connect");
+        store.migrate().await.expect("migrate");
+        let session = store
+            .create_session(&NewSession {
+                id: new_session_id(),
+                platform: Platform::Mattermost,
+                channel_id: "c".into(),
+                thread_id: "t".into(),
+                kind: SessionKind::Standard,
+                parent_id: None,
+                started_by: "u".into(),
+                repo_host: "github.com".into(),
+                repo_org: "acme".into(),
+                repo_name: "widgets".into(),
+                branch: None,
+                worktree: None,
+            })
+            .await
+            .expect("session");
+        store
+            .set_session_container(&session.id, Some("c1"), Some("/w"), None)
+            .await
+            .expect("container");
+        store
+            .set_session_state(&session.id, SessionState::Idle)
+            .await
+            .expect("idle");
+        let container = |running| ManagedContainer {
+            id: "c1".into(),
+            session: Some(session.id.clone()),
+            workspace: Some("/w".into()),
+            deployment: None,
+            running,
+        };
+        let verdict_of = |running| {
+            let (store, container) = (&store, container(running));
+            async move { verdict(store, &container).await.expect("verdict") }
+        };
+        assert_eq!(verdict_of(false).await, Verdict::Start, "awake and stopped");
+        store.set_hibernating(&session.id, 1).await.expect("sleep");
+        assert_eq!(verdict_of(false).await, Verdict::Leave, "hibernating");
+        assert_eq!(
+            verdict_of(true).await,
+            Verdict::Fine,
+            "hibernating, running"
+        );
+        store
+            .set_session_state(&session.id, SessionState::Running)
+            .await
+            .expect("wake");
+        assert_eq!(verdict_of(false).await, Verdict::Start, "woken");
+    }
 }

@@ -280,7 +280,8 @@ impl Store {
         rows.into_iter().map(Session::try_from).collect()
     }
 
-    /// Moves an active session to another active state (`starting`, `running` or `idle`).
+    /// Moves an active session to another active state (`starting`, `running` or `idle`),
+    /// awake (a hibernating session is woken: [`Session::hibernated_at`] is cleared).
     /// Returns `false` if the session is stopping, ended or missing, and leaves it alone.
     ///
     /// # Errors
@@ -292,12 +293,30 @@ impl Store {
             )));
         }
         let done = sqlx::query(
-            "UPDATE sessions SET state = $2, updated_at = $3
+            "UPDATE sessions SET state = $2, hibernated_at = NULL, updated_at = $3
              WHERE id = $1 AND state IN ('starting', 'running', 'idle')",
         )
         .bind(id)
         .bind(<&str>::from(to))
         .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records that an active session hibernates since `at` (Unix ms): `idle`, with its agent
+    /// closed and its container stopped until its next message. Returns `false` if the session
+    /// is stopping, ended or missing, and leaves it alone.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn set_hibernating(&self, id: &str, at: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE sessions SET state = 'idle', hibernated_at = $2, updated_at = $2
+             WHERE id = $1 AND state IN ('starting', 'running', 'idle')",
+        )
+        .bind(id)
+        .bind(at)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -453,7 +472,7 @@ impl Store {
         let now = now_ms();
         let done = sqlx::query(
             "UPDATE sessions SET state = 'ended', end_reason = $2, end_detail = $3,
-                 ended_at = $4, updated_at = $4
+                 ended_at = $4, updated_at = $4, hibernated_at = NULL
              WHERE id = $1 AND state <> 'ended'",
         )
         .bind(id)
@@ -1769,6 +1788,7 @@ struct SessionRow {
     last_activity_at: i64,
     ended_at: Option<i64>,
     permission_mode: Option<String>,
+    hibernated_at: Option<i64>,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -1831,6 +1851,7 @@ impl TryFrom<SessionRow> for Session {
             created_at: r.created_at,
             updated_at: r.updated_at,
             last_activity_at: r.last_activity_at,
+            hibernated_at: r.hibernated_at,
         })
     }
 }

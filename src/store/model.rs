@@ -127,6 +127,8 @@ pub enum EndReason {
     ContainerGone,
     /// The parent orchestrator was stopped.
     ParentEnded,
+    /// It was older than `SM_SESSION_MAX_AGE_SECS`.
+    MaxAge,
 }
 
 /// How a session ended.
@@ -205,6 +207,10 @@ pub struct Session {
     pub updated_at: i64,
     /// Last message in or out (Unix ms).
     pub last_activity_at: i64,
+    /// Since when the session hibernates (Unix ms): its agent is closed and its container
+    /// stopped until its next message wakes it (`SM_SESSION_IDLE_SECS`). `None` while awake.
+    /// A hibernating session is `idle`: still active, owned, listed and stoppable.
+    pub hibernated_at: Option<i64>,
 }
 
 impl Session {
@@ -216,6 +222,11 @@ impl Session {
     /// The lifecycle state, without its data.
     pub fn state(&self) -> SessionState {
         self.lifecycle.state()
+    }
+
+    /// Whether it hibernates (see [`Session::hibernated_at`]).
+    pub fn is_hibernating(&self) -> bool {
+        self.hibernated_at.is_some() && self.state().is_active()
     }
 
     /// How it ended, once it has.
