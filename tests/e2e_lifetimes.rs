@@ -382,3 +382,39 @@ async fn a_session_older_than_the_max_age_is_ended() {
     );
     stack.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hibernating_session_older_than_the_max_age_is_ended_and_its_container_removed() {
+    let script = ModelScript::new().fallback(Reply::text("ok"));
+    let stack = Stack::start_with(
+        script,
+        &[
+            ("session-idle-secs", "2".into()),
+            // Time to start and fall asleep first, on a loaded machine too.
+            ("session-max-age-secs", "40".into()),
+        ],
+    )
+    .await;
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    let session = stack.session_at(&channel, &root).await;
+    let container = session.container_id.clone().expect("container");
+    stack
+        .wait_for_bot_post("the hibernation notice", Some(&root), "💤 Hibernating")
+        .await;
+    assert!(stack.session_at(&channel, &root).await.is_hibernating());
+    let ended = stack
+        .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(120))
+        .await;
+    assert_eq!(ended.end().expect("end").reason, EndReason::MaxAge);
+    stack
+        .wait_for_bot_post("the max-age notice", Some(&root), "maximum age")
+        .await;
+    let mut s = Script::new();
+    s.command("podman", &["container", "exists", &container])
+        .expect("q");
+    assert!(
+        !stack.vm_run(&s).await.success(),
+        "the stopped container was removed"
+    );
+    stack.finish().await;
+}
