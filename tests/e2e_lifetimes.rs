@@ -9,6 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use session_manager::runtime::devcontainer::LABEL_DEPLOYMENT;
 use session_manager::runtime::shell::Script;
 use session_manager::store::{
     new_session_id, EndReason, NewSession, Platform, SessionKind, SessionState,
@@ -75,6 +76,8 @@ async fn reconciler_passes(stack: &Stack, tb: &Testbed) {
         })
         .await
         .expect("canary session");
+    // This bot's deployment label: the reconcilers of other tests running meanwhile leave it.
+    let deployment = stack.store.deployment_id().await.expect("deployment id");
     let mut s = Script::new();
     s.command(
         "podman",
@@ -84,6 +87,8 @@ async fn reconciler_passes(stack: &Stack, tb: &Testbed) {
             "session-manager.managed=true",
             "--label",
             &format!("session-manager.session={id}"),
+            "--label",
+            &format!("{LABEL_DEPLOYMENT}={deployment}"),
             &tb.get("SM_TEST_SANDBOX_IMAGE"),
             "sleep",
             "300",
