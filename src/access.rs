@@ -144,6 +144,7 @@ mod tests {
             container: None,
             stats: SessionStats::default(),
             permission_mode: None,
+            budget_added_usd: 0.0,
             created_at: 0,
             updated_at: 0,
             last_activity_at: 0,

@@ -367,6 +367,14 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         ..CommandSpec::DEFAULT
     },
     CommandSpec {
+        kind: CommandKind::Cost,
+        word: "cost",
+        scope: Scope::ThreadOnly,
+        summary: "show what this session spent, against its budget and its orchestrator's",
+        build: |_| Some(Command::Cost),
+        ..CommandSpec::DEFAULT
+    },
+    CommandSpec {
         kind: CommandKind::Mode,
         word: "mode",
         scope: Scope::ThreadOnly,
@@ -754,6 +762,8 @@ pub enum Command {
         /// The domain, normalised (lowercase, IDNA ASCII).
         domain: String,
     },
+    /// `cost` (session thread only): spending against the budgets.
+    Cost,
     /// `mode [<mode>]` (session thread only): switch the permission mode, or show it.
     Mode {
         /// The new mode; `None` shows the current one.
@@ -782,6 +792,7 @@ impl Command {
             Command::Grants => CommandKind::Grants,
             Command::Revoke { .. } => CommandKind::Revoke,
             Command::Mode { .. } => CommandKind::Mode,
+            Command::Cost => CommandKind::Cost,
         }
     }
 }
@@ -855,6 +866,8 @@ pub enum CommandKind {
     Grants,
     /// `revoke` (session thread only)
     Revoke,
+    /// `cost` (session thread only)
+    Cost,
     /// `mode` (session thread only)
     Mode,
 }

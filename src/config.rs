@@ -625,6 +625,29 @@ pub struct ContainerSettings {
         value_parser = seconds_or_never
     )]
     pub session_max_age: Duration,
+    /// Spending cap of one session in US dollars (0 = none), from the CLI's per-turn cost.
+    /// At the cap the turn finishes, further messages wait, and the owner gets a card: Add
+    /// the same amount again, or end the session.
+    #[arg(
+        id = "session_budget_usd",
+        long = "session-budget-usd",
+        env = "SM_SESSION_BUDGET_USD",
+        default_value = "0",
+        value_name = "USD",
+        value_parser = dollars
+    )]
+    pub session_budget_usd: f64,
+    /// Spending cap in US dollars of an orchestrator and all its sessions together (0 =
+    /// none); at the cap the whole family waits for the card's answer.
+    #[arg(
+        id = "orchestrator_budget_usd",
+        long = "orchestrator-budget-usd",
+        env = "SM_ORCHESTRATOR_BUDGET_USD",
+        default_value = "0",
+        value_name = "USD",
+        value_parser = dollars
+    )]
+    pub orchestrator_budget_usd: f64,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",
@@ -641,6 +664,15 @@ pub struct ContainerSettings {
 pub const LEGACY_SKIP_PERMISSIONS: &str = "--dangerously-skip-permissions";
 
 impl ContainerSettings {
+    /// The spending caps (0 in a setting: no cap).
+    pub fn budgets(&self) -> crate::budget::BudgetLimits {
+        let cap = |d: f64| (d > 0.0).then_some(d);
+        crate::budget::BudgetLimits {
+            session: cap(self.session_budget_usd),
+            orchestrator: cap(self.orchestrator_budget_usd),
+        }
+    }
+
     /// The agent's command without [`LEGACY_SKIP_PERMISSIONS`], and the permission mode in
     /// effect: `bypassPermissions` when the command carried that flag, `SM_PERMISSION_MODE`
     /// otherwise.
@@ -1992,6 +2024,15 @@ fn absolute_path(v: &str) -> Result<PathBuf, String> {
         Ok(PathBuf::from(v))
     } else {
         Err(format!("expected an absolute path on the VM, got {v:?}"))
+    }
+}
+
+fn dollars(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(d) if d.is_finite() && (0.0..=100_000.0).contains(&d) => Ok(d),
+        _ => Err(format!(
+            "expected an amount in US dollars between 0 and 100000 (0 = no cap), e.g. 5 or 0.50, got {v:?}"
+        )),
     }
 }
 

@@ -66,6 +66,8 @@ pub struct DispatchConfig {
     pub limits: crate::session::SessionLimits,
     /// The permission mode of agents `!mode` did not switch (`SM_PERMISSION_MODE`).
     pub permission_mode: PermissionMode,
+    /// `SM_SESSION_BUDGET_USD`, `SM_ORCHESTRATOR_BUDGET_USD`, for `!cost`.
+    pub budgets: crate::budget::BudgetLimits,
 }
 
 /// Routes chat events. Cheap to clone.
@@ -272,6 +274,36 @@ impl Dispatcher {
         if taken == Taken::Done {
             self.mark_handled(&message).await;
         }
+    }
+
+    /// `!cost`: what the session spent, against each budget that applies.
+    async fn cost_text(&self, session: &Session) -> String {
+        let limits = self.inner.config.budgets;
+        let mut text = format!(
+            "Session `{}` spent ${:.4}.",
+            short_id(&session.id),
+            session.stats.cost_usd
+        );
+        match crate::budget::budgets_of(&self.inner.store, limits, session).await {
+            Ok(states) if states.is_empty() => text.push_str(
+                " No budget applies (SM_SESSION_BUDGET_USD, SM_ORCHESTRATOR_BUDGET_USD).",
+            ),
+            Ok(states) => {
+                for state in states {
+                    let held = if state.reached() {
+                        " — reached: messages wait for the budget card's answer"
+                    } else {
+                        ""
+                    };
+                    text.push_str(&format!("\n- {}{held}", state.line()));
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the budgets");
+                text.push_str(" The budgets cannot be read right now.");
+            }
+        }
+        text
     }
 
     /// The permission mode `session`'s agent runs with.
@@ -540,7 +572,7 @@ impl Dispatcher {
             Command::Status { all: false } | Command::Grants if thread_session.is_some() => {
                 Some(Act::Look)
             }
-            Command::Interrupt | Command::Mode { mode: None } => Some(Act::Talk),
+            Command::Interrupt | Command::Mode { mode: None } | Command::Cost => Some(Act::Talk),
             // A mode decides what Claude may do unasked: the owner's (or an admin's) call.
             Command::Mode { mode: Some(_) } => Some(Act::Manage),
             Command::Revoke { .. } => Some(Act::Manage),
@@ -607,6 +639,12 @@ impl Dispatcher {
                 }
             }
             Command::Grants => self.grants(message, thread_session.as_ref()).await,
+            Command::Cost => {
+                if let Some(session) = thread_session {
+                    let text = self.cost_text(&session).await;
+                    self.reply(message, &text).await;
+                }
+            }
             Command::Mode { mode } => {
                 if let Some(session) = thread_session {
                     let text = match mode {

@@ -55,6 +55,7 @@
 pub mod access;
 pub mod agent;
 pub mod approval;
+pub mod budget;
 pub mod chat;
 pub mod command;
 pub mod config;
@@ -86,11 +87,13 @@ use tracing::{error, info, warn};
 
 use crate::access::{Access, Roles};
 use crate::approval::{ApprovalConfig, Approvals, Approvers, GatedAliasWriter};
+use crate::budget::{BudgetConfig, Budgets};
 use crate::chat::mattermost::adapter::{MattermostAdapter, MattermostConfig};
 use crate::chat::mattermost::rest::RetryPolicy;
 use crate::chat::mattermost::websocket::WsSettings;
 use crate::chat::router::ChatRouter;
 use crate::chat::teams::{TeamsAdapter, TeamsConfig};
+use crate::chat::CardClickHandler;
 use crate::chat::ChatEvent;
 use crate::chat::{ChatOutbound, ClickHandlers, GatedClicks};
 use crate::config::Settings;
@@ -595,13 +598,17 @@ async fn active_term(
     // orchestrator and the marker router hold the runtime.
     let (markers_tx, markers_rx) = mpsc::channel(MARKER_QUEUE);
     let (permissions_tx, permissions_rx) = mpsc::channel(MARKER_QUEUE);
+    let (budgets_tx, budgets_rx) = mpsc::channel(MARKER_QUEUE);
     let runtime = SessionRuntime::new(
         Arc::clone(&ssh),
         store.clone(),
         Arc::new(chat.clone()),
         runtime_config(&settings, &deployment),
-        markers_tx,
-        permissions_tx,
+        session::Outlets {
+            markers: markers_tx,
+            permissions: permissions_tx,
+            budgets: budgets_tx,
+        },
         gate.clone(),
     );
     let approvals = Approvals::new(
@@ -681,10 +688,29 @@ async fn active_term(
     );
     let permission_flow =
         tokio::spawn(Arc::clone(&permissions).run(permissions_rx, cancel.clone()));
+    // Spending caps: a card to the owner when a budget is spent.
+    let budgets = Budgets::new(
+        store.clone(),
+        Arc::new(chat.clone()),
+        Arc::new(runtime.clone()),
+        BudgetConfig {
+            limits: settings.container.budgets(),
+            callback_url: settings.callback.url.to_string(),
+            secret: settings.callback.secret.clone(),
+            roles: roles.clone(),
+        },
+    );
+    let budget_flow = tokio::spawn(Arc::clone(&budgets).run(budgets_rx, cancel.clone()));
     clicks.set(Arc::new(GatedClicks::new(
         Arc::new(ClickRouter {
             other: approvals,
-            tools: permissions,
+            kinds: vec![
+                (
+                    permission::CARD_KIND,
+                    permissions as Arc<dyn CardClickHandler>,
+                ),
+                (budget::CARD_KIND, budgets as Arc<dyn CardClickHandler>),
+            ],
         }),
         gate.clone(),
     )));
@@ -699,6 +725,7 @@ async fn active_term(
         allowlist,
         limits,
         permission_mode: settings.container.agent_command().1,
+        budgets: settings.container.budgets(),
     };
     let sessions: Arc<dyn session::SessionControl> = Arc::new(runtime.clone());
     let mut chat_tasks = JoinSet::new();
@@ -754,6 +781,7 @@ async fn active_term(
     let _ = router.await;
     let _ = workers.await;
     let _ = permission_flow.await;
+    let _ = budget_flow.await;
     let _ = reconciler.await;
     teams_events
 }
@@ -857,6 +885,7 @@ fn runtime_config(settings: &Settings, deployment: &str) -> RuntimeConfig {
         },
         claude_command: settings.container.agent_command().0,
         permission_mode: settings.container.agent_command().1,
+        budgets: settings.container.budgets(),
         container_env: settings.container.env.clone(),
         vm_host: settings.vm.host.clone(),
         git_timeout: settings.vm.ssh_timeout.max(Duration::from_secs(300)),

@@ -601,22 +601,23 @@ impl CardClickHandler for Permissions {
     }
 }
 
-/// Sends permission cards' clicks (context `kind` = [`CARD_KIND`]) to `tools` and every other
-/// click to `other` (the network approvals).
+/// Sends each click to the handler of its card's `kind` (permission cards: [`CARD_KIND`];
+/// budget cards: [`crate::budget::CARD_KIND`]), and clicks of cards without a kind to `other`
+/// (the network approvals).
 pub struct ClickRouter {
     /// Network approval cards.
     pub other: Arc<dyn CardClickHandler>,
-    /// Permission cards.
-    pub tools: Arc<dyn CardClickHandler>,
+    /// The handler of each card kind.
+    pub kinds: Vec<(&'static str, Arc<dyn CardClickHandler>)>,
 }
 
 #[async_trait]
 impl CardClickHandler for ClickRouter {
     async fn on_click(&self, click: CardClick) -> Result<ClickReply, ClickError> {
-        if click.context.get("kind").and_then(Value::as_str) == Some(CARD_KIND) {
-            self.tools.on_click(click).await
-        } else {
-            self.other.on_click(click).await
+        let kind = click.context.get("kind").and_then(Value::as_str);
+        match self.kinds.iter().find(|(k, _)| Some(*k) == kind) {
+            Some((_, handler)) => handler.on_click(click).await,
+            None => self.other.on_click(click).await,
         }
     }
 }

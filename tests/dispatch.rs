@@ -232,6 +232,7 @@ async fn world_full(
             allowlist,
             limits,
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
+            budgets: Default::default(),
         },
     );
     World {

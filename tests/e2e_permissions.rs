@@ -175,8 +175,23 @@ async fn tool_permissions_are_answered_from_the_thread_and_the_mode_switches() {
     say("run alpha again");
     let card = next_card(&stack, &root, "Bash", 1).await;
     assert!(card.props.to_string().contains("for this session"));
-    click(&card, "allowsession", &stack.alice).await;
+    // Two people's clicks at once (the owner and an admin would race the same way): exactly
+    // one decides.
+    let (first, second) = tokio::join!(
+        stack.fake.click(&card.id, "allowsession", &stack.alice),
+        stack.fake.click(&card.id, "allowsession", &stack.alice),
+    );
     wait_count(&stack, &root, "alpha done", 2).await;
+    let session = stack.session_at(&channel, &root).await;
+    let decisions = stack
+        .store
+        .audit_log(Some(&session.id), 100)
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter(|e| e.entry.action == "tool_allowed_session")
+        .count();
+    assert_eq!(decisions, 1, "one decision: {first:?} / {second:?}");
     say("run alpha a third time");
     wait_count(&stack, &root, "alpha done", 3).await;
     assert_eq!(

@@ -138,6 +138,7 @@ async fn the_start_flow_creates_channel_category_and_root_post_with_the_real_sha
             allowlist: session_manager::config::RepoAllowlist::Any,
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
+            budgets: Default::default(),
         },
     );
     w.fake.clear_requests();

@@ -101,6 +101,7 @@ async fn world(privacy: ChannelPrivacy, ephemeral: bool) -> World {
             allowlist: RepoAllowlist::Only(vec![RepoPattern::parse("acme/*").expect("pattern")]),
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
+            budgets: Default::default(),
         },
     );
     World {

@@ -48,6 +48,7 @@ on_both_backends!(
     unknown_stored_values_are_errors_not_panics,
     inbound_posts_are_claimed_once_and_keep_a_cursor,
     recorded_messages_wait_until_handled_and_are_handed_out_again,
+    a_budget_card_raises_the_cap_once_and_the_mode_is_kept,
     spawns_are_claimed_once_within_the_window,
     teams_references_survive_a_new_pool_and_keep_known_fields,
     grants_live_end_and_uncover_domains,
@@ -1233,6 +1234,42 @@ async fn unknown_stored_values_are_errors_not_panics(db: &TestDatabase) {
         Ok(v) if v.is_empty()
     ));
     assert!(store.session(&s.id).await.is_err());
+}
+
+async fn a_budget_card_raises_the_cap_once_and_the_mode_is_kept(db: &TestDatabase) {
+    let store = db.store().await;
+    let s = store
+        .create_session(&new_session("budget-thread"))
+        .await
+        .expect("create");
+    assert_eq!(s.budget_added_usd, 0.0);
+    assert_eq!(s.permission_mode, None);
+    // The card showed a cap of 1 cent (a $0.01 budget, nothing added).
+    assert!(store.add_budget(&s.id, 0.05, 0.01, 1).await.expect("add"));
+    assert!(
+        !store.add_budget(&s.id, 0.05, 0.01, 1).await.expect("again"),
+        "the same card raises it once"
+    );
+    let s = store.session(&s.id).await.expect("read").expect("row");
+    assert!(
+        (s.budget_added_usd - 0.05).abs() < 1e-9,
+        "{}",
+        s.budget_added_usd
+    );
+    // The next card shows the new cap (6 cents) and raises it in turn.
+    assert!(store.add_budget(&s.id, 0.01, 0.01, 6).await.expect("add"));
+    store
+        .set_session_permission_mode(&s.id, Some("plan"))
+        .await
+        .expect("mode");
+    let s = store.session(&s.id).await.expect("read").expect("row");
+    assert_eq!(s.permission_mode.as_deref(), Some("plan"));
+    assert!(!store.deployment_id().await.expect("id").is_empty());
+    assert_eq!(
+        store.deployment_id().await.expect("id"),
+        store.deployment_id().await.expect("id"),
+        "made once"
+    );
 }
 
 async fn recorded_messages_wait_until_handled_and_are_handed_out_again(db: &TestDatabase) {

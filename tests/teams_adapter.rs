@@ -1150,6 +1150,7 @@ async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispa
             allowlist: session_manager::config::RepoAllowlist::Any,
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
+            budgets: Default::default(),
         },
     );
     let (_unused, placeholder) = mpsc::channel(1);

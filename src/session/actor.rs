@@ -23,6 +23,7 @@ use super::prepare::StartError;
 use super::{AutoCompact, Delivery, Manager, MarkerEvent, SessionError, SessionPlan};
 use crate::agent::markers::{MarkerScanner, MarkerSet, ScanEvent};
 use crate::agent::stream_json::{self, AgentEvent, AssistantBlock};
+use crate::budget::{self, BudgetEvent};
 use crate::chat::progress::Progress;
 use crate::chat::render::CoalesceConfig;
 use crate::chat::stream::{spawn_thread_output, TurnInput};
@@ -55,6 +56,8 @@ pub(super) enum Request {
         answer: PermissionAnswer,
         reply: oneshot::Sender<()>,
     },
+    /// The session's budget was raised: check it again and go on.
+    Release { reply: oneshot::Sender<()> },
     /// Switch the agent's permission mode (`set_permission_mode`); answers whether the agent
     /// took it.
     SetMode {
@@ -160,6 +163,14 @@ impl SessionHandle {
             reply,
         })
         .await
+    }
+
+    /// Lets a session held by its budget check it again.
+    ///
+    /// # Errors
+    /// [`SessionError::NotRunning`].
+    pub async fn release(&self) -> Result<(), SessionError> {
+        self.ask(|reply| Request::Release { reply }).await
     }
 
     /// Switches the agent's permission mode; `Err` with the reason when the agent could not
@@ -295,6 +306,8 @@ pub(super) struct Actor {
     deny_reason: Option<(String, tokio::time::Instant, String)>,
     /// Permission questions to deny at once (the permission flow could not take them).
     pending_denials: Vec<String>,
+    /// A budget's cap is reached: turns wait (see [`crate::budget`]).
+    held: bool,
     scanner: MarkerScanner,
     /// Tool calls shown in this turn (the CLI may repeat one).
     seen_tools: HashSet<String>,
@@ -329,6 +342,7 @@ impl Actor {
             resumed_empty: false,
             deny_reason: None,
             pending_denials: Vec::new(),
+            held: false,
             scanner,
             seen_tools: HashSet::new(),
             last_active: tokio::time::Instant::now(),
@@ -664,8 +678,8 @@ impl Actor {
                         Some(Request::Interrupt { reply }) => {
                             let _ = reply.send(false);
                         }
-                        // No agent asked anything yet.
-                        Some(Request::Permission { reply, .. }) => {
+                        // No agent asked anything yet, nor was held.
+                        Some(Request::Permission { reply, .. } | Request::Release { reply }) => {
                             let _ = reply.send(());
                         }
                         Some(Request::SetMode { reply, .. }) => {
@@ -810,6 +824,11 @@ impl Actor {
                 }
                 // The agent that asked is gone.
                 Some(Request::Permission { reply, .. }) => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(Request::Release { reply }) => {
+                    self.held = false;
                     let _ = reply.send(());
                     continue;
                 }
@@ -973,6 +992,12 @@ impl Actor {
                     let _ = reply.send(());
                     continue;
                 }
+                // The budget is checked again when the woken agent is sent a turn.
+                Some(Request::Release { reply }) => {
+                    self.held = false;
+                    let _ = reply.send(());
+                    continue;
+                }
                 // The woken agent starts in this mode.
                 Some(Request::SetMode { mode, reply }) => {
                     self.plan.session.permission_mode = Some(mode.as_cli().to_owned());
@@ -1098,8 +1123,8 @@ impl Actor {
                         Some(Request::Interrupt { reply }) => {
                             let _ = reply.send(false);
                         }
-                        // No agent asked anything yet.
-                        Some(Request::Permission { reply, .. }) => {
+                        // No agent asked anything yet, nor was held.
+                        Some(Request::Permission { reply, .. } | Request::Release { reply }) => {
                             let _ = reply.send(());
                         }
                         Some(Request::SetMode { reply, .. }) => {
@@ -1262,8 +1287,14 @@ impl Actor {
                 let _ = reply.send(told);
                 Step::Continue
             }
+            Some(Request::Release { reply }) => {
+                let _ = reply.send(());
+                self.held = false;
+                self.next_turn(agent, queue).await;
+                Step::Continue
+            }
             Some(Request::Message { turn, reply }) => {
-                if self.busy || !queue.is_empty() {
+                if self.busy || !queue.is_empty() || self.held {
                     queue.push_back(turn);
                     let _ = reply.send(Delivery::Queued {
                         position: queue.len(),
@@ -1387,6 +1418,23 @@ impl Actor {
             queue.push_front(turn);
             return;
         }
+        let limits = self.manager.config.budgets;
+        if let Some(state) = budget::over(&self.manager.store, limits, &self.plan.session).await {
+            // Over a cap: it waits, first in line, until the budget is raised.
+            queue.push_front(turn);
+            if !self.held {
+                self.held = true;
+                let event = BudgetEvent::Reached {
+                    session: Box::new(self.plan.session.clone()),
+                    state: Box::new(state),
+                };
+                if self.manager.budgets.try_send(event).is_err() {
+                    warn!(session = %self.plan.session.id, "the budget flow cannot take a held session");
+                }
+            }
+            return;
+        }
+        self.held = false;
         let line = stream_json::user_turn(&turn.text);
         let is_compact = turn.text == "/compact";
         self.in_flight = None;

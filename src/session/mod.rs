@@ -78,6 +78,8 @@ pub struct RuntimeConfig {
     /// The permission mode of new agents (`SM_PERMISSION_MODE`, or bypassPermissions for an
     /// old `SM_CLAUDE_COMMAND`); `!mode` overrides it per session.
     pub permission_mode: crate::permission::PermissionMode,
+    /// `SM_SESSION_BUDGET_USD`, `SM_ORCHESTRATOR_BUDGET_USD`.
+    pub budgets: crate::budget::BudgetLimits,
     /// `SM_CONTAINER_ENV`.
     pub container_env: Vec<EnvEntry>,
     /// VM host, recorded with containers.
@@ -176,6 +178,8 @@ pub(crate) struct Manager {
     markers: mpsc::Sender<MarkerEvent>,
     /// Where agents' permission questions go (see [`crate::permission`]).
     permissions: mpsc::Sender<crate::permission::PermissionEvent>,
+    /// Where sessions held by a budget are announced (see [`crate::budget`]).
+    budgets: mpsc::Sender<crate::budget::BudgetEvent>,
     actors: Mutex<HashMap<String, SessionHandle>>,
     tasks: TaskTracker,
     /// Actors act (write to their agent, read its output) only while it is open.
@@ -208,21 +212,36 @@ impl std::fmt::Debug for SessionRuntime {
     }
 }
 
+/// Where sessions' actors send what they find, to the parts that act on it (the ownership
+/// stays a tree: those parts hold the runtime, the runtime holds only these senders).
+#[derive(Debug, Clone)]
+pub struct Outlets {
+    /// Markers found in agents' output (see [`markers::route`]).
+    pub markers: mpsc::Sender<MarkerEvent>,
+    /// Agents' permission questions (see [`crate::permission`]).
+    pub permissions: mpsc::Sender<crate::permission::PermissionEvent>,
+    /// Sessions held by a spent budget (see [`crate::budget`]).
+    pub budgets: mpsc::Sender<crate::budget::BudgetEvent>,
+}
+
 impl SessionRuntime {
-    /// A runtime over an SSH pool, storage and a chat platform. Markers found in agents'
-    /// output are sent on `markers` (see [`markers::route`]), their permission questions on
-    /// `permissions` (see [`crate::permission`]). Actors act only while `gate` is
-    /// open: while this instance is suspended they hold their agents as they are, and once it
-    /// is a standby they let their sessions go (see [`crate::leader`]).
+    /// A runtime over an SSH pool, storage and a chat platform, sending what its actors find
+    /// to `outlets`. Actors act only while `gate` is open: while this instance is suspended
+    /// they hold their agents as they are, and once it is a standby they let their sessions
+    /// go (see [`crate::leader`]).
     pub fn new(
         ssh: Arc<SshPool>,
         store: Store,
         chat: Arc<dyn ChatOutbound>,
         config: RuntimeConfig,
-        markers: mpsc::Sender<MarkerEvent>,
-        permissions: mpsc::Sender<crate::permission::PermissionEvent>,
+        outlets: Outlets,
         gate: Gate,
     ) -> Self {
+        let Outlets {
+            markers,
+            permissions,
+            budgets,
+        } = outlets;
         Self {
             manager: Arc::new(Manager {
                 ssh,
@@ -231,6 +250,7 @@ impl SessionRuntime {
                 config,
                 markers,
                 permissions,
+                budgets,
                 actors: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 gate,
@@ -355,6 +375,23 @@ impl SessionRuntime {
     fn running(&self, session_id: &str) -> Result<SessionHandle, SessionError> {
         self.handle(session_id)
             .ok_or_else(|| SessionError::NotRunning(short_id(session_id).to_owned()))
+    }
+}
+
+#[async_trait]
+impl crate::budget::BudgetRelease for SessionRuntime {
+    async fn release(&self, session_id: &str) {
+        if let Some(handle) = self.handle(session_id) {
+            if let Err(e) = handle.release().await {
+                info!(session = session_id, error = %e, "cannot release a held session");
+            }
+        }
+    }
+
+    async fn end(&self, owner: &Session, by: &str) -> Result<(), String> {
+        SessionControl::stop(self, owner, by)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

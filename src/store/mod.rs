@@ -392,6 +392,33 @@ impl Store {
         )
     }
 
+    /// Raises a session's cap by `raise` dollars, but only while the cap (the configured
+    /// `budget` plus what was added before) is `cap_cents`: the card that showed that cap
+    /// raises it once. Returns whether it did.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn add_budget(
+        &self,
+        id: &str,
+        raise: f64,
+        budget: f64,
+        cap_cents: i64,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE sessions SET budget_added_usd = budget_added_usd + $2, updated_at = $5
+             WHERE id = $1 AND CAST(ROUND(($3 + budget_added_usd) * 100) AS BIGINT) = $4",
+        )
+        .bind(id)
+        .bind(raise)
+        .bind(budget)
+        .bind(cap_cents)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Records the permission mode `!mode` chose for a session (`None`: back to the default).
     ///
     /// # Errors
@@ -1789,6 +1816,7 @@ struct SessionRow {
     ended_at: Option<i64>,
     permission_mode: Option<String>,
     hibernated_at: Option<i64>,
+    budget_added_usd: f64,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -1848,6 +1876,7 @@ impl TryFrom<SessionRow> for Session {
                 cost_usd: r.cost_usd,
             },
             permission_mode: r.permission_mode,
+            budget_added_usd: r.budget_added_usd,
             created_at: r.created_at,
             updated_at: r.updated_at,
             last_activity_at: r.last_activity_at,

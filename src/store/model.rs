@@ -201,6 +201,8 @@ pub struct Session {
     /// The permission mode `!mode` chose (the CLI's name, e.g. `plan`); `None`: the
     /// configured default.
     pub permission_mode: Option<String>,
+    /// What budget cards added to this session's cap, in US dollars.
+    pub budget_added_usd: f64,
     /// Created (Unix ms).
     pub created_at: i64,
     /// Last row change (Unix ms).
