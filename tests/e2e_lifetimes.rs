@@ -331,13 +331,18 @@ async fn an_idle_session_hibernates_wakes_with_its_conversation_and_sleeps_throu
         .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(60))
         .await;
     assert_eq!(ended.end().expect("end").reason, EndReason::UserRequested);
+    // The cleanup after the end removes the stopped container.
     let mut s = Script::new();
     s.command("podman", &["container", "exists", &container])
         .expect("q");
-    assert!(
-        !stack.vm_run(&s).await.success(),
-        "the stopped container was removed"
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.vm_run(&s).await.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped container was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     drop(bot);
     stack.finish().await;
 }
@@ -381,25 +386,19 @@ async fn a_session_older_than_the_max_age_is_ended() {
         ],
     )
     .expect("q");
-    assert!(
-        !stack.vm_run(&s).await.success(),
-        "the container was removed"
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.vm_run(&s).await.success() {
+        assert!(Instant::now() < deadline, "the container was never removed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     stack.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hibernating_session_older_than_the_max_age_is_ended_and_its_container_removed() {
+    let tb = Testbed::load();
     let script = ModelScript::new().fallback(Reply::text("ok"));
-    let stack = Stack::start_with(
-        script,
-        &[
-            ("session-idle-secs", "2".into()),
-            // Time to start and fall asleep first, on a loaded machine too.
-            ("session-max-age-secs", "40".into()),
-        ],
-    )
-    .await;
+    let mut stack = Stack::start_with(script, &[("session-idle-secs", "2".into())]).await;
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
     let session = stack.session_at(&channel, &root).await;
     let container = session.container_id.clone().expect("container");
@@ -407,19 +406,43 @@ async fn a_hibernating_session_older_than_the_max_age_is_ended_and_its_container
         .wait_for_bot_post("the hibernation notice", Some(&root), "💤 Hibernating")
         .await;
     assert!(stack.session_at(&channel, &root).await.is_hibernating());
+    // The bot comes back with a maximum age a few seconds past the session's age, however
+    // long its start took: the session is recovered hibernating and ends while it sleeps.
+    let now_ms = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let age_secs = (now_ms - session.created_at) / 1000;
+    stack
+        .extra
+        .push(("session-max-age-secs".into(), (age_secs + 8).to_string()));
+    let bot = stack.switch_to_process(&tb).await;
     let ended = stack
         .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(120))
         .await;
     assert_eq!(ended.end().expect("end").reason, EndReason::MaxAge);
+    assert!(
+        ended.end().expect("end").at - session.created_at >= (age_secs + 8) * 1000,
+        "not before its maximum age"
+    );
     stack
         .wait_for_bot_post("the max-age notice", Some(&root), "maximum age")
         .await;
+    // The cleanup after the end removes the stopped container.
     let mut s = Script::new();
     s.command("podman", &["container", "exists", &container])
         .expect("q");
-    assert!(
-        !stack.vm_run(&s).await.success(),
-        "the stopped container was removed"
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.vm_run(&s).await.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped container was never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(bot);
     stack.finish().await;
 }

@@ -16,6 +16,8 @@ use support::TestDatabase;
 struct Instance {
     child: Child,
     addr: String,
+    /// Every log message it wrote so far.
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     _tmp: tempfile::TempDir,
 }
 
@@ -49,11 +51,16 @@ impl Instance {
             .expect("spawn");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = std::sync::Arc::clone(&messages);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(json) = serde_json::from_str::<Value>(&line) {
                     if json["message"] == "HTTP server listening" {
                         let _ = tx.send(json["addr"].as_str().unwrap_or_default().to_owned());
+                    }
+                    if let Some(message) = json["message"].as_str() {
+                        log.lock().expect("log").push(message.to_owned());
                     }
                 }
             }
@@ -64,8 +71,18 @@ impl Instance {
         Self {
             child,
             addr,
+            messages,
             _tmp: tmp,
         }
+    }
+
+    /// Whether it logged a message containing `needle`.
+    fn logged(&self, needle: &str) -> bool {
+        self.messages
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|m| m.contains(needle))
     }
 
     async fn get(&self, path: &str) -> (u16, Value) {
@@ -108,8 +125,13 @@ async fn a_standby_takes_over_when_the_active_instance_dies() {
     assert_eq!(first.get("/health").await.1["role"], "active");
 
     let second = Instance::start(&db.url);
-    // Give it time to try the lock, then check it stands by.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // It tried the lock and found it taken.
+    wait_until(
+        "the second instance tried the lock",
+        Duration::from_secs(20),
+        async || second.logged("another instance is active"),
+    )
+    .await;
     let (status, health) = second.get("/health").await;
     assert_eq!(status, 200, "a standby is alive: {health}");
     assert_eq!(health["role"], "standby", "{health}");

@@ -362,6 +362,10 @@ impl Drop for Stack {
                 if cleanup.set("root", &root).is_err() {
                     return;
                 }
+                // Image removals hold the bot's image lock, as the bot's own do: rootless
+                // podman fails other sessions' `devcontainer up` (a spurious `podman pull` of
+                // the sandbox image) when an image is removed under them.
+                cleanup.raw(r#"mkdir -p "$HOME/.local/share/session-manager"; exec 9>>"$HOME/.local/share/session-manager/images.lock"; flock --exclusive --wait 120 9 || true"#);
                 // A container, the -uid image `devcontainer up` built for its workspace (as
                 // the bot's own cleanup removes it) and the image that one was built on when
                 // it is a per-workspace one too (a repository's Dockerfile).
