@@ -278,7 +278,7 @@ pub async fn up(
         .set("imagelock", &image_lock_path(layout))?
         // A shared hold on the image lock while `up` runs: removing a `-uid` image takes it
         // exclusively (see [`REMOVE_UID_IMAGES`]).
-        .raw(r#"setsid flock --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" ${deploymentlabels:+--id-label "$deploymentlabels"} </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
+        .raw(r#"setsid flock --close --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" ${deploymentlabels:+--id-label "$deploymentlabels"} </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
         .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
         .raw(r#"wait "$!" && status=0 || status=$?"#)
         .raw(r#"rm -f "$dir/up.pid""#)
@@ -820,7 +820,10 @@ pub async fn remove_session(
         // Only the CLI's per-folder `-uid` tags, never forced: one still used by a container
         // (another session on the same folder) stays, and so does every other image (the
         // sandbox image, a repository's built image).
-        .raw(REMOVE_UID_IMAGES)
+        // In the background, detached: the wait for running `up`s must not hold up the
+        // session's cleanup (nor outlast this command's timeout).
+        .set("removeimages", REMOVE_UID_IMAGES)?
+        .raw(r#"images="$images" runtime="$runtime" imagelock="$imagelock" imagewait="$imagewait" setsid bash -c "$removeimages" </dev/null >/dev/null 2>&1 &"#)
         .raw(r#"rm -rf "$dir" 2>/dev/null || "$runtime" unshare rm -rf "$dir""#);
     let out = pool.run(&s).await?;
     if out.success() {
@@ -842,10 +845,11 @@ pub async fn remove_session(
 /// ([`image_lock_path`], `$imagelock`, relative to the home directory) exclusively, waiting at
 /// most [`IMAGE_LOCK_WAIT_SECS`]; every `devcontainer up` holds it shared. When the wait runs
 /// out the images stay (they are small, and a later session stop removes them).
-const REMOVE_UID_IMAGES: &str = r#"uid_images=""; for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) uid_images="$uid_images $image" ;; esac; done; if [ -n "$uid_images" ]; then ( flock --exclusive --wait "$imagewait" 9 || exit 0; for image in $uid_images; do "$runtime" image rm "$image" >/dev/null 2>&1 || true; done ) 9>>"$HOME/$imagelock"; fi"#;
+const REMOVE_UID_IMAGES: &str = r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) flock --close --exclusive --wait "$imagewait" "$HOME/$imagelock" "$runtime" image rm "$image" >/dev/null 2>&1 || true ;; esac; done"#;
 
-/// How long removing a session's `-uid` image waits for running `devcontainer up`s, seconds.
-pub const IMAGE_LOCK_WAIT_SECS: u32 = 120;
+/// How long removing a session's `-uid` image waits for running `devcontainer up`s, seconds
+/// (in the background: the session's cleanup does not wait for it).
+pub const IMAGE_LOCK_WAIT_SECS: u32 = 300;
 
 /// The image lock file, relative to the VM user's home: beside the sessions' directories.
 fn image_lock_path(layout: &ContainerLayout) -> String {
@@ -962,8 +966,12 @@ mod tests {
         // The script's own line, with a runtime that reports what it is asked to remove.
         let matches = |image: &str| {
             let home = tempfile::tempdir().expect("home");
+            let fake = home.path().join("fake-runtime");
+            std::fs::write(&fake, "#!/bin/sh\necho \"$*\" >> \"$HOME/calls\"\n").expect("fake");
+            std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod");
             let script = format!(
-                r#"exec 3>&1; fake() {{ echo "$*" >&3; }}; runtime=fake; imagelock=images.lock; imagewait=5; images="$1"; {REMOVE_UID_IMAGES}"#
+                r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=5; images="$1"; {REMOVE_UID_IMAGES}; cat "$HOME/calls" 2>/dev/null"#
             );
             let out = std::process::Command::new("bash")
                 .args(["-c", &script, "probe", image])
@@ -1017,8 +1025,12 @@ mod tests {
         {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        let fake = home.path().join("fake-runtime");
+        std::fs::write(&fake, "#!/bin/sh\necho \"rm $3\" >> \"$log\"\n").expect("fake");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
         let script = format!(
-            r#"fake() {{ echo "rm $3" >> "$log"; }}; runtime=fake; imagelock=images.lock; imagewait=30; images="localhost/vsc-w-1-uid"; {REMOVE_UID_IMAGES}"#
+            r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=30; images="localhost/vsc-w-1-uid"; {REMOVE_UID_IMAGES}"#
         );
         let out = std::process::Command::new("bash")
             .args(["-c", &script])

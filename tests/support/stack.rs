@@ -364,12 +364,13 @@ impl Drop for Stack {
                 }
                 // Image removals hold the bot's image lock, as the bot's own do: rootless
                 // podman fails other sessions' `devcontainer up` (a spurious `podman pull` of
-                // the sandbox image) when an image is removed under them.
-                cleanup.raw(r#"mkdir -p "$HOME/.local/share/session-manager"; exec 9>>"$HOME/.local/share/session-manager/images.lock"; flock --exclusive --wait 120 9 || true"#);
+                // the sandbox image) when an image is removed under them. Bounded well within
+                // this command's timeout; the lock is never inherited by podman.
+                cleanup.raw(r#"mkdir -p "$HOME/.local/share/session-manager"; sm_rmi() { flock --close --exclusive --wait 20 "$HOME/.local/share/session-manager/images.lock" podman image rm "$1" >/dev/null 2>&1 || true; }"#);
                 // A container, the -uid image `devcontainer up` built for its workspace (as
                 // the bot's own cleanup removes it) and the image that one was built on when
                 // it is a per-workspace one too (a repository's Dockerfile).
-                cleanup.raw(r#"sm_rm() { image=$(podman inspect --format '{{.ImageName}}' "$1" 2>/dev/null) || image=; podman rm -f "$1" >/dev/null 2>&1 || true; case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) podman image rm "$image" >/dev/null 2>&1 || true; base=${image%-uid*}; case "$base" in vsc-*|*/vsc-*) podman image rm "$base" >/dev/null 2>&1 || true ;; esac ;; esac; }"#);
+                cleanup.raw(r#"sm_rm() { image=$(podman inspect --format '{{.ImageName}}' "$1" 2>/dev/null) || image=; podman rm -f "$1" >/dev/null 2>&1 || true; case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) sm_rmi "$image"; base=${image%-uid*}; case "$base" in vsc-*|*/vsc-*) sm_rmi "$base" ;; esac ;; esac; }"#);
                 cleanup.raw(r#"for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) sm_rm "$id" ;; esac; done"#);
                 for (id, workspace) in &sessions {
                     if cleanup.set("sid", id).is_err()
@@ -382,7 +383,7 @@ impl Drop for Stack {
                     // The images `devcontainer up` names after the workspace folder
                     // (vsc-<basename>-<sha256 of the path>), a repository's built image among
                     // them, once no container uses them.
-                    cleanup.raw(r#"if [ -n "$ws" ]; then name="vsc-$(basename "$ws" | tr '[:upper:]' '[:lower:]')-$(printf '%s' "$ws" | sha256sum | cut -d' ' -f1)"; podman image rm "$name-uid" >/dev/null 2>&1 || true; podman image rm "$name" >/dev/null 2>&1 || true; fi"#);
+                    cleanup.raw(r#"if [ -n "$ws" ]; then name="vsc-$(basename "$ws" | tr '[:upper:]' '[:lower:]')-$(printf '%s' "$ws" | sha256sum | cut -d' ' -f1)"; sm_rmi "$name-uid"; sm_rmi "$name"; fi"#);
                 }
                 cleanup.raw(r#"rm -rf "$root" 2>/dev/null || podman unshare rm -rf "$root""#);
                 let _ = vm.run(&cleanup).await;
