@@ -138,11 +138,15 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
     image
         .raw_then("podman image exists", &[uid_image.as_str()])
         .expect("q");
-    assert_eq!(
-        stack.vm_run(&image).await.status,
-        Some(1),
-        "the workspace's -uid image is removed with it"
-    );
+    // Removed in the background once no `devcontainer up` runs (the image lock).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stack.vm_run(&image).await.status != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the workspace's -uid image is removed with it"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let mut sandbox = Script::new();
     sandbox
         .raw_then(
