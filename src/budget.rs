@@ -17,16 +17,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::access::{Act, Roles};
 use crate::approval::signing;
-use crate::chat::{
-    ActionCard, CardAction, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply,
-};
+use crate::chat::{ActionCard, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply};
 use crate::session::short_id;
 use crate::store::{Session, SessionKind, Store, StoreError};
 
@@ -295,26 +292,15 @@ impl Budgets {
                 ]
                 .into_iter()
                 .map(|(action, label, style)| {
-                    let mut context = Map::new();
-                    context.insert("kind".into(), json!(CARD_KIND));
-                    context.insert("request_id".into(), json!(state.owner.id));
-                    context.insert("action".into(), json!(action));
-                    context.insert("expires".into(), json!(cap));
-                    context.insert(
-                        "signature".into(),
-                        json!(signing::sign(
-                            &self.config.secret,
-                            &state.owner.id,
-                            action,
-                            cap
-                        )),
-                    );
-                    CardAction {
-                        id: action.to_owned(),
+                    signing::signed_action(
+                        &self.config.secret,
+                        CARD_KIND,
+                        &state.owner.id,
+                        action,
+                        cap,
                         label,
-                        style: style.to_owned(),
-                        context,
-                    }
+                        style,
+                    )
                 })
                 .collect()
             }
@@ -329,22 +315,13 @@ impl Budgets {
     }
 
     async fn decide(&self, click: CardClick) -> Result<ClickReply, ClickError> {
-        let field = |k: &str| click.context.get(k);
         // The signed `expires` of a budget card is the cap it was posted for, in cents.
-        let (Some(owner_id), Some(action), Some(cap), Some(signature)) = (
-            field("request_id").and_then(Value::as_str),
-            field("action").and_then(Value::as_str),
-            field("expires").and_then(Value::as_i64),
-            field("signature").and_then(Value::as_str),
-        ) else {
-            return Err(ClickError::BadRequest(
-                "context must carry request_id, action, expires and signature".into(),
-            ));
-        };
-        if !signing::verify(&self.config.secret, owner_id, action, cap, signature) {
-            warn!(owner = owner_id, user = %click.user_id, "refused a budget click with a bad signature");
-            return Err(ClickError::Forbidden);
-        }
+        let (owner_id, action, cap) = signing::verified_click(&self.config.secret, &click.context)
+            .inspect_err(|e| {
+                if *e == ClickError::Forbidden {
+                    warn!(user = %click.user_id, "refused a budget click with a bad signature");
+                }
+            })?;
         let unavailable = |e: StoreError| {
             warn!(error = %e, "cannot read a budget");
             ClickError::Unavailable

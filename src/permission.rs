@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,8 +39,7 @@ use tracing::{info, warn};
 use crate::access::{Act, Roles};
 use crate::approval::signing;
 use crate::chat::{
-    ActionCard, CardAction, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply,
-    PostRef,
+    ActionCard, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply, PostRef,
 };
 use crate::session::short_id;
 use crate::store::{now_ms, AuditEntry, Session, Store};
@@ -465,21 +464,15 @@ impl Permissions {
                 buttons
                     .into_iter()
                     .map(|(action, label, style)| {
-                        let mut context = Map::new();
-                        context.insert("kind".into(), json!(CARD_KIND));
-                        context.insert("request_id".into(), json!(id));
-                        context.insert("action".into(), json!(action));
-                        context.insert("expires".into(), json!(expires_at));
-                        context.insert(
-                            "signature".into(),
-                            json!(signing::sign(&self.config.secret, id, action, expires_at)),
-                        );
-                        CardAction {
-                            id: action.to_owned(),
+                        signing::signed_action(
+                            &self.config.secret,
+                            CARD_KIND,
+                            id,
+                            action,
+                            expires_at,
                             label,
-                            style: style.to_owned(),
-                            context,
-                        }
+                            style,
+                        )
                     })
                     .collect()
             }
@@ -508,21 +501,12 @@ impl Permissions {
     }
 
     async fn decide(&self, click: CardClick) -> Result<ClickReply, ClickError> {
-        let field = |k: &str| click.context.get(k);
-        let (Some(id), Some(action), Some(expires), Some(signature)) = (
-            field("request_id").and_then(Value::as_str),
-            field("action").and_then(Value::as_str),
-            field("expires").and_then(Value::as_i64),
-            field("signature").and_then(Value::as_str),
-        ) else {
-            return Err(ClickError::BadRequest(
-                "context must carry request_id, action, expires and signature".into(),
-            ));
-        };
-        if !signing::verify(&self.config.secret, id, action, expires, signature) {
-            warn!(question = id, user = %click.user_id, "refused a permission click with a bad signature");
-            return Err(ClickError::Forbidden);
-        }
+        let (id, action, _) = signing::verified_click(&self.config.secret, &click.context)
+            .inspect_err(|e| {
+                if *e == ClickError::Forbidden {
+                    warn!(user = %click.user_id, "refused a permission click with a bad signature");
+                }
+            })?;
         if ![ACTION_ALLOW, ACTION_ALLOW_SESSION, ACTION_DENY].contains(&action) {
             return Err(ClickError::BadRequest(format!("unknown action {action:?}")));
         }

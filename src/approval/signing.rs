@@ -51,6 +51,62 @@ pub fn verify(
         .is_ok()
 }
 
+/// A card button whose context carries the card `kind`, `request_id`, `action`, `expires` and
+/// the signature of those three ([`sign`]); what [`verified_click`] reads back.
+pub fn signed_action(
+    secret: &SecretString,
+    kind: &str,
+    request_id: &str,
+    action: &str,
+    expires: i64,
+    label: String,
+    style: &str,
+) -> crate::chat::CardAction {
+    let mut context = serde_json::Map::new();
+    context.insert("kind".into(), serde_json::json!(kind));
+    context.insert("request_id".into(), serde_json::json!(request_id));
+    context.insert("action".into(), serde_json::json!(action));
+    context.insert("expires".into(), serde_json::json!(expires));
+    context.insert(
+        "signature".into(),
+        serde_json::json!(sign(secret, request_id, action, expires)),
+    );
+    crate::chat::CardAction {
+        id: action.to_owned(),
+        label,
+        style: style.to_owned(),
+        context,
+    }
+}
+
+/// The `(request_id, action, expires)` of a click on a [`signed_action`] button.
+///
+/// # Errors
+/// [`ClickError::BadRequest`](crate::chat::ClickError::BadRequest) when a field is missing,
+/// [`ClickError::Forbidden`](crate::chat::ClickError::Forbidden) when the signature does not
+/// match.
+pub fn verified_click<'a>(
+    secret: &SecretString,
+    context: &'a serde_json::Map<String, serde_json::Value>,
+) -> Result<(&'a str, &'a str, i64), crate::chat::ClickError> {
+    let field = |k: &str| context.get(k);
+    let (Some(request_id), Some(action), Some(expires), Some(signature)) = (
+        field("request_id").and_then(serde_json::Value::as_str),
+        field("action").and_then(serde_json::Value::as_str),
+        field("expires").and_then(serde_json::Value::as_i64),
+        field("signature").and_then(serde_json::Value::as_str),
+    ) else {
+        return Err(crate::chat::ClickError::BadRequest(
+            "context must carry request_id, action, expires and signature".into(),
+        ));
+    };
+    if verify(secret, request_id, action, expires, signature) {
+        Ok((request_id, action, expires))
+    } else {
+        Err(crate::chat::ClickError::Forbidden)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +165,42 @@ mod tests {
         // Without length prefixes these two would hash the same bytes.
         assert_ne!(sign(&k, "ab", "c", 1), sign(&k, "a", "bc", 1));
         assert_ne!(sign(&k, "a1", "", 2), sign(&k, "a", "12", 0));
+    }
+
+    #[test]
+    fn a_signed_button_reads_back_and_a_tampered_one_is_refused() {
+        let key = secret("a-secret-of-enough-length-for-tests");
+        let button = signed_action(
+            &key,
+            "tool",
+            "perm-1",
+            "allowonce",
+            99,
+            "Allow".into(),
+            "good",
+        );
+        assert_eq!(button.context["kind"], "tool");
+        assert_eq!(
+            verified_click(&key, &button.context),
+            Ok(("perm-1", "allowonce", 99))
+        );
+        let mut forged = button.context.clone();
+        forged.insert("action".into(), serde_json::json!("allowsession"));
+        assert_eq!(
+            verified_click(&key, &forged),
+            Err(crate::chat::ClickError::Forbidden),
+            "another action with the same signature"
+        );
+        let other = secret("another-secret-of-enough-length-xx");
+        assert_eq!(
+            verified_click(&other, &button.context),
+            Err(crate::chat::ClickError::Forbidden)
+        );
+        let mut bare = button.context.clone();
+        bare.remove("signature");
+        assert!(matches!(
+            verified_click(&key, &bare),
+            Err(crate::chat::ClickError::BadRequest(_))
+        ));
     }
 }
