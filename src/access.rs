@@ -145,6 +145,7 @@ mod tests {
             stats: SessionStats::default(),
             permission_mode: None,
             budget_added_usd: 0.0,
+            profile: None,
             created_at: 0,
             updated_at: 0,
             last_activity_at: 0,

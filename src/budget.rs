@@ -96,6 +96,7 @@ pub async fn budgets_of(
     session: &Session,
 ) -> Result<Vec<BudgetState>, StoreError> {
     let mut out = Vec::new();
+    let limits = limits_of(limits, session);
     if let Some(step) = limits.session {
         // The session's own row, fresh (the actor's copy does not follow the costs).
         let own = store
@@ -138,10 +139,22 @@ pub async fn budgets_of(
     Ok(out)
 }
 
+/// The caps that apply to `session`: its profile's own budget (`budget_usd`) in place of
+/// `SM_SESSION_BUDGET_USD`, the configured family cap.
+pub fn limits_of(limits: BudgetLimits, session: &Session) -> BudgetLimits {
+    match &session.profile {
+        Some(profile) => BudgetLimits {
+            session: profile.session_budget(limits.session),
+            ..limits
+        },
+        None => limits,
+    }
+}
+
 /// The first budget of `session` whose cap is reached, if any (storage errors count as
 /// not reached: a database outage does not hold sessions).
 pub async fn over(store: &Store, limits: BudgetLimits, session: &Session) -> Option<BudgetState> {
-    if !limits.any() {
+    if !limits_of(limits, session).any() {
         return None;
     }
     match budgets_of(store, limits, session).await {
@@ -350,16 +363,15 @@ impl Budgets {
         if !owner.state().is_active() {
             return Ok(ClickReply::Notice("This session has ended.".into()));
         }
-        let scope = if owner.kind == SessionKind::Orchestrator
-            && self.config.limits.orchestrator.is_some()
-        {
+        let limits = limits_of(self.config.limits, &owner);
+        let scope = if owner.kind == SessionKind::Orchestrator && limits.orchestrator.is_some() {
             BudgetScope::Orchestrator
         } else {
             BudgetScope::Session
         };
         let step = match scope {
-            BudgetScope::Orchestrator => self.config.limits.orchestrator,
-            BudgetScope::Session => self.config.limits.session,
+            BudgetScope::Orchestrator => limits.orchestrator,
+            BudgetScope::Session => limits.session,
         }
         .unwrap_or(0.0);
         let by = format!("@{}", click.user_name);
@@ -367,7 +379,7 @@ impl Budgets {
             ACTION_ADD => {
                 // N more dollars from what was spent (the turn that crossed the cap may have
                 // gone past it); single use: it applies only while the cap is the card's.
-                let spent = budgets_of(&self.store, self.config.limits, &owner)
+                let spent = budgets_of(&self.store, limits, &owner)
                     .await
                     .map_err(unavailable)?
                     .into_iter()

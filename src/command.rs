@@ -33,8 +33,9 @@
 //!
 //! | text | value |
 //! |------|-------|
-//! | `start org/repo[@branch] [--worktree[=name]]` | [`Command::Start`] |
-//! | `orchestrate org/repo[@branch]` | [`Command::Orchestrate`] |
+//! | `start org/repo[@branch] [--worktree[=name]] [--profile=name]` | [`Command::Start`] |
+//! | `orchestrate org/repo[@branch] [--profile=name]` | [`Command::Orchestrate`] |
+//! | `profile` (in a session thread: that session's) | [`Command::Profile`] |
 //! | `stop <id-prefix>` (bare `stop` in a session thread) | [`Command::Stop`] |
 //! | `status [all]`, `help` | [`Command::Status`], [`Command::Help`] |
 //! | `invite @user`, `kick @user` (session thread only) | [`Command::Invite`], [`Command::Kick`] |
@@ -216,13 +217,15 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         kind: CommandKind::Start,
         word: "start",
         args: &[REPO_ARG],
-        options: &[WORKTREE],
+        options: &[WORKTREE, PROFILE],
         summary: "start a Claude Code session on a repository; `@branch` picks the branch, \
-                  `--worktree` runs it in its own git worktree (`--worktree=name` names it)",
+                  `--worktree` runs it in its own git worktree (`--worktree=name` names it), \
+                  `--profile=name` picks one of the operator's profiles",
         build: |values| {
             Some(Command::Start {
                 repo: values.repo?,
                 worktree: values.worktree,
+                profile: values.profile,
             })
         },
         ..CommandSpec::DEFAULT
@@ -231,8 +234,14 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         kind: CommandKind::Orchestrate,
         word: "orchestrate",
         args: &[REPO_ARG],
-        summary: "start an orchestrator session on a repository",
-        build: |values| Some(Command::Orchestrate { repo: values.repo? }),
+        options: &[PROFILE],
+        summary: "start an orchestrator session on a repository (`--profile=name` picks a profile)",
+        build: |values| {
+            Some(Command::Orchestrate {
+                repo: values.repo?,
+                profile: values.profile,
+            })
+        },
         ..CommandSpec::DEFAULT
     },
     CommandSpec {
@@ -385,6 +394,15 @@ static SPECS: [CommandSpec; CommandKind::COUNT] = [
         build: |values| Some(Command::Mode { mode: values.mode }),
         ..CommandSpec::DEFAULT
     },
+    CommandSpec {
+        kind: CommandKind::Profile,
+        word: "profile",
+        aliases: &["profiles"],
+        summary: "list the profiles you may pick with `start … --profile=name`",
+        thread_summary: Some("show the profile this session runs with"),
+        build: |_| Some(Command::Profile),
+        ..CommandSpec::DEFAULT
+    },
 ];
 
 /// The argument of `mode`: a permission mode, or none to show the current one.
@@ -510,6 +528,23 @@ const REPO: ValueKind = ValueKind {
     },
 };
 
+/// `--profile=name` of `start` and `orchestrate`.
+const PROFILE: OptionSpec = OptionSpec {
+    flag: PROFILE_FLAG,
+    value: ValueKind {
+        placeholder: "name",
+        noun: "profile name",
+        parse: |text, _, values| {
+            values.profile = Some(ProfileName::parse(text)?);
+            Ok(())
+        },
+    },
+    bare: Bare::Error(|command| CommandError::MissingProfileName { command }),
+};
+
+/// The `--profile` option as written in usage texts and errors.
+const PROFILE_FLAG: &str = "--profile";
+
 /// The `--worktree` option as written in usage texts and errors.
 const WORKTREE_FLAG: &str = "--worktree";
 
@@ -627,7 +662,6 @@ enum Bare {
         detached: DetachedError,
     },
     /// Nothing: the option needs `=value` (e.g. `--profile=name`).
-    #[cfg_attr(not(test), allow(dead_code))] // for coming options; see the tests
     Error(fn(CommandKind) -> CommandError),
 }
 
@@ -656,6 +690,8 @@ struct Values {
     id_prefix: Option<IdPrefix>,
     /// The `--worktree` option.
     worktree: Option<WorktreeChoice>,
+    /// The `--profile` option.
+    profile: Option<ProfileName>,
     /// A user argument.
     user: Option<UserName>,
     /// A domain argument, normalised.
@@ -703,18 +739,22 @@ impl ArgSpec {
 /// space and parsing it in the same kind of context gives the same value back.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Command {
-    /// `start org/repo[@branch] [--worktree[=name]]`: start a Claude Code
+    /// `start org/repo[@branch] [--worktree[=name]] [--profile=name]`: start a Claude Code
     /// session on a repository.
     Start {
         /// The repository (organisation filled in from the default if omitted).
         repo: RepoRef,
         /// `None`: work in the main checkout; otherwise use a git worktree.
         worktree: Option<WorktreeChoice>,
+        /// `--profile=name`; `None`: the `default` profile, if there is one.
+        profile: Option<ProfileName>,
     },
-    /// `orchestrate org/repo[@branch]`: start an orchestrator session.
+    /// `orchestrate org/repo[@branch] [--profile=name]`: start an orchestrator session.
     Orchestrate {
         /// The repository (organisation filled in from the default if omitted).
         repo: RepoRef,
+        /// `--profile=name`; `None`: the `default` profile, if there is one.
+        profile: Option<ProfileName>,
     },
     /// `stop <id-prefix>`, or bare `stop` in a session thread.
     Stop {
@@ -769,6 +809,9 @@ pub enum Command {
         /// The new mode; `None` shows the current one.
         mode: Option<PermissionMode>,
     },
+    /// `profile` (also `profiles`): in a session thread, the session's profile; elsewhere,
+    /// the profiles the asker may pick.
+    Profile,
 }
 
 impl Command {
@@ -793,6 +836,7 @@ impl Command {
             Command::Revoke { .. } => CommandKind::Revoke,
             Command::Mode { .. } => CommandKind::Mode,
             Command::Cost => CommandKind::Cost,
+            Command::Profile => CommandKind::Profile,
         }
     }
 }
@@ -800,15 +844,29 @@ impl Command {
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Start { repo, worktree } => {
+            Command::Start {
+                repo,
+                worktree,
+                profile,
+            } => {
                 write!(f, "start {repo}")?;
                 match worktree {
+                    None => {}
+                    Some(WorktreeChoice::Auto) => write!(f, " {WORKTREE_FLAG}")?,
+                    Some(WorktreeChoice::Named(name)) => write!(f, " {WORKTREE_FLAG}={name}")?,
+                }
+                match profile {
                     None => Ok(()),
-                    Some(WorktreeChoice::Auto) => write!(f, " {WORKTREE_FLAG}"),
-                    Some(WorktreeChoice::Named(name)) => write!(f, " {WORKTREE_FLAG}={name}"),
+                    Some(name) => write!(f, " {PROFILE_FLAG}={name}"),
                 }
             }
-            Command::Orchestrate { repo } => write!(f, "orchestrate {repo}"),
+            Command::Orchestrate { repo, profile } => {
+                write!(f, "orchestrate {repo}")?;
+                match profile {
+                    None => Ok(()),
+                    Some(name) => write!(f, " {PROFILE_FLAG}={name}"),
+                }
+            }
             Command::Stop { target: Some(id) } => write!(f, "stop {id}"),
             Command::Status { all: true } => f.write_str("status all"),
             Command::Invite { user } => write!(f, "invite {user}"),
@@ -870,6 +928,8 @@ pub enum CommandKind {
     Cost,
     /// `mode` (session thread only)
     Mode,
+    /// `profile`
+    Profile,
 }
 
 impl CommandKind {
@@ -910,7 +970,7 @@ impl CommandKind {
     }
 
     /// Markdown showing the accepted form(s) of the command, e.g.
-    /// ``"`@claude start org/repo[@branch] [--worktree[=name]]`"``.
+    /// ``"`@claude start org/repo[@branch] [--worktree[=name]] [--profile=name]`"``.
     #[must_use]
     pub fn usage(self, trigger: &str) -> String {
         self.spec().usage(trigger)
@@ -1048,7 +1108,7 @@ fn split_option(token: &str) -> Option<(&str, Option<&str>)> {
 
 impl CommandSpec {
     /// The form of the command without the trigger, e.g.
-    /// `start org/repo[@branch] [--worktree[=name]]`. Arguments a session
+    /// `start org/repo[@branch] [--worktree[=name]] [--profile=name]`. Arguments a session
     /// thread may leave out are in brackets when `in_session_thread`.
     fn synopsis(&self, in_session_thread: bool) -> String {
         let mut out = self.word.to_owned();
@@ -1522,6 +1582,24 @@ fn validate_worktree(value: &str) -> Result<(), InvalidReason> {
 
 validated_string!(WorktreeName, BadWorktree, validate_worktree);
 
+/// A profile name (`--profile=name`, a `[profile.<name>]` of `SM_PROFILES_FILE`): 1–64
+/// ASCII letters, digits, `_` and `-`, not starting with `-`.
+///
+/// Built only by [`ProfileName::parse`] / [`FromStr`]; errors are
+/// [`CommandError::BadProfile`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProfileName(String);
+
+fn validate_profile(value: &str) -> Result<(), InvalidReason> {
+    check_length(value, crate::profile::MAX_NAME_LEN)?;
+    check_alphabet(value, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '_' | '-')
+    })?;
+    check_start(value, &['-'])
+}
+
+validated_string!(ProfileName, BadProfile, validate_profile);
+
 /// A chat user as named in a command: `@name` or `name`, 1–64 ASCII letters,
 /// digits, `.`, `_` and `-` after the optional `@`, not starting with `-`
 /// (Mattermost usernames are a subset). The `@` is not part of the value.
@@ -1886,6 +1964,20 @@ pub enum CommandError {
         /// What is wrong with it.
         reason: InvalidReason,
     },
+    /// Invalid profile name.
+    #[error("Invalid profile name {}: {reason}.", quote(.value))]
+    BadProfile {
+        /// The value as typed.
+        value: String,
+        /// What is wrong with it.
+        reason: InvalidReason,
+    },
+    /// `--profile` without `=name`.
+    #[error("`--profile` needs a name: write `--profile=name`.")]
+    MissingProfileName {
+        /// The command.
+        command: CommandKind,
+    },
     /// `invite` / `kick` without a user.
     #[error("`{command}` needs a user, e.g. `@alice`.")]
     MissingUser {
@@ -2000,7 +2092,7 @@ impl CommandError {
     /// A Markdown reply for the chat: the problem (the [`fmt::Display`] text)
     /// in bold-prefixed form, a blank line, and the correct form(s) of the
     /// command using `trigger`, e.g.
-    /// ``"Usage: `@claude start org/repo[@branch] [--worktree[=name]]`"``.
+    /// ``"Usage: `@claude start org/repo[@branch] [--worktree[=name]] [--profile=name]`"``.
     ///
     /// Never empty; the only control character it contains is `\n`.
     #[must_use]
@@ -2047,7 +2139,13 @@ impl CommandError {
             | CommandError::UnexpectedArgument { command, .. }
             | CommandError::ThreadOnly { command }
             | CommandError::MissingUser { command }
-            | CommandError::MissingDomain { command } => usage(*command),
+            | CommandError::MissingDomain { command }
+            | CommandError::MissingProfileName { command } => usage(*command),
+            CommandError::BadProfile { .. } => format!(
+                "Profile names use letters, digits, `_` and `-`; {} lists the ones you may pick. {}",
+                code_call(trigger, "profile"),
+                usage(CommandKind::Start)
+            ),
             CommandError::BadDomain { .. } => usage(CommandKind::Revoke),
             CommandError::BadMode { .. } => usage(CommandKind::Mode),
             CommandError::BadUser { .. } => format!(

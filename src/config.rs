@@ -198,6 +198,42 @@ pub struct Settings {
     /// Non-fatal remarks found during validation (legacy settings and the like), to be logged.
     #[arg(skip)]
     pub warnings: Vec<String>,
+    /// The profiles of `SM_PROFILES_FILE`, read and checked; empty without the file.
+    #[arg(skip)]
+    pub profiles: crate::profile::Profiles,
+}
+
+impl Settings {
+    /// How the web console is reached: `SM_CONSOLE_AUTH`, or when unset `link` without a chat
+    /// platform (one-machine mode) and `off` with one.
+    pub fn console_auth(&self) -> ConsoleAuth {
+        self.http
+            .console_auth
+            .unwrap_or(if self.has_chat_platform() {
+                ConsoleAuth::Off
+            } else {
+                ConsoleAuth::Link
+            })
+    }
+
+    /// Where the HTTP server listens: `SM_LISTEN_ADDR`, else `0.0.0.0:8000`, or
+    /// `127.0.0.1:8000` in one-machine mode.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.http.listen_addr.unwrap_or_else(|| {
+            let ip = if self.has_chat_platform() {
+                IpAddr::from([0, 0, 0, 0])
+            } else {
+                IpAddr::from([127, 0, 0, 1])
+            };
+            SocketAddr::new(ip, 8000)
+        })
+    }
+
+    /// Whether Mattermost or Teams is configured (otherwise the console is the only chat
+    /// surface).
+    pub fn has_chat_platform(&self) -> bool {
+        self.mattermost.is_some() || self.teams.enabled()
+    }
 }
 
 /// What to set for each Mattermost setting when Mattermost is configured (or no platform is).
@@ -215,7 +251,8 @@ const MATTERMOST_REQUIRED: [(&str, &str); 3] = [
 #[derive(Debug, Clone, Args)]
 pub struct MattermostSettings {
     /// Mattermost server base URL, e.g. `https://chat.example.com`. Setting it enables
-    /// Mattermost; required unless SM_TEAMS_APP_ID is set.
+    /// Mattermost. With neither it nor SM_TEAMS_APP_ID set, the bot runs in one-machine mode:
+    /// the web console is the chat surface.
     #[arg(
         id = "mattermost_url",
         long = "mattermost-url",
@@ -338,7 +375,9 @@ impl TeamsSettings {
 /// `SM_VM_*` and `SM_SSH_TIMEOUT_SECS`: the VM and how the bot logs in.
 #[derive(Debug, Clone, Args)]
 pub struct VmSettings {
-    /// Host name or IP address of the VM that runs the devcontainers (required).
+    /// Host name or IP address of the VM that runs the devcontainers (required with a chat
+    /// platform); `local` runs them on this machine as the bot's own user, without SSH (the
+    /// default in one-machine mode; `scripts/setup-local` installs what that needs).
     #[arg(
         id = "vm_host",
         long = "vm-host",
@@ -648,6 +687,18 @@ pub struct ContainerSettings {
         value_parser = dollars
     )]
     pub orchestrator_budget_usd: f64,
+    /// Profiles file (TOML): named sets of session settings (model, permission mode, allowed
+    /// and denied tools, budget, idle time, fallback image, extra environment names, who may
+    /// pick it) that `start org/repo --profile=name` picks; the `default` profile applies
+    /// otherwise. Read and checked at start; every problem in it is reported.
+    #[arg(
+        id = "profiles_file",
+        long = "profiles-file",
+        env = "SM_PROFILES_FILE",
+        value_name = "PATH",
+        value_parser = file_path
+    )]
+    pub profiles_file: Option<PathBuf>,
     /// Most sessions one orchestrator may run at once.
     #[arg(
         id = "max_child_sessions",
@@ -952,6 +1003,13 @@ impl RepoAllowlist {
     }
 }
 
+impl FirewallSettings {
+    /// Whether OPNsense is configured (`SM_OPNSENSE_URL` and its credentials).
+    pub fn enabled(&self) -> bool {
+        self.url.is_some() && self.key.is_some() && self.secret.is_some()
+    }
+}
+
 impl Settings {
     /// The effective repository allowlist: `SM_ALLOWED_REPOS`, else `SM_DEFAULT_ORG/*`, else
     /// any repository.
@@ -970,35 +1028,36 @@ impl Settings {
 /// [`OpnsenseClient::new`](crate::firewall::opnsense::OpnsenseClient::new) takes).
 #[derive(Debug, Clone, Args)]
 pub struct FirewallSettings {
-    /// OPNsense base URL, e.g. `https://fw.example.com` (required).
+    /// OPNsense base URL, e.g. `https://fw.example.com`. Unset: network requests are still
+    /// asked and decided, but nothing enforces the decisions (a warning at start says so).
     #[arg(
         id = "opnsense_url",
         long = "opnsense-url",
         env = "SM_OPNSENSE_URL",
         value_name = "URL",
-        value_parser = required("the OPNsense base URL, e.g. https://fw.example.com", http_url)
+        value_parser = http_url
     )]
-    pub url: Url,
-    /// OPNsense API key (required, secret).
+    pub url: Option<Url>,
+    /// OPNsense API key (secret; required with SM_OPNSENSE_URL).
     #[arg(
         id = "opnsense_key",
         long = "opnsense-key",
         env = "SM_OPNSENSE_KEY",
         hide_env_values = true,
         value_name = "KEY",
-        value_parser = required("the OPNsense API key", secret_token)
+        value_parser = secret_token
     )]
-    pub key: SecretString,
-    /// OPNsense API secret (required, secret).
+    pub key: Option<SecretString>,
+    /// OPNsense API secret (secret; required with SM_OPNSENSE_URL).
     #[arg(
         id = "opnsense_secret",
         long = "opnsense-secret",
         env = "SM_OPNSENSE_SECRET",
         hide_env_values = true,
         value_name = "SECRET",
-        value_parser = required("the OPNsense API secret", secret_token)
+        value_parser = secret_token
     )]
-    pub secret: SecretString,
+    pub secret: Option<SecretString>,
     /// Name of the OPNsense host alias that holds the approved domains.
     #[arg(
         id = "opnsense_alias",
@@ -1125,7 +1184,9 @@ fn socket_address(v: &str) -> Result<std::net::SocketAddr, String> {
 /// `SM_CALLBACK_*` and `SM_APPROVAL_TTL_SECS`: signed approval callbacks.
 #[derive(Debug, Clone, Args)]
 pub struct CallbackSettings {
-    /// HMAC-SHA256 key that signs approval buttons (required, secret, at least 32 characters).
+    /// HMAC-SHA256 key that signs approval buttons (secret, at least 32 characters; required
+    /// with a chat platform; in one-machine mode, unset means a key made at the first start
+    /// and kept in the database).
     #[arg(
         id = "callback_secret",
         long = "callback-secret",
@@ -1158,21 +1219,26 @@ pub struct CallbackSettings {
         value_parser = http_url
     )]
     pub url: Url,
+    /// Whether `secret` was made at this start because `SM_CALLBACK_SECRET` is unset in
+    /// one-machine mode; `serve` then uses the key kept in the database instead
+    /// ([`crate::store::Store::instance_key`]), so cards signed before a restart still verify.
+    #[arg(skip)]
+    pub secret_made: bool,
 }
 
 /// The HTTP server.
 #[derive(Debug, Clone, Args)]
 pub struct HttpSettings {
-    /// Address the HTTP server listens on.
+    /// Address the HTTP server listens on. Unset: 0.0.0.0:8000, or 127.0.0.1:8000 when no
+    /// chat platform is configured (one-machine mode: the console is for this machine only).
     #[arg(
         id = "listen_addr",
         long = "listen-addr",
         env = "SM_LISTEN_ADDR",
-        default_value = "0.0.0.0:8000",
         value_name = "ADDR",
         value_parser = socket_addr
     )]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: Option<SocketAddr>,
     /// Address for chat servers' requests alone (`/callback`), on a port of their own so a
     /// firewall or NetworkPolicy can admit them from the chat server only. Unset: they are
     /// served on SM_LISTEN_ADDR with `/health` and `/metrics`.
@@ -1215,6 +1281,94 @@ pub struct HttpSettings {
         value_parser = list_of(ip_net)
     )]
     pub trusted_proxies: std::vec::Vec<IpNet>,
+    /// Who may use the web console at `/`: link (a one-time login link printed at start, for
+    /// the person running the bot), token (SM_CONSOLE_TOKENS), proxy (a user header from an
+    /// authenticating reverse proxy in SM_TRUSTED_PROXIES) or off. Unset: link when no chat
+    /// platform is configured (one-machine mode), off otherwise.
+    #[arg(
+        id = "console_auth",
+        long = "console-auth",
+        env = "SM_CONSOLE_AUTH",
+        value_name = "MODE",
+        value_parser = console_auth
+    )]
+    pub console_auth: Option<ConsoleAuth>,
+    /// Console login tokens, comma-separated `token=user` pairs (secret); `user` is a chat user
+    /// id or username (resolved at start), or any name in one-machine mode. Required with
+    /// SM_CONSOLE_AUTH=token.
+    #[arg(
+        id = "console_tokens",
+        long = "console-tokens",
+        env = "SM_CONSOLE_TOKENS",
+        hide_env_values = true,
+        default_value = "",
+        value_name = "LIST",
+        value_parser = console_tokens
+    )]
+    pub console_tokens: std::vec::Vec<ConsoleToken>,
+    /// Who the login link logs in as (SM_CONSOLE_AUTH=link): a chat user id or username, so
+    /// that the console acts as that person on chat sessions, or any name in one-machine
+    /// mode. Unset: the user the bot runs as ($USER).
+    #[arg(
+        id = "console_operator",
+        long = "console-operator",
+        env = "SM_CONSOLE_OPERATOR",
+        value_name = "USER",
+        value_parser = console_user
+    )]
+    pub console_operator: Option<String>,
+    /// The request header an authenticating reverse proxy (e.g. oauth2-proxy) puts the user in,
+    /// with SM_CONSOLE_AUTH=proxy; trusted only from SM_TRUSTED_PROXIES.
+    #[arg(
+        id = "console_user_header",
+        long = "console-user-header",
+        env = "SM_CONSOLE_USER_HEADER",
+        default_value = "X-Forwarded-User",
+        value_name = "HEADER",
+        value_parser = header_name
+    )]
+    pub console_user_header: String,
+    /// Seconds the console keeps the thread of a session after it ended; older ones are
+    /// forgotten (hourly). 0 keeps them forever. An edited post's or card's versions between
+    /// its first and its latest are always dropped.
+    #[arg(
+        id = "console_retention_secs",
+        long = "console-retention-secs",
+        env = "SM_CONSOLE_RETENTION_SECS",
+        default_value = "2592000",
+        value_name = "SECS",
+        value_parser = seconds_or_never
+    )]
+    pub console_retention: Duration,
+}
+
+/// How people log in to the web console (`SM_CONSOLE_AUTH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::EnumString, strum::Display)]
+#[strum(serialize_all = "lowercase")]
+pub enum ConsoleAuth {
+    /// A random one-time login link printed at start (one-machine mode).
+    Link,
+    /// `SM_CONSOLE_TOKENS`: each token logs in as its user.
+    Token,
+    /// A user header set by an authenticating reverse proxy in `SM_TRUSTED_PROXIES`.
+    Proxy,
+    /// No console.
+    Off,
+}
+
+/// One `token=user` pair of `SM_CONSOLE_TOKENS`.
+#[derive(Clone)]
+pub struct ConsoleToken {
+    /// The secret token.
+    pub token: SecretString,
+    /// Who it logs in as (a chat user id or username).
+    pub user: String,
+}
+
+impl fmt::Debug for ConsoleToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConsoleToken(***={})", self.user)
+    }
 }
 
 /// Storage settings.
@@ -1468,7 +1622,9 @@ impl Settings {
                 parsed,
             });
         }
+        let made = one_machine_defaults(&mut values, &mut p);
         rules(&values, &mut p);
+        let profiles = profiles(&values, &mut p);
         if !p.problems.is_empty() {
             let position = |var: &str| setting_args().iter().position(|a| env_name(a) == var);
             p.problems.sort_by_key(|problem| position(problem.var));
@@ -1490,7 +1646,9 @@ impl Settings {
             }])
         })?;
         settings.database.is_default = values.get::<DatabaseUrl>("SM_DATABASE_URL").is_none();
+        settings.callback.secret_made = made.contains(&"SM_CALLBACK_SECRET");
         settings.warnings = p.warnings;
+        settings.profiles = profiles;
         Ok(settings)
     }
 }
@@ -1513,8 +1671,10 @@ fn is_placeholder(text: &str) -> bool {
 /// was checked on its own and read the values that passed (a wrong value is already
 /// reported).
 fn rules(v: &Values, p: &mut Problems) {
+    // `local`: this machine, no SSH (one-machine mode): no host key and no SSH key.
+    let local = v.get::<String>("SM_VM_HOST").as_deref() == Some(crate::runtime::ssh::LOCAL_HOST);
     // The VM's host key is pinned, unless accepting any key was asked for (said loudly).
-    if !v.is_set("SM_VM_KNOWN_HOSTS") {
+    if !local && !v.is_set("SM_VM_KNOWN_HOSTS") {
         match v.get::<bool>("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY") {
             Some(true) => p.warn("SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true: the VM's host key is NOT checked; anyone who can intercept the connection can impersonate the VM. Set SM_VM_KNOWN_HOSTS."),
             Some(false) => p.push("SM_VM_KNOWN_HOSTS", "is required: the VM's host key as a known_hosts line (ssh-keyscan -p PORT HOST) or the path of a known_hosts file; or set SM_VM_INSECURE_ACCEPT_NEW_HOST_KEY=true to skip the check (insecure)"),
@@ -1523,7 +1683,7 @@ fn rules(v: &Values, p: &mut Problems) {
     }
     // The bot's SSH key file is read now, so a missing or unreadable key is reported with the
     // other problems instead of at the first connection.
-    if !v.is_set("SM_VM_SSH_KEY") {
+    if !local && !v.is_set("SM_VM_SSH_KEY") {
         if let Some(path) = v.get::<PathBuf>("SM_VM_SSH_KEY_PATH") {
             if let Err(problem) = private_key_file(&path) {
                 p.push("SM_VM_SSH_KEY_PATH", problem);
@@ -1559,12 +1719,64 @@ fn rules(v: &Values, p: &mut Problems) {
         }
     }
     let mattermost = MATTERMOST_REQUIRED.iter().any(|(var, _)| v.is_set(var));
-    if mattermost || !teams {
+    // No chat platform: one-machine mode, the web console is the chat surface.
+    let console = v
+        .get::<ConsoleAuth>("SM_CONSOLE_AUTH")
+        .unwrap_or(if mattermost || teams {
+            ConsoleAuth::Off
+        } else {
+            ConsoleAuth::Link
+        });
+    if !mattermost && !teams && console == ConsoleAuth::Off {
+        for (var, what) in MATTERMOST_REQUIRED {
+            p.push(var, format!("is required: {what}; or leave SM_CONSOLE_AUTH unset to use the web console alone"));
+        }
+    }
+    match console {
+        ConsoleAuth::Token
+            if v.get::<Vec<ConsoleToken>>("SM_CONSOLE_TOKENS")
+                .is_none_or(|t| t.is_empty()) =>
+        {
+            p.push(
+                "SM_CONSOLE_TOKENS",
+                "is required with SM_CONSOLE_AUTH=token: comma-separated token=user pairs",
+            );
+        }
+        ConsoleAuth::Proxy
+            if v.get::<Vec<IpNet>>("SM_TRUSTED_PROXIES")
+                .is_none_or(|t| t.is_empty()) =>
+        {
+            p.push(
+                "SM_TRUSTED_PROXIES",
+                "is required with SM_CONSOLE_AUTH=proxy: the address of the authenticating reverse proxy (its user header is trusted from there only)",
+            );
+        }
+        _ => {}
+    }
+    if mattermost {
         for (var, what) in MATTERMOST_REQUIRED {
             if !v.is_set(var) {
                 p.push(var, format!("is required: {what}"));
             }
         }
+    }
+    // The firewall: all three together, or none (then nothing enforces an approval).
+    let firewall = ["SM_OPNSENSE_URL", "SM_OPNSENSE_KEY", "SM_OPNSENSE_SECRET"];
+    if firewall.iter().any(|var| v.is_set(var)) {
+        for (var, what) in firewall.iter().zip([
+            "the OPNsense base URL, e.g. https://fw.example.com",
+            "the OPNsense API key",
+            "the OPNsense API secret",
+        ]) {
+            if !v.is_set(var) {
+                p.push(
+                    var,
+                    format!("is required: {what} (the other OPNsense settings are set)"),
+                );
+            }
+        }
+    } else {
+        p.warn("SM_OPNSENSE_URL is unset: network requests are still asked and decided (cards, the audit log), but NOTHING ENFORCES the decisions: the sessions' egress is whatever the VM's own network allows. Set SM_OPNSENSE_URL, SM_OPNSENSE_KEY and SM_OPNSENSE_SECRET to apply them.");
     }
     // SM_PROJECTS is legacy: accepted and ignored, with a warning when it is not empty.
     let projects = v.get::<serde_json::Map<String, serde_json::Value>>("SM_PROJECTS");
@@ -1579,8 +1791,9 @@ fn rules(v: &Values, p: &mut Problems) {
         p.warn("SM_ALLOWED_REPOS and SM_DEFAULT_ORG are unset: any repository the VM's token can read may be opened in a session. Set SM_ALLOWED_REPOS (e.g. acme/*).");
     }
     // Chat servers' requests on a port of their own: it must be another port.
-    if let (Some(main), Some(callback)) = (
-        v.get::<SocketAddr>("SM_LISTEN_ADDR"),
+    if let (main, Some(callback)) = (
+        v.get::<SocketAddr>("SM_LISTEN_ADDR")
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8000))),
         v.get::<SocketAddr>("SM_CALLBACK_LISTEN_ADDR"),
     ) {
         if main.port() == callback.port() && main.port() != 0 {
@@ -1612,6 +1825,54 @@ fn rules(v: &Values, p: &mut Problems) {
     // Trusting repositories' devcontainer.json is the operator's explicit choice: say what it means.
     if v.get::<RepoConfigPolicy>("SM_REPO_DEVCONTAINER") == Some(RepoConfigPolicy::Trusted) {
         p.warn("SM_REPO_DEVCONTAINER=trusted: repositories' devcontainer.json are used as written; their initializeCommand runs on the VM and they may ask for privileges or mounts of the VM. Use it only when you own every repository the bot may open.");
+    }
+}
+
+/// One-machine mode (no chat platform) needs neither `SM_VM_HOST` (unset means `local`: this
+/// machine) nor `SM_CALLBACK_SECRET` (no chat server calls back; the console's cards are
+/// signed with a key made here, which `serve` replaces with the one kept in the database).
+/// Returns the settings it filled in.
+fn one_machine_defaults(values: &mut Values, p: &mut Problems) -> Vec<&'static str> {
+    let mut made = Vec::new();
+    let chat = MATTERMOST_REQUIRED
+        .iter()
+        .any(|(var, _)| values.is_set(var))
+        || values.is_set("SM_TEAMS_APP_ID");
+    if chat {
+        return made;
+    }
+    for (var, value) in [
+        ("SM_VM_HOST", crate::runtime::ssh::LOCAL_HOST.to_owned()),
+        ("SM_CALLBACK_SECRET", crate::console::auth::random_token()),
+    ] {
+        if values.is_set(var) {
+            continue;
+        }
+        let Some(checked) = values.0.iter_mut().find(|c| c.var == var) else {
+            continue;
+        };
+        checked.parsed = check(checked.arg, &value).ok();
+        checked.text = value;
+        p.problems.retain(|problem| problem.var != var);
+        made.push(var);
+    }
+    made
+}
+
+/// Reads and checks `SM_PROFILES_FILE` when it is set: each problem in the file is a problem
+/// of its own (all of them, not the first).
+fn profiles(v: &Values, p: &mut Problems) -> crate::profile::Profiles {
+    let Some(path) = v.get::<PathBuf>("SM_PROFILES_FILE") else {
+        return crate::profile::Profiles::default();
+    };
+    match crate::profile::Profiles::load(&path) {
+        Ok(profiles) => profiles,
+        Err(problems) => {
+            for problem in problems {
+                p.push("SM_PROFILES_FILE", format!("{}: {problem}", path.display()));
+            }
+            crate::profile::Profiles::default()
+        }
     }
 }
 
@@ -2036,6 +2297,71 @@ fn dollars(v: &str) -> Result<f64, String> {
     }
 }
 
+fn console_auth(v: &str) -> Result<ConsoleAuth, String> {
+    v.parse()
+        .map_err(|_| format!("expected link, token, proxy or off, got {v:?}"))
+}
+
+fn console_tokens(v: &str) -> Result<Vec<ConsoleToken>, String> {
+    let mut out: Vec<ConsoleToken> = Vec::new();
+    for (i, entry) in v
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .enumerate()
+    {
+        // The token is never repeated in a message: entries are named by position.
+        let Some((token, user)) = entry.split_once('=') else {
+            return Err(format!("entry {} is not token=user", i + 1));
+        };
+        let (token, user) = (token.trim(), user.trim());
+        if token.chars().count() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "entry {}: a token must be at least 16 characters without spaces (e.g. from `openssl rand -hex 16`)",
+                i + 1
+            ));
+        }
+        if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "entry {}: expected a user id or username after `=`",
+                i + 1
+            ));
+        }
+        if out
+            .iter()
+            .any(|t| secrecy::ExposeSecret::expose_secret(&t.token) == token)
+        {
+            return Err(format!("entry {}: the same token is given twice", i + 1));
+        }
+        out.push(ConsoleToken {
+            token: SecretString::from(token.to_owned()),
+            user: user.trim_start_matches('@').to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+fn console_user(v: &str) -> Result<String, String> {
+    let name = v.trim_start_matches('@');
+    if crate::console::platform::is_user_name(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "expected a user id or username (letters, digits, `.`, `_`, `-`, `@`), got {v:?}"
+        ))
+    }
+}
+
+fn header_name(v: &str) -> Result<String, String> {
+    match axum::http::HeaderName::from_bytes(v.as_bytes()) {
+        Ok(name) => Ok(name.as_str().to_owned()),
+        Err(_) => Err(format!(
+            "expected an HTTP header name such as X-Forwarded-User, got {v:?}"
+        )),
+    }
+}
+
 fn permission_mode(v: &str) -> Result<PermissionMode, String> {
     v.parse()
         .map_err(|_| format!("expected default, acceptEdits, plan or bypassPermissions, got {v:?}"))
@@ -2362,7 +2688,8 @@ mod tests {
             s.callback.url.as_str(),
             "http://session-manager:8000/callback"
         );
-        assert_eq!(s.http.listen_addr, "0.0.0.0:8000".parse().expect("addr"));
+        assert_eq!(s.http.listen_addr, None);
+        assert_eq!(s.listen_addr(), "0.0.0.0:8000".parse().expect("addr"));
         assert_eq!(s.database.pool_size, 5);
         assert_eq!(s.http.rate_limit_rps, 10);
         assert_eq!(s.http.rate_limit_burst, 20);
@@ -2422,14 +2749,6 @@ mod tests {
         .expect_err("invalid");
         let vars: Vec<_> = err.0.iter().map(|p| p.var).collect();
         for expected in [
-            "SM_MATTERMOST_URL",
-            "SM_MATTERMOST_TOKEN",
-            "SM_MATTERMOST_TEAM_ID",
-            "SM_VM_HOST",
-            "SM_OPNSENSE_URL",
-            "SM_OPNSENSE_KEY",
-            "SM_OPNSENSE_SECRET",
-            "SM_CALLBACK_SECRET",
             "SM_SSH_TIMEOUT_SECS",
             "SM_RATE_LIMIT_BURST",
             "SM_DATABASE_URL",
@@ -2672,6 +2991,60 @@ mod tests {
     }
 
     #[test]
+    fn a_profiles_file_is_read_at_start_and_each_of_its_problems_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "[profile.review]\npermission_mode = \"plan\"\n").expect("write");
+        let mut pairs = complete();
+        let path = good.display().to_string();
+        pairs.push(("profiles-file", &path));
+        let settings = args(&pairs).expect("valid");
+        assert_eq!(
+            settings
+                .profiles
+                .get("review")
+                .and_then(|p| p.permission_mode),
+            Some(PermissionMode::Plan)
+        );
+        assert!(args(&complete()).expect("valid").profiles.is_empty());
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(
+            &bad,
+            "[profile.a]\nmodel = 3\nbudget_usd = \"lots\"\n[profile.b]\nshell = true\n",
+        )
+        .expect("write");
+        let mut pairs = complete();
+        let path = bad.display().to_string();
+        pairs.push(("profiles-file", &path));
+        pairs.push(("vm-port", "0"));
+        let err = args(&pairs).expect_err("invalid");
+        let profile_problems: Vec<&ConfigProblem> = err
+            .0
+            .iter()
+            .filter(|p| p.var == "SM_PROFILES_FILE")
+            .collect();
+        assert_eq!(profile_problems.len(), 3, "{err}");
+        assert!(
+            err.0.iter().any(|p| p.var == "SM_VM_PORT"),
+            "with the others: {err}"
+        );
+        for needle in [
+            "[profile.a] model",
+            "[profile.a] budget_usd",
+            "[profile.b] shell",
+        ] {
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+
+        let mut pairs = complete();
+        let missing = dir.path().join("missing.toml").display().to_string();
+        pairs.push(("profiles-file", &missing));
+        let err = args(&pairs).expect_err("missing file");
+        assert!(err.0[0].message.contains("cannot read"), "{err}");
+    }
+
+    #[test]
     fn container_env_values_are_redacted_in_the_report() {
         let entry = EnvEntry::parse("SECRET_X=hunter2").expect("entry");
         assert_eq!(entry.redacted(), "SECRET_X=<redacted>");
@@ -2885,16 +3258,7 @@ mod tests {
             .filter(|arg| arg.is_required_set())
             .map(|arg| env_name(arg))
             .collect();
-        assert_eq!(
-            required,
-            [
-                "SM_VM_HOST",
-                "SM_OPNSENSE_URL",
-                "SM_OPNSENSE_KEY",
-                "SM_OPNSENSE_SECRET",
-                "SM_CALLBACK_SECRET",
-            ]
-        );
+        assert_eq!(required, ["SM_VM_HOST", "SM_CALLBACK_SECRET"]);
         let blank: Vec<_> = setting_args()
             .iter()
             .filter(|arg| arg.is_required_set())
@@ -2906,9 +3270,23 @@ mod tests {
             "SM_MATTERMOST_TOKEN",
             "SM_MATTERMOST_TEAM_ID",
         ];
-        for pairs in [Vec::new(), blank] {
+        for mut pairs in [Vec::new(), blank] {
+            // No platform is one-machine mode: nothing at all is required (the VM is this
+            // machine, nothing calls back, the console is the chat surface).
+            let settings = args(&pairs).expect("one-machine mode");
+            assert_eq!(settings.vm.host, "local");
+            assert!(!settings.has_chat_platform());
+            assert_eq!(settings.console_auth(), ConsoleAuth::Link);
+            let mut with_chat = pairs.clone();
+            with_chat.push(("mattermost-url", "https://chat.example.com"));
+            let err = args(&with_chat).expect_err("nothing given");
+            for var in &required {
+                let problem = err.0.iter().find(|p| p.var == *var).expect(var);
+                assert!(problem.message.starts_with("is required: "), "{problem}");
+            }
+            pairs.push(("console-auth", "off"));
             let err = args(&pairs).expect_err("nothing given");
-            for var in required.iter().chain(&mattermost) {
+            for var in &mattermost {
                 let problem = err.0.iter().find(|p| p.var == *var).expect(var);
                 assert!(problem.message.starts_with("is required: "), "{problem}");
             }
@@ -2927,6 +3305,7 @@ mod tests {
             "SM_TRUSTED_PROXIES",
             "SM_DENIED_DOMAINS",
             "SM_EGRESS_DNS_SERVERS",
+            "SM_CONSOLE_TOKENS",
         ];
         for arg in setting_args() {
             if arg.get_default_values().is_empty() || arg.is_hide_default_value_set() {

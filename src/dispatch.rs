@@ -68,6 +68,8 @@ pub struct DispatchConfig {
     pub permission_mode: PermissionMode,
     /// `SM_SESSION_BUDGET_USD`, `SM_ORCHESTRATOR_BUDGET_USD`, for `!cost`.
     pub budgets: crate::budget::BudgetLimits,
+    /// `SM_PROFILES_FILE`, with who may pick each profile (empty without the file).
+    pub profiles: Arc<crate::profile::ProfileBook>,
 }
 
 /// Routes chat events. Cheap to clone.
@@ -86,6 +88,8 @@ struct Inner {
     queued_notices: std::sync::Mutex<std::collections::HashMap<String, crate::chat::PostRef>>,
     /// Messages are handled only while it is open (see [`crate::leader`]).
     gate: Gate,
+    /// Where the messages written in session threads are recorded for the web console.
+    transcript: Option<Arc<crate::console::Transcript>>,
 }
 
 /// What became of a message the dispatcher handled.
@@ -125,6 +129,7 @@ impl Dispatcher {
                 config,
                 queued_notices: std::sync::Mutex::default(),
                 gate: Gate::always_open(),
+                transcript: None,
             }),
         }
     }
@@ -134,26 +139,34 @@ impl Dispatcher {
     /// (which hands out what was recorded and not handled when it starts).
     #[must_use]
     pub fn with_gate(self, gate: Gate) -> Self {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.gate = gate;
-                Self {
-                    inner: Arc::new(inner),
-                }
-            }
-            Err(inner) => {
-                // Already shared: build a new one over the same parts.
-                let mut this = Self::new(
-                    Arc::clone(&inner.chat),
-                    inner.store.clone(),
-                    Arc::clone(&inner.sessions),
-                    inner.config.clone(),
-                );
-                if let Some(only) = Arc::get_mut(&mut this.inner) {
-                    only.gate = gate;
-                }
-                this
-            }
+        self.rebuilt(|inner| inner.gate = gate)
+    }
+
+    /// The same dispatcher, recording the messages written in session threads in `transcript`
+    /// (the web console shows them).
+    #[must_use]
+    pub fn with_transcript(self, transcript: Arc<crate::console::Transcript>) -> Self {
+        self.rebuilt(|inner| inner.transcript = Some(transcript))
+    }
+
+    /// The same dispatcher with one part changed.
+    fn rebuilt(self, change: impl FnOnce(&mut Inner)) -> Self {
+        let mut inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            // Already shared: a new one over the same parts.
+            Err(inner) => Inner {
+                chat: Arc::clone(&inner.chat),
+                store: inner.store.clone(),
+                sessions: Arc::clone(&inner.sessions),
+                config: inner.config.clone(),
+                queued_notices: std::sync::Mutex::default(),
+                gate: inner.gate.clone(),
+                transcript: inner.transcript.clone(),
+            },
+        };
+        change(&mut inner);
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
@@ -343,6 +356,15 @@ impl Dispatcher {
             },
             None => None,
         };
+        if let (Some(transcript), Some(_)) = (&inner.transcript, &thread_session) {
+            // A console message on a chat platform is in the thread already, as the bot's
+            // post that names who wrote it.
+            let echoed = message.platform != crate::store::Platform::Console
+                && message.post_id.starts_with(crate::console::ID_PREFIX);
+            if !echoed {
+                transcript.record_inbound(&message).await;
+            }
+        }
         let ctx = ParseContext {
             trigger: &inner.config.trigger,
             default_org: inner.config.default_org.as_deref(),
@@ -460,6 +482,17 @@ impl Dispatcher {
                 self.queued(session, message, position).await;
                 Taken::Queued
             }
+            Ok(Delivery::Refused { waiting }) => {
+                warn!(session = %session.id, post = %message.post_id, waiting, "a session's queue is full; message refused");
+                self.notify(
+                    message,
+                    &format!(
+                        "Slow down: {waiting} messages already wait for Claude in this session, so your message was not taken. Send it again once Claude has caught up."
+                    ),
+                )
+                .await;
+                Taken::Done
+            }
             Err(e) => {
                 self.reply(message, &format!("Your message was not delivered: {e}"))
                     .await;
@@ -569,7 +602,9 @@ impl Dispatcher {
         // Commands about this thread's session.
         let needs = match &cmd {
             Command::Context | Command::Compact => Some(Act::Look),
-            Command::Status { all: false } | Command::Grants if thread_session.is_some() => {
+            Command::Status { all: false } | Command::Grants | Command::Profile
+                if thread_session.is_some() =>
+            {
                 Some(Act::Look)
             }
             Command::Interrupt | Command::Mode { mode: None } | Command::Cost => Some(Act::Talk),
@@ -616,13 +651,28 @@ impl Dispatcher {
                     self.join(message, &session).await;
                 }
             }
-            Command::Start { repo, worktree } => {
-                self.start(message, &repo, worktree, SessionKind::Standard)
+            Command::Start {
+                repo,
+                worktree,
+                profile,
+            } => {
+                self.start(message, &repo, worktree, profile, SessionKind::Standard)
                     .await;
             }
-            Command::Orchestrate { repo } => {
-                self.start(message, &repo, None, SessionKind::Orchestrator)
+            Command::Orchestrate { repo, profile } => {
+                self.start(message, &repo, None, profile, SessionKind::Orchestrator)
                     .await;
+            }
+            Command::Profile => {
+                let text = match &thread_session {
+                    Some(session) => match &session.profile {
+                        Some(profile) => profile.describe(),
+                        None => "This session runs with no profile: the bot's own settings apply."
+                            .to_owned(),
+                    },
+                    None => self.profiles_text(&message.user_id),
+                };
+                self.reply(message, &text).await;
             }
             Command::Stop { target } => {
                 self.stop(message, target.as_ref().map(|p| p.as_str()), thread_session)
@@ -999,14 +1049,62 @@ impl Dispatcher {
         }
     }
 
+    /// `profile` outside a session thread: the profiles `user_id` may pick.
+    fn profiles_text(&self, user_id: &str) -> String {
+        let book = &self.inner.config.profiles;
+        let trigger = &self.inner.config.trigger;
+        if book.profiles().is_empty() {
+            return "No profiles are configured here (SM_PROFILES_FILE): sessions run with the bot's settings.".to_owned();
+        }
+        let choices = book.choices(&self.inner.config.roles, user_id);
+        if choices.is_empty() {
+            return "You may not pick any profile here; sessions you start run with the bot's settings.".to_owned();
+        }
+        let mut text =
+            format!("Profiles you may pick with `{trigger} start org/repo --profile=name`:");
+        for name in choices {
+            let Some(profile) = book.profiles().get(&name) else {
+                continue;
+            };
+            let note = if name == crate::profile::DEFAULT_PROFILE {
+                " (applies when you name none)"
+            } else {
+                ""
+            };
+            text.push_str(&format!("\n- `{name}`{note}"));
+            if let Some(description) = &profile.description {
+                text.push_str(&format!(": {description}"));
+            }
+        }
+        text
+    }
+
     async fn start(
         &self,
         message: &InboundMessage,
         repo: &RepoRef,
         worktree: Option<WorktreeChoice>,
+        profile: Option<command::ProfileName>,
         kind: SessionKind,
     ) {
         let inner = &self.inner;
+        let profile = match inner.config.profiles.pick(
+            &inner.config.roles,
+            &message.user_id,
+            profile.as_ref().map(command::ProfileName::as_str),
+        ) {
+            Ok(profile) => profile,
+            Err(e) => {
+                let text = format!("No session was started: {e}.");
+                return self.reply(message, &text).await;
+            }
+        };
+        let profile_label = match &profile {
+            Some(p) if p.name != crate::profile::DEFAULT_PROFILE => {
+                format!(" with profile `{}`", p.name)
+            }
+            _ => String::new(),
+        };
         let starter = message
             .user_name
             .as_deref()
@@ -1028,11 +1126,12 @@ impl Dispatcher {
             started_by: &message.user_id,
             follow: true,
             anchor: format!(
-                "**{what} for `{repo}`**{worktree_label}, started by {starter}.\nReply in this thread to talk to Claude. Commands: `!help`."
+                "**{what} for `{repo}`**{worktree_label}{profile_label}, started by {starter}.\nReply in this thread to talk to Claude. Commands: `!help`."
             ),
             repo_host: &inner.config.repo_host,
             allowlist: &inner.config.allowlist,
             limits: inner.config.limits,
+            profile,
         };
         let slug = repo.slug();
         let launched = launch(

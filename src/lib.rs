@@ -59,6 +59,7 @@ pub mod budget;
 pub mod chat;
 pub mod command;
 pub mod config;
+pub mod console;
 pub mod dispatch;
 pub mod firewall;
 pub mod health;
@@ -66,6 +67,7 @@ pub mod http;
 pub mod leader;
 pub mod orchestrator;
 pub mod permission;
+pub mod profile;
 pub mod runtime;
 pub mod session;
 pub mod store;
@@ -79,6 +81,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -106,6 +109,7 @@ use crate::http::AppState;
 use crate::leader::{Gate, Role};
 use crate::orchestrator::{Orchestrator, OrchestratorConfig};
 use crate::permission::{ClickRouter, PermissionConfig, Permissions};
+use crate::profile::ProfileBook;
 use crate::runtime::devcontainer::ContainerLayout;
 use crate::runtime::git::GitLayout;
 use crate::runtime::shell::Script;
@@ -130,6 +134,9 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long inbound posts are remembered for de-duplication (each channel's newest is kept
 /// regardless: it is the catch-up cursor).
 const INBOUND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The name of one-machine mode's callback key in [`Store::instance_key`].
+const CALLBACK_SECRET_KEY: &str = "callback_secret";
 
 /// How often idle rate-limit buckets are dropped and metrics upkeep runs.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(10);
@@ -178,7 +185,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 /// # Errors
 /// When storage cannot be opened or the HTTP server fails.
 pub async fn serve(
-    settings: Settings,
+    mut settings: Settings,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -187,6 +194,16 @@ pub async fn serve(
         warn!("{warning}");
     }
     let store = open_store(&settings).await?;
+    if settings.callback.secret_made {
+        // One-machine mode without SM_CALLBACK_SECRET: the key of the first start, kept in the
+        // database, so cards signed before a restart can still be answered after it.
+        let made = settings.callback.secret.expose_secret().to_owned();
+        let kept = store
+            .instance_key(CALLBACK_SECRET_KEY, &made)
+            .await
+            .context("cannot read or keep the callback key in the database")?;
+        settings.callback.secret = SecretString::from(kept);
+    }
     let mut tasks = JoinSet::new();
     let (role_tx, role) = watch::channel(Role::Standby);
     tasks.spawn(leader::run(
@@ -224,14 +241,22 @@ pub async fn serve(
     {
         let store = store.clone();
         let cancel = shutdown.clone();
+        let console_retention = settings.http.console_retention;
         tasks.spawn(async move {
+            let ago = |age: Duration| {
+                store::now_ms() - i64::try_from(age.as_millis()).unwrap_or(i64::MAX / 2)
+            };
             loop {
-                let before = store::now_ms()
-                    - i64::try_from(INBOUND_RETENTION.as_millis()).unwrap_or(i64::MAX / 2);
-                match store.prune_inbound_posts(before).await {
+                match store.prune_inbound_posts(ago(INBOUND_RETENTION)).await {
                     Ok(0) => {}
                     Ok(n) => info!(pruned = n, "forgot old inbound-post records"),
                     Err(e) => warn!(error = %e, "cannot prune inbound-post records"),
+                }
+                let ended_before = (!console_retention.is_zero()).then(|| ago(console_retention));
+                match store.prune_transcript(ended_before).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(pruned = n, "forgot console transcript events no page needs"),
+                    Err(e) => warn!(error = %e, "cannot prune the console transcript"),
                 }
                 tokio::select! {
                     () = cancel.cancelled() => return,
@@ -241,15 +266,25 @@ pub async fn serve(
         });
     }
     let ssh = Arc::new(ssh_pool(&settings).context("cannot prepare SSH to the VM")?);
-    let firewall = Arc::new(
-        OpnsenseClient::new(&settings.firewall).context("cannot prepare the OPNsense client")?,
-    );
-    tasks.spawn(firewall_health_loop(
-        Arc::clone(&firewall),
-        health.clone(),
-        shutdown.clone(),
-    ));
+    let firewall: Arc<dyn approval::AliasWriter> = if settings.firewall.enabled() {
+        let client = Arc::new(
+            OpnsenseClient::new(&settings.firewall)
+                .context("cannot prepare the OPNsense client")?,
+        );
+        tasks.spawn(firewall_health_loop(
+            Arc::clone(&client),
+            health.clone(),
+            shutdown.clone(),
+        ));
+        client
+    } else {
+        warn!(system = "firewall", "no firewall is configured (SM_OPNSENSE_URL): network requests are asked and decided, but nothing enforces the decisions");
+        Arc::new(approval::Unenforced::default())
+    };
     let clicks = ClickHandlers::new();
+    // Every thread's record, which the web console replays and follows.
+    let transcript = console::Transcript::new(store.clone());
+    let console = console_of(&settings, &store, &transcript, &clicks, &shutdown);
     // Teams posts activities to this bot's HTTP server: its adapter and route exist from the
     // start; the dispatcher reads the queued events once this instance is active.
     let teams = match TeamsConfig::from_settings(&settings.teams, &settings.chat.bot_trigger) {
@@ -261,7 +296,8 @@ pub async fn serve(
                     .context("cannot prepare the Microsoft Teams adapter")?,
             );
             let (events_tx, events_rx) = mpsc::channel(256);
-            let routes = chat::teams::routes(Arc::clone(&adapter), events_tx, clicks.clone());
+            let routes =
+                chat::teams::routes(Arc::clone(&adapter), events_tx.clone(), clicks.clone());
             info!(path = chat::teams::MESSAGES_PATH, "serving Microsoft Teams");
             // Teams only calls in, so its start line is about the way out: whether the token
             // endpoint gives the bot a Connector token (like the VM and firewall probes, on a
@@ -280,11 +316,11 @@ pub async fn serve(
                     }
                 }
             });
-            Some((adapter, events_rx, routes))
+            Some((adapter, events_rx, routes, events_tx))
         }
     };
     let (teams, teams_routes) = match teams {
-        Some((adapter, events, routes)) => (Some((adapter, events)), Some(routes)),
+        Some((adapter, events, routes, inbox)) => (Some((adapter, events, inbox)), Some(routes)),
         None => (None, None),
     };
     tasks.spawn(vm_health_loop(
@@ -301,10 +337,15 @@ pub async fn serve(
             clicks: clicks.clone(),
             health: health.clone(),
             teams,
+            transcript: Arc::clone(&transcript),
+            console: console.clone(),
         },
         role.clone(),
         shutdown.clone(),
     ));
+    if let Some(console) = &console {
+        announce_console(&settings, console, &listeners);
+    }
 
     let state = AppState {
         store: store.clone(),
@@ -313,6 +354,7 @@ pub async fn serve(
         metrics,
         role,
         clicks,
+        console,
     };
     let server = match listeners.callback {
         None => {
@@ -410,11 +452,20 @@ async fn serve_http(
 struct Shared {
     store: Store,
     ssh: Arc<SshPool>,
-    firewall: Arc<OpnsenseClient>,
+    firewall: Arc<dyn approval::AliasWriter>,
     clicks: ClickHandlers,
     health: HealthRegistry,
-    /// The Teams adapter and the events its `/api/messages` route queues, when Teams is on.
-    teams: Option<(Arc<TeamsAdapter>, mpsc::Receiver<ChatEvent>)>,
+    /// The Teams adapter, the events its `/api/messages` route queues and a sender into that
+    /// queue (the console's messages for Teams sessions), when Teams is on.
+    teams: Option<(
+        Arc<TeamsAdapter>,
+        mpsc::Receiver<ChatEvent>,
+        mpsc::Sender<ChatEvent>,
+    )>,
+    /// Every thread's record.
+    transcript: Arc<console::Transcript>,
+    /// The web console, when it is on.
+    console: Option<console::Console>,
 }
 
 /// Runs the chat side for every term this instance is active: waits until it is, then runs
@@ -434,10 +485,12 @@ async fn run_chat(
         clicks,
         health,
         teams,
+        transcript,
+        console,
     } = shared;
-    let (teams, mut teams_events) = match teams {
-        Some((adapter, events)) => (Some(adapter), Some(events)),
-        None => (None, None),
+    let (teams, mut teams_events, teams_inbox) = match teams {
+        Some((adapter, events, inbox)) => (Some(adapter), Some(events), Some(inbox)),
+        None => (None, None, None),
     };
     let gate = Gate::new(role.clone());
     loop {
@@ -463,12 +516,18 @@ async fn run_chat(
                 clicks: clicks.clone(),
                 health: health.clone(),
                 teams: teams.clone(),
+                teams_inbox: teams_inbox.clone(),
                 gate: gate.clone(),
+                transcript: Arc::clone(&transcript),
+                console: console.clone(),
             },
             teams_events,
             term,
         )
         .await;
+        if let Some(console) = &console {
+            console.set_live(None);
+        }
         standing_by.abort();
         let _ = standing_by.await;
         clicks.clear();
@@ -486,11 +545,15 @@ async fn run_chat(
 struct Term {
     store: Store,
     ssh: Arc<SshPool>,
-    firewall: Arc<OpnsenseClient>,
+    firewall: Arc<dyn approval::AliasWriter>,
     clicks: ClickHandlers,
     health: HealthRegistry,
     teams: Option<Arc<TeamsAdapter>>,
+    /// A sender into the Teams dispatcher's queue (the console's messages).
+    teams_inbox: Option<mpsc::Sender<ChatEvent>>,
     gate: Gate,
+    transcript: Arc<console::Transcript>,
+    console: Option<console::Console>,
 }
 
 /// One term as the active instance: connects to Mattermost (retrying with backoff while it is
@@ -510,7 +573,10 @@ async fn active_term(
         clicks,
         health,
         teams,
+        teams_inbox,
         gate,
+        transcript,
+        console,
     } = term;
     let settings = settings.clone();
     let mattermost = match settings.mattermost.as_ref() {
@@ -522,17 +588,39 @@ async fn active_term(
             }
         }
     };
-    let Some(chat) = ChatRouter::new(
-        mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
-        teams.clone().map(|a| a as Arc<dyn ChatOutbound>),
+    // With the console on, every post, edit and card on a platform, and every message in a
+    // session thread, is recorded for it (and nothing is, with the console off).
+    let recording = console.as_ref().map(|_| Arc::clone(&transcript));
+    let recorded = |adapter: Arc<dyn ChatOutbound>| -> Arc<dyn ChatOutbound> {
+        match &recording {
+            Some(transcript) => console::Recording::new(adapter, Arc::clone(transcript)),
+            None => adapter,
+        }
+    };
+    let observed = |dispatcher: Dispatcher| match &recording {
+        Some(transcript) => dispatcher.with_transcript(Arc::clone(transcript)),
+        None => dispatcher,
+    };
+    let mattermost_out = mattermost
+        .clone()
+        .map(|a| recorded(a as Arc<dyn ChatOutbound>));
+    let teams_out = teams.clone().map(|a| recorded(a as Arc<dyn ChatOutbound>));
+    let console_out = console
+        .as_ref()
+        .map(|_| console::ConsoleChat::new(Arc::clone(&transcript)) as Arc<dyn ChatOutbound>);
+    let Some(chat) = ChatRouter::with_console(
+        mattermost_out.clone(),
+        teams_out.clone(),
+        console_out.clone(),
     )
     .map(|chat| chat.with_gate(gate.clone())) else {
-        error!("no chat platform is configured (SM_MATTERMOST_URL or SM_TEAMS_APP_ID): the chat side is off");
+        error!("no chat platform is configured (SM_MATTERMOST_URL or SM_TEAMS_APP_ID) and the console is off: the chat side is off");
         return teams_events;
     };
     let platforms: Vec<Arc<dyn ChatOutbound>> = [
-        mattermost.clone().map(|a| a as Arc<dyn ChatOutbound>),
-        teams.clone().map(|a| a as Arc<dyn ChatOutbound>),
+        mattermost_out.clone(),
+        teams_out.clone(),
+        console_out.clone(),
     ]
     .into_iter()
     .flatten()
@@ -550,6 +638,15 @@ async fn active_term(
         .await
         .unwrap_or_default();
     let roles = Roles { users, admins };
+    // Who may pick each profile, resolved like the other user lists (fewer, never more).
+    let mut pickers = std::collections::HashMap::new();
+    for profile in settings.profiles.iter() {
+        if let Some(ids) = resolve_users(&platforms, "SM_PROFILES_FILE users", &profile.users).await
+        {
+            pickers.insert(profile.name.clone(), Access::Only(ids));
+        }
+    }
+    let profiles = Arc::new(ProfileBook::new(settings.profiles.clone(), pickers));
     let approvers = match resolve_users(
         &platforms,
         "SM_ALLOWED_APPROVERS",
@@ -647,6 +744,8 @@ async fn active_term(
             repo_host: repo_host.clone(),
             allowlist: allowlist.clone(),
             limits,
+            profiles: Arc::clone(&profiles),
+            roles: roles.clone(),
         },
     ));
     let markers_stop = CancellationToken::new();
@@ -701,7 +800,7 @@ async fn active_term(
         },
     );
     let budget_flow = tokio::spawn(Arc::clone(&budgets).run(budgets_rx, cancel.clone()));
-    clicks.set(Arc::new(GatedClicks::new(
+    let clicked: Arc<dyn CardClickHandler> = Arc::new(GatedClicks::new(
         Arc::new(ClickRouter {
             other: approvals,
             kinds: vec![
@@ -713,7 +812,14 @@ async fn active_term(
             ],
         }),
         gate.clone(),
-    )));
+    ));
+    clicks.set(match &recording {
+        Some(transcript) => Arc::new(console::RecordingClicks::new(
+            clicked,
+            Arc::clone(transcript),
+        )),
+        None => clicked,
+    });
     runtime.recover().await;
     // One dispatcher per platform, over the one session runtime: a thread is found on the
     // platform its message came from.
@@ -721,24 +827,54 @@ async fn active_term(
         trigger: settings.chat.bot_trigger.clone(),
         default_org: settings.repos.default_org.clone(),
         repo_host,
-        roles,
+        roles: roles.clone(),
         allowlist,
         limits,
         permission_mode: settings.container.agent_command().1,
         budgets: settings.container.budgets(),
+        profiles,
     };
     let sessions: Arc<dyn session::SessionControl> = Arc::new(runtime.clone());
     let mut chat_tasks = JoinSet::new();
-    if let Some(adapter) = &mattermost {
+    let mut inboxes = std::collections::HashMap::new();
+    if let (Some(adapter), Some(out)) = (&mattermost, &mattermost_out) {
         let dispatcher = Dispatcher::new(
-            adapter.clone(),
+            Arc::clone(out),
             store.clone(),
             Arc::clone(&sessions),
             config.clone(),
         )
         .with_gate(gate.clone());
+        let dispatcher = observed(dispatcher);
         let (events_tx, events_rx) = mpsc::channel(256);
+        inboxes.insert(store::Platform::Mattermost, events_tx.clone());
         chat_tasks.spawn(Arc::clone(adapter).run(events_tx, health.clone(), cancel.clone()));
+        let cancel = cancel.clone();
+        chat_tasks.spawn(async move {
+            dispatcher.run(events_rx, cancel).await;
+        });
+    }
+    if let (Some(out), Some(console)) = (&console_out, &console) {
+        let dispatcher = Dispatcher::new(
+            Arc::clone(out),
+            store.clone(),
+            Arc::clone(&sessions),
+            config.clone(),
+        )
+        .with_gate(gate.clone());
+        let dispatcher = observed(dispatcher);
+        let (events_tx, events_rx) = mpsc::channel(256);
+        inboxes.insert(store::Platform::Console, events_tx);
+        if let Some(inbox) = &teams_inbox {
+            inboxes.insert(store::Platform::Teams, inbox.clone());
+        }
+        console.set_live(Some(Arc::new(console::Live {
+            chat: chat.clone(),
+            roles: roles.clone(),
+            inboxes: std::mem::take(&mut inboxes),
+            profiles: Arc::clone(&config.profiles),
+            trigger: settings.chat.bot_trigger.clone(),
+        })));
         let cancel = cancel.clone();
         chat_tasks.spawn(async move {
             dispatcher.run(events_rx, cancel).await;
@@ -753,12 +889,13 @@ async fn active_term(
             Some(format!("serving {}", chat::teams::MESSAGES_PATH)),
         );
         let dispatcher = Dispatcher::new(
-            adapter.clone(),
+            teams_out.clone().unwrap_or_else(|| adapter.clone()),
             store.clone(),
             Arc::clone(&sessions),
             config.clone(),
         )
         .with_gate(gate.clone());
+        let dispatcher = observed(dispatcher);
         teams_dispatcher = Some(tokio::spawn(dispatcher.run(events, cancel.clone())));
     }
     while let Some(done) = chat_tasks.join_next().await {
@@ -897,6 +1034,63 @@ fn runtime_config(settings: &Settings, deployment: &str) -> RuntimeConfig {
     }
 }
 
+/// The web console, unless `SM_CONSOLE_AUTH` (or its default) turns it off.
+fn console_of(
+    settings: &Settings,
+    store: &Store,
+    transcript: &Arc<console::Transcript>,
+    clicks: &ClickHandlers,
+    shutdown: &CancellationToken,
+) -> Option<console::Console> {
+    let mode = settings.console_auth();
+    if mode == config::ConsoleAuth::Off {
+        return None;
+    }
+    // Link mode logs in the person running the bot, under their own name.
+    let operator = settings.http.console_operator.clone().unwrap_or_else(|| {
+        std::env::var("USER")
+            .ok()
+            .filter(|u| console::platform::is_user_name(u))
+            .unwrap_or_else(|| "operator".to_owned())
+    });
+    let auth = console::auth::Auth::new(
+        mode,
+        settings.http.console_tokens.clone(),
+        &settings.http.console_user_header,
+        settings.http.trusted_proxies.clone(),
+        operator,
+    );
+    Some(console::Console::new(
+        store.clone(),
+        Arc::clone(transcript),
+        Arc::new(auth),
+        clicks.clone(),
+        shutdown.clone(),
+    ))
+}
+
+/// Says where the console is, and in link mode prints its one-time login link (on stderr,
+/// not in the log: it is a credential until it is used).
+fn announce_console(settings: &Settings, console: &console::Console, listeners: &Listeners) {
+    let addr = listeners
+        .main
+        .local_addr()
+        .map_or_else(|_| settings.listen_addr().to_string(), |a| a.to_string());
+    if !settings.has_chat_platform() {
+        info!(%addr, "no chat platform is configured (SM_MATTERMOST_URL, SM_TEAMS_APP_ID): the web console is the chat surface");
+    }
+    let mode = console.auth().mode();
+    info!(%addr, auth = %mode, "web console at http://{addr}/");
+    if let Some(token) = console.auth().link_token() {
+        let host = if addr.starts_with("0.0.0.0:") {
+            addr.replacen("0.0.0.0", "127.0.0.1", 1)
+        } else {
+            addr.clone()
+        };
+        eprintln!("\n    Web console: open this link to log in (it works once):\n    http://{host}/console/login?token={token}\n");
+    }
+}
+
 /// The SSH pool to the VM.
 ///
 /// # Errors
@@ -921,7 +1115,8 @@ pub fn ssh_pool(settings: &Settings) -> anyhow::Result<SshPool> {
     })?)
 }
 
-/// Reports the VM as component `vm`: an SSH command every interval.
+/// Reports the VM as component `vm`: an SSH command (a local one with `SM_VM_HOST=local`)
+/// every interval.
 async fn vm_health_loop(ssh: Arc<SshPool>, health: HealthRegistry, cancel: CancellationToken) {
     health.register("vm");
     let mut reach = Reachability::new("VM");
@@ -929,6 +1124,9 @@ async fn vm_health_loop(ssh: Arc<SshPool>, health: HealthRegistry, cancel: Cance
         let mut probe = Script::new();
         probe.raw("true");
         let result = match ssh.run(&probe).await {
+            Ok(out) if out.success() && ssh.is_local() => {
+                Ok("this machine runs the sessions (SM_VM_HOST=local)".to_owned())
+            }
             Ok(out) if out.success() => Ok(format!("{} answers over SSH", ssh.target())),
             Ok(out) => Err(format!(
                 "{}: the probe `true` exited with {:?}: {}",

@@ -72,7 +72,7 @@ fn main() -> ExitCode {
         match command {
             CliCommand::Migrate => session_manager::migrate(&settings).await,
             _ => {
-                let addr = settings.http.listen_addr;
+                let addr = settings.listen_addr();
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                     anyhow::anyhow!("cannot listen on {addr} (SM_LISTEN_ADDR): {e}")
                 })?;

@@ -39,7 +39,7 @@ pub const SPAWN_WINDOW: Duration = Duration::from_secs(600);
 
 /// What the orchestrator is told in its appended system prompt.
 pub const ORCHESTRATOR_PROMPT: &str = "You are an orchestrator. You plan work and hand it to worker and reviewer sessions, each a separate Claude Code session in its own git worktree and chat thread. Control them by printing these markers, each at the start of its own line and outside code blocks:
-[CREATE_SESSION: org/repo@branch] the task for a new worker (the branch is optional; the task continues on the following lines up to a blank line)
+[CREATE_SESSION: org/repo@branch] the task for a new worker (the branch is optional; the task continues on the following lines up to a blank line; add --profile=name after the repository to give it one of the operator's profiles, otherwise it gets yours)
 [CREATE_REVIEWER: org/repo@branch] the task for a new reviewer (it works in plan mode and does not change files)
 [SESSION_STATUS] to get the list of your sessions
 [STOP_SESSION: id-prefix] to stop one of your sessions
@@ -60,6 +60,10 @@ pub struct OrchestratorConfig {
     pub allowlist: RepoAllowlist,
     /// `SM_MAX_SESSIONS` (children count towards it).
     pub limits: crate::session::SessionLimits,
+    /// `SM_PROFILES_FILE`: a marker may name a profile the orchestrator's owner may pick.
+    pub profiles: std::sync::Arc<crate::profile::ProfileBook>,
+    /// Who administers the bot (admins may pick every profile).
+    pub roles: crate::access::Roles,
 }
 
 /// Handles the orchestrator markers. Share it in an [`Arc`](std::sync::Arc).
@@ -88,6 +92,10 @@ pub enum SpawnError {
         /// What is wrong with it.
         source: CommandError,
     },
+    /// The target names a profile that cannot be used, or carries something else after the
+    /// repository.
+    #[error("{0}")]
+    Profile(String),
     /// The id prefix of a stop is malformed.
     #[error("{prefix:?} is not a session id prefix: {}", one_line(&.source.to_string()))]
     BadPrefix {
@@ -208,6 +216,48 @@ impl Orchestrator {
         }
     }
 
+    /// Splits a `CREATE_*` target into the repository and the child's profile: the one named
+    /// by `--profile=name` after the repository (the orchestrator's owner must be allowed to
+    /// pick it), else the orchestrator's own, so a child never runs with fewer limits than its
+    /// orchestrator unless its owner could start it so.
+    fn child_profile<'t>(
+        &self,
+        parent: &Session,
+        target: &'t str,
+    ) -> Result<(&'t str, Option<crate::profile::Profile>), SpawnError> {
+        let words: Vec<&str> = target.split_whitespace().collect();
+        if !words.iter().any(|w| w.starts_with("--profile=")) {
+            // Just the repository (a malformed one is reported as such by its parser).
+            return Ok((target, parent.profile.clone()));
+        }
+        let (repo, name) = match words.as_slice() {
+            [repo, option] => (*repo, option.strip_prefix("--profile=").unwrap_or_default()),
+            _ => {
+                return Err(SpawnError::Profile(format!(
+                    "{:?} is not understood: write org/repo[@branch] --profile=name",
+                    one_line(target)
+                )))
+            }
+        };
+        if repo.starts_with("--") {
+            return Err(SpawnError::Profile(format!(
+                "{:?} is not understood: the repository comes first, then --profile=name",
+                one_line(target)
+            )));
+        }
+        if let Err(reason) = crate::profile::check_name(name) {
+            return Err(SpawnError::Profile(format!(
+                "{:?} is not a profile name: it {reason}",
+                one_line(name)
+            )));
+        }
+        self.config
+            .profiles
+            .pick(&self.config.roles, &parent.started_by, Some(name))
+            .map(|profile| (repo, profile))
+            .map_err(|e| SpawnError::Profile(e.to_string()))
+    }
+
     /// `[CREATE_SESSION: …]` / `[CREATE_REVIEWER: …]`: the reply, or `None` for a repeated
     /// marker within [`SPAWN_WINDOW`].
     async fn spawn(
@@ -217,6 +267,7 @@ impl Orchestrator {
         task: &str,
         kind: SessionKind,
     ) -> Result<Option<String>, SpawnError> {
+        let (target, profile) = self.child_profile(parent, target)?;
         let repo = RepoRef::parse_with_default_org(target, self.config.default_org.as_deref())
             .map_err(|source| SpawnError::BadTarget {
                 target: target.to_owned(),
@@ -289,6 +340,7 @@ impl Orchestrator {
                 repo_host: &self.config.repo_host,
                 allowlist: &self.config.allowlist,
                 limits: self.config.limits,
+                profile,
             },
         )
         .await

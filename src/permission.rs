@@ -86,7 +86,7 @@ impl PermissionMode {
 }
 
 /// The permission mode `session`'s agent runs with: `plan` for a reviewer, the mode `!mode`
-/// chose, or `default` (the configured one).
+/// chose, the mode of its profile, or `default` (the configured one).
 pub fn mode_of(session: &Session, default: PermissionMode) -> PermissionMode {
     if session.kind == crate::store::SessionKind::Reviewer {
         return PermissionMode::Plan;
@@ -95,6 +95,7 @@ pub fn mode_of(session: &Session, default: PermissionMode) -> PermissionMode {
         .permission_mode
         .as_deref()
         .and_then(|m| m.parse().ok())
+        .or_else(|| session.profile.as_ref().and_then(|p| p.permission_mode))
         .unwrap_or(default)
 }
 

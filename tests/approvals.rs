@@ -148,6 +148,7 @@ async fn create_widgets_session(
             repo_name: "widgets".into(),
             branch: None,
             worktree: None,
+            profile: None,
         })
         .await
         .expect("session")
@@ -259,6 +260,7 @@ async fn world_tweaked(
         metrics: session_manager::telemetry::Metrics::get(),
         role,
         clicks,
+        console: None,
     };
     tokio::spawn(async move {
         let _ = axum::serve(
@@ -388,6 +390,9 @@ async fn approve_puts_the_domain_in_the_alias_and_tells_the_agent() {
         ctx["expires"].as_i64().expect("expires"),
         ctx["signature"].as_str().expect("sig"),
     ));
+    // Its kind routes the click; contexts without one (cards posted before kinds existed, as
+    // the signature tests below send) are network cards too.
+    assert_eq!(ctx["kind"], session_manager::approval::CARD_KIND);
 
     // A repeated marker posts no second card.
     assert!(w.request("pypi.org").await.is_empty());
@@ -773,9 +778,9 @@ fn opnsense_client(
     Arc::new(
         OpnsenseClient::new(&FirewallSettings {
             lease: std::time::Duration::from_secs(300),
-            url: url::Url::parse(&opn.url()).expect("url"),
-            key: secrecy::SecretString::from("key".to_owned()),
-            secret: secrecy::SecretString::from("secret".to_owned()),
+            url: Some(url::Url::parse(&opn.url()).expect("url")),
+            key: Some(secrecy::SecretString::from("key".to_owned())),
+            secret: Some(secrecy::SecretString::from("secret".to_owned())),
             alias: support::opnsense::ALIAS.into(),
             verify_tls: true,
             timeout: Duration::from_secs(5),
@@ -900,9 +905,9 @@ async fn ten_domains_approved_at_once_by_two_replicas_all_end_up_in_the_alias() 
         Arc::new(
             OpnsenseClient::new(&FirewallSettings {
                 lease: std::time::Duration::from_secs(300),
-                url: url::Url::parse(&opn.url()).expect("url"),
-                key: secrecy::SecretString::from("key".to_owned()),
-                secret: secrecy::SecretString::from("secret".to_owned()),
+                url: Some(url::Url::parse(&opn.url()).expect("url")),
+                key: Some(secrecy::SecretString::from("key".to_owned())),
+                secret: Some(secrecy::SecretString::from("secret".to_owned())),
                 alias: ALIAS.into(),
                 verify_tls: true,
                 timeout: Duration::from_secs(10),
@@ -1152,15 +1157,23 @@ async fn a_timed_grant_expires_and_leaves_the_alias_but_entries_the_bot_did_not_
         2,
         "{actions:?}"
     );
-    let removed: Vec<String> = w
-        .store
-        .audit_log(None, 100)
-        .await
-        .expect("audit")
-        .into_iter()
-        .filter(|r| r.entry.action == "firewall_removed")
-        .filter_map(|r| r.entry.domain)
-        .collect();
+    // The removal is audited once the firewall has it (a moment after the alias changes).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let removed = loop {
+        let removed: Vec<String> = w
+            .store
+            .audit_log(None, 100)
+            .await
+            .expect("audit")
+            .into_iter()
+            .filter(|r| r.entry.action == "firewall_removed")
+            .filter_map(|r| r.entry.domain)
+            .collect();
+        if !removed.is_empty() || Instant::now() > deadline {
+            break removed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(removed, vec!["pypi.org".to_owned()]);
     // The thread hears that the grant ended.
     assert!(w

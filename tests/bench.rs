@@ -1203,17 +1203,9 @@ async fn transport_baseline(
         .spawn(&script)
         .await
         .map_err(|e| format!("baseline agent: {e}"))?;
-    let mut stdin = process
-        .child
-        .stdin()
-        .take()
-        .ok_or("baseline agent: no stdin")?;
-    let stdout = process
-        .child
-        .stdout()
-        .take()
-        .ok_or("baseline agent: no stdout")?;
-    let stderr = process.child.stderr().take();
+    let mut stdin = process.take_stdin().ok_or("baseline agent: no stdin")?;
+    let stdout = process.take_stdout().ok_or("baseline agent: no stdout")?;
+    let stderr = process.take_stderr();
     let stderr_text: Arc<Mutex<String>> = Arc::default();
     if let Some(stderr) = stderr {
         let text = Arc::clone(&stderr_text);
@@ -1278,7 +1270,7 @@ async fn transport_baseline(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     drop(stdin);
-    let _ = tokio::time::timeout(Duration::from_secs(10), process.child.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), process.wait()).await;
     Ok((Stats::of(&to_agent), Stats::of(&from_agent)))
 }
 

@@ -61,6 +61,7 @@ fn start(repo_text: &str, worktree: Option<WorktreeChoice>) -> Command {
     Command::Start {
         repo: repo(repo_text),
         worktree,
+        profile: None,
     }
 }
 
@@ -185,8 +186,11 @@ fn start_forms() {
 
 #[test]
 fn start_value_shapes() {
-    let Command::Start { repo, worktree } =
-        ok("@claude start acme/api@feat/x --worktree=w1", top())
+    let Command::Start {
+        repo,
+        worktree,
+        profile,
+    } = ok("@claude start acme/api@feat/x --worktree=w1", top())
     else {
         panic!("expected start");
     };
@@ -196,12 +200,63 @@ fn start_value_shapes() {
     assert_eq!(repo.slug(), "acme/api");
     assert_eq!(repo.to_string(), "acme/api@feat/x");
     assert_eq!(worktree, named("w1"));
+    assert_eq!(profile, None);
 
     let Command::Start { repo, .. } = ok("@claude start api", top_org()) else {
         panic!("expected start");
     };
     assert_eq!(repo.to_string(), "acme/api");
     assert_eq!(repo.branch(), None);
+}
+
+#[test]
+fn a_profile_is_named_with_equals_on_start_and_orchestrate() {
+    let review = Some(ProfileName::parse("review-2").expect("valid"));
+    assert_eq!(
+        ok(
+            "@claude start acme/api \u{2014}profile=review-2 --worktree",
+            top()
+        ),
+        Command::Start {
+            repo: repo("acme/api"),
+            worktree: Some(WorktreeChoice::Auto),
+            profile: review.clone(),
+        }
+    );
+    let orchestrate = ok("@claude orchestrate acme/api --PROFILE=review-2", top());
+    assert_eq!(
+        orchestrate,
+        Command::Orchestrate {
+            repo: repo("acme/api"),
+            profile: review,
+        }
+    );
+    assert_eq!(
+        orchestrate.to_string(),
+        "orchestrate acme/api --profile=review-2"
+    );
+    assert_eq!(
+        err("@claude start acme/api --profile", top()),
+        CommandError::MissingProfileName {
+            command: CommandKind::Start
+        }
+    );
+    for bad in ["a;b", "-x", "", "a.b"] {
+        let text = format!("@claude start acme/api --profile={bad}");
+        assert!(
+            matches!(err(&text, top()), CommandError::BadProfile { .. }),
+            "{text:?}"
+        );
+    }
+    assert_eq!(
+        err("@claude start acme/api --profile=a --profile=b", top()),
+        CommandError::DuplicateFlag {
+            flag: "--profile",
+            command: CommandKind::Start
+        }
+    );
+    assert_eq!(ok("@claude profiles", top()), Command::Profile);
+    assert_eq!(ok("!profile", thread()), Command::Profile);
 }
 
 #[test]
@@ -235,7 +290,8 @@ fn orchestrate_forms() {
         assert_eq!(
             ok(text, ctx),
             Command::Orchestrate {
-                repo: repo(expected)
+                repo: repo(expected),
+                profile: None,
             },
             "input {text:?}"
         );
@@ -1152,12 +1208,14 @@ fn first_code_span(text: &str) -> &str {
 fn reply_shows_usage() {
     let reply = err("@claude start", top()).reply(TRIGGER);
     assert!(
-        reply.contains("Usage: `@claude start org/repo[@branch] [--worktree[=name]]`"),
+        reply.contains(
+            "Usage: `@claude start org/repo[@branch] [--worktree[=name]] [--profile=name]`"
+        ),
         "{reply}"
     );
     let reply = err("@claude orchestrate acme/api --worktree", top()).reply("@bot");
     assert!(
-        reply.contains("`@bot orchestrate org/repo[@branch]`"),
+        reply.contains("`@bot orchestrate org/repo[@branch] [--profile=name]`"),
         "{reply}"
     );
     let reply = err("@claude compact", top()).reply(TRIGGER);
@@ -1234,8 +1292,10 @@ fn long_values_are_truncated_on_char_boundaries() {
 #[test]
 fn help_text_lists_commands_for_the_context() {
     let top_help = help_text(TRIGGER, false);
-    assert!(top_help.contains("`@claude start org/repo[@branch] [--worktree[=name]]`"));
-    assert!(top_help.contains("`@claude orchestrate org/repo[@branch]`"));
+    assert!(
+        top_help.contains("`@claude start org/repo[@branch] [--worktree[=name]] [--profile=name]`")
+    );
+    assert!(top_help.contains("`@claude orchestrate org/repo[@branch] [--profile=name]`"));
     assert!(top_help.contains("`@claude stop <id-prefix>`"));
     assert!(top_help.contains("`@claude status [all]`"));
     assert!(top_help.contains("`@claude join <id-prefix>`"));
@@ -1260,7 +1320,7 @@ fn help_text_lists_commands_for_the_context() {
     assert!(thread_help.contains("`!stop [<id-prefix>]`"));
     assert!(thread_help.contains("`!invite @user`") && thread_help.contains("`!kick @user`"));
     assert!(thread_help.contains("`!join [<id-prefix>]`"));
-    assert!(thread_help.contains("`!start org/repo[@branch] [--worktree[=name]]`"));
+    assert!(thread_help.contains("`!start org/repo[@branch] [--worktree[=name]] [--profile=name]`"));
     assert_clean(&thread_help);
 
     // Hostile trigger configuration cannot break out of the code spans.
@@ -1291,7 +1351,7 @@ fn check_result(text: &str, ctx: &ParseContext<'_>) -> Result<(), TestCaseError>
             prop_assert!(!error.to_string().chars().any(char::is_control));
         }
         Some(Ok(command)) => {
-            if let Command::Start { repo, .. } | Command::Orchestrate { repo } = &command {
+            if let Command::Start { repo, .. } | Command::Orchestrate { repo, .. } = &command {
                 let reparsed: Result<RepoRef, _> = repo.to_string().parse();
                 prop_assert_eq!(reparsed.as_ref(), Ok(repo));
                 prop_assert!(repo
@@ -1443,7 +1503,7 @@ proptest! {
             format!("@claude start {repo_text} {flag}")
         };
         let (repo, parsed_worktree) = match parse(&text, &top()) {
-            Some(Ok(Command::Start { repo, worktree })) => (repo, worktree),
+            Some(Ok(Command::Start { repo, worktree, profile: None })) => (repo, worktree),
             other => return Err(TestCaseError::fail(format!("{text:?} gave {other:?}"))),
         };
         prop_assert_eq!(repo.to_string(), repo_text.clone());
@@ -1453,7 +1513,7 @@ proptest! {
             Some(name) => WorktreeChoice::Named(WorktreeName::parse(&name).expect("valid")),
         });
         prop_assert_eq!(&parsed_worktree, &expected_worktree);
-        let command = Command::Start { repo, worktree: parsed_worktree };
+        let command = Command::Start { repo, worktree: parsed_worktree, profile: None };
         prop_assert_eq!(parse(&format!("@claude {command}"), &top()), Some(Ok(command)));
     }
 

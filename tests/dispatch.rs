@@ -233,6 +233,7 @@ async fn world_full(
             limits,
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
             budgets: Default::default(),
+            profiles: Default::default(),
         },
     );
     World {
@@ -965,6 +966,7 @@ async fn status_shows_orchestrators_with_their_children_indented() {
         repo_name: "widgets".into(),
         branch: None,
         worktree: Some("widgets-x".into()),
+        profile: None,
     };
     let worker = w.store.create_session(&child).await.expect("child");
     child.id = session_manager::store::new_session_id();

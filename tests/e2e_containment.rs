@@ -97,6 +97,51 @@ async fn make_repo(stack: &Stack, tb: &Testbed, name: &str, files: &[(&str, Stri
     bare
 }
 
+/// A repository `acme/<name>` whose `.devcontainer/` holds `config` and a Dockerfile that
+/// builds on the sandbox image (`FROM` it, then `steps`); removed when the result drops.
+async fn built_repo(
+    stack: &Stack,
+    tb: &Testbed,
+    name: &str,
+    config: &str,
+    steps: &str,
+) -> VmCleanup {
+    let dockerfile = format!("FROM {}\n{steps}", tb.get("SM_TEST_SANDBOX_IMAGE"));
+    let bare = make_repo(
+        stack,
+        tb,
+        name,
+        &[
+            (".devcontainer/devcontainer.json", config.to_owned()),
+            (".devcontainer/Dockerfile", dockerfile),
+        ],
+    )
+    .await;
+    VmCleanup {
+        paths: vec![bare],
+        env_file: false,
+    }
+}
+
+/// Asks for a session on `acme/<repo>` and waits for the start to fail; returns the post that
+/// says so (the progress post, in the session's thread).
+async fn start_expecting_failure(stack: &Stack, repo: &str) -> support::mattermost::Post {
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &stack.town,
+            None,
+            &format!("@claude start acme/{repo}"),
+        )
+        .expect("post");
+    stack
+        .wait_for("the failed start", READY_TIMEOUT, |s| {
+            s.bot_post(None, "❌")
+        })
+        .await
+}
+
 /// Puts `GH_TOKEN=<token>` in the VM user's login environment (as an operator would).
 async fn set_vm_token(stack: &Stack, token: &str) {
     let mut s = Script::new();
@@ -290,9 +335,13 @@ async fn record(State(seen): State<Recorder>, request: Request) -> Response {
         .into_response()
 }
 
-/// Attack 2: from inside a main-clone session, plant a post-checkout hook, core.fsmonitor, a
-/// smudge filter and a changed remote.origin.url; then sessions on the same repository (a
-/// worktree, and a branch in the main clone) make the bot run git there.
+/// Attack 2: from inside a main-clone session, and then from a worktree session on the same
+/// repository, plant a hook and git configuration in the clone's shared git directory: both
+/// are refused (its hooks and config are read-only in every container). Then the same is
+/// planted on the VM, as a container of an older version or a trusted configuration could
+/// have (a post-checkout hook, core.fsmonitor, a smudge filter, a changed
+/// remote.origin.url), and sessions on the same repository (a worktree, and a branch in the
+/// main clone) make the bot run git there: nothing of it runs and no credential leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_elsewhere() {
     let tb = Testbed::load();
@@ -319,14 +368,26 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
         "printf '#!/bin/sh\\ntouch {hook}\\n' > .git/hooks/post-checkout && chmod +x .git/hooks/post-checkout && \
          git config core.fsmonitor 'touch {fsmonitor}' && git config filter.evil.smudge 'touch {filter}' && \
          git config filter.evil.clean 'touch {filter}' && printf '* filter=evil\\n' > .gitattributes && \
-         git config core.hooksPath .git/hooks && git remote set-url origin http://127.0.0.1:{port}/evil/repo.git && echo planted-{id}",
+         git config core.hooksPath .git/hooks && git remote set-url origin http://127.0.0.1:{port}/evil/repo.git",
         hook = canaries[0],
         fsmonitor = canaries[1],
         filter = canaries[2],
     );
+    // From a container: each step on its own, so that each refusal shows.
+    let attempt = |who: &str| {
+        format!(
+            "d=$(git rev-parse --git-common-dir); \
+             {{ printf '#!/bin/sh\\ntouch \"$PWD/hook-ran\"\\n' > \"$d/hooks/post-commit\" && chmod +x \"$d/hooks/post-commit\"; }} 2>/dev/null && echo {who}-hook-written || echo {who}-hook-refused; \
+             git config core.hooksPath /tmp 2>/dev/null && echo {who}-config-written || echo {who}-config-refused; \
+             git -c user.name=t -c user.email=t@example.com commit -q --allow-empty -m probe && echo committed; \
+             ls hook-ran 2>/dev/null || echo no-hook-ran; echo tried-{who}-{id}"
+        )
+    };
     let script = ModelScript::new()
-        .on_last_user("plant it", Reply::bash(plant))
-        .on_tool_result(format!("planted-{id}"), Reply::text("Planted."))
+        .on_last_user("plant it", Reply::bash(attempt("main")))
+        .on_tool_result(format!("tried-main-{id}"), Reply::text("Tried."))
+        .on_last_user("plant from the worktree", Reply::bash(attempt("worktree")))
+        .on_tool_result(format!("tried-worktree-{id}"), Reply::text("Tried too."))
         .fallback(Reply::text("ok"));
     let stack = Stack::start(script).await;
     let repo = format!("gitattack-{id}");
@@ -347,11 +408,15 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
         .fake
         .post_as(&stack.alice, &channel, Some(&root), "plant it")
         .expect("post");
-    let planted = wait_for_tool_output(&stack, &format!("planted-{id}")).await;
-    assert!(
-        planted.trim_end().ends_with(&format!("planted-{id}")),
-        "the attack was planted: {planted}"
-    );
+    let tried = wait_for_tool_output(&stack, &format!("tried-main-{id}")).await;
+    for expected in [
+        "main-hook-refused",
+        "main-config-refused",
+        "committed",
+        "no-hook-ran",
+    ] {
+        assert!(tried.contains(expected), "{expected}: {tried}");
+    }
     stack
         .fake
         .post_as(&stack.alice, &channel, Some(&root), "!stop")
@@ -359,9 +424,28 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
     stack
         .wait_for_state(&planter.id, SessionState::Ended, Duration::from_secs(60))
         .await;
+    let clone = format!("{}/repos/local/acme/{repo}", stack.vm_root);
+    let mut look = Script::new();
+    look.set("clone", &clone).expect("q");
+    look.raw(r#"ls "$clone/.git/hooks"; git config --file "$clone/.git/config" --get core.hooksPath || true"#);
+    let seen = stack.vm_run(&look).await.stdout;
+    assert!(
+        !seen.contains("post-commit") && !seen.contains("/tmp"),
+        "the container changed the clone's hooks or config: {seen}"
+    );
+    // What an unguarded container could have left (planted on the VM directly).
+    let mut plant_on_vm = Script::new();
+    plant_on_vm
+        .set("clone", &clone)
+        .expect("q")
+        .set("plant", &plant)
+        .expect("q")
+        .raw(r#"cd "$clone" && bash -c "$plant""#);
+    let out = stack.vm_run(&plant_on_vm).await;
+    assert!(out.success(), "planting on the VM: {}", out.stderr);
 
     // A worktree session (the bot runs git worktree add in the planted clone)...
-    let (_, wt_root) = stack
+    let (wt_channel, wt_root) = stack
         .start_session(&format!("@claude start acme/{repo} --worktree"))
         .await;
     let wt_ready = stack
@@ -379,6 +463,25 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
         "the removed configuration is reported: {}",
         wt_ready.message
     );
+    // Its agent finds the clone's hooks and configuration read-only too.
+    stack
+        .fake
+        .post_as(
+            &stack.alice,
+            &wt_channel,
+            Some(&wt_root),
+            "plant from the worktree",
+        )
+        .expect("post");
+    let tried = wait_for_tool_output(&stack, &format!("tried-worktree-{id}")).await;
+    for expected in [
+        "worktree-hook-refused",
+        "worktree-config-refused",
+        "committed",
+        "no-hook-ran",
+    ] {
+        assert!(tried.contains(expected), "{expected}: {tried}");
+    }
     // ...and a branch session in the main clone (checkout and fetch there).
     let (_, branch_root) = stack
         .start_session(&format!("@claude start acme/{repo}@feature-{id}"))
@@ -839,14 +942,7 @@ async fn a_bot_killed_while_holding_the_firewall_lease_never_blocks_approvals_fo
     let tb = Testbed::load();
     let opn = FakeOpnsense::start("opn-key", "opn-secret").await;
     let script = ModelScript::new()
-        .on_last_user(
-            "[NETWORK_APPROVED: pypi.org]",
-            Reply::text("Thanks, pypi.org works now."),
-        )
-        .on_last_user(
-            "install requests",
-            Reply::text("I need the package index.\n[NETWORK_REQUEST: pypi.org]\n"),
-        )
+        .asks_for_pypi()
         .fallback(Reply::text("ok"));
     // The bot runs as a process (to be killed), listening where the cards point.
     let port = {
@@ -1063,5 +1159,137 @@ async fn ps_on_the_vm_never_shows_a_container_env_value() {
         .wait_for_state(&session.id, SessionState::Ended, Duration::from_secs(60))
         .await;
     drop(bot);
+    stack.finish().await;
+}
+
+/// Attack 9 (a repository's words in the bot's own posts): a repository whose build argument
+/// carries a mention and an image, and whose build fails. The failure the bot reports quotes
+/// the CLI's command line, argument included; it notifies nobody and fetches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_repository_build_reaches_the_thread_inert() {
+    let tb = Testbed::load();
+    let id = unique();
+    let stack = Stack::start(ModelScript::new().fallback(Reply::text("ok"))).await;
+    let repo = format!("loud-{id}");
+    // The build argument's name marks the image of the build's last good step.
+    let arg = format!("G_{id}");
+    let config = r#"{
+    "build": { "dockerfile": "Dockerfile", "args": { "ARG_ID": "@channel ![x](http://attacker.example/arg.png)" } },
+    "remoteUser": "claude"
+}"#
+    .replace("ARG_ID", &arg);
+    let _cleanup = built_repo(
+        &stack,
+        &tb,
+        &repo,
+        &config,
+        &format!("ARG {arg}\nRUN echo \"${arg}\" && false\n"),
+    )
+    .await;
+    let failed = start_expecting_failure(&stack, &repo).await;
+    let ended = stack
+        .wait_for_bot_post("the end notice", Some(&failed.root_id), "Session ended")
+        .await;
+    // The repository's words did reach the thread (in the CLI's failed command).
+    let thread: Vec<String> = stack
+        .fake
+        .thread(&failed.root_id)
+        .into_iter()
+        .filter(|p| p.user_id == stack.fake.bot_user_id())
+        .map(|p| p.message)
+        .collect();
+    let all = thread.join("\n---\n");
+    assert!(
+        all.contains("@\u{2060}channel"),
+        "the build argument is shown: {all}"
+    );
+    for post in [&failed.message, &ended.message]
+        .into_iter()
+        .chain(thread.iter())
+    {
+        for loud in ["@here", "@channel", "@all"] {
+            assert!(
+                !post.contains(loud),
+                "{loud} reached the thread live: {post}"
+            );
+        }
+        assert!(!post.contains("!["), "an image reached the thread: {post}");
+    }
+    // The failed build's last good step (`ARG`) is left as a dangling image; the session's
+    // cleanup removes it (after any `devcontainer up` under way, hence the long bound).
+    let mut dangling = Script::new();
+    dangling.set("arg", &arg).expect("q");
+    dangling.raw(r#"for i in $(podman images --all --quiet --filter dangling=true); do podman history --format '{{.CreatedBy}}' "$i" 2>/dev/null | grep -q "ARG $arg" && echo "$i"; done; true"#);
+    let deadline = Instant::now() + Duration::from_secs(330);
+    loop {
+        let left = stack.vm_run(&dangling).await.stdout;
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failed build's image is still there: {left}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stack.finish().await;
+}
+
+/// Attack 10 (a build that never ends): the repository's Dockerfile sleeps. At
+/// `SM_DEVCONTAINER_TIMEOUT_SECS` the start fails, the thread shows the step the CLI was
+/// waiting on (the end of its log), and the build is stopped on the VM: nothing of it runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_that_never_ends_is_stopped_at_the_bound_and_its_log_shown() {
+    let tb = Testbed::load();
+    let id = unique();
+    let stack = Stack::start_with(
+        ModelScript::new().fallback(Reply::text("ok")),
+        &[("devcontainer-timeout-secs", "20".to_owned())],
+    )
+    .await;
+    let repo = format!("stall-{id}");
+    let marker = format!("sm-stalling-{id}");
+    let _cleanup = built_repo(
+        &stack,
+        &tb,
+        &repo,
+        r#"{ "build": { "dockerfile": "Dockerfile" }, "remoteUser": "claude" }"#,
+        &format!("RUN echo {marker} && sleep 3600\n"),
+    )
+    .await;
+    let failed = start_expecting_failure(&stack, &repo).await;
+    assert!(
+        failed.message.contains("did not finish within 20 s"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        failed.message.contains(&marker),
+        "the end of the CLI's log names the step: {}",
+        failed.message
+    );
+    stack
+        .wait_for_bot_post("the end notice", Some(&failed.root_id), "Session ended")
+        .await;
+    // The build's process is gone from the VM (the session's cleanup stopped `up`).
+    let mut ps = Script::new();
+    ps.raw("ps -eo args");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = stack.vm_run(&ps).await;
+        let running: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.contains(&marker) || l.contains("sleep 3600"))
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the build still runs on the VM: {running:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     stack.finish().await;
 }

@@ -28,14 +28,7 @@ fn model_heard(stack: &Stack, text: &str) -> bool {
 async fn grants_are_shared_capped_refused_by_policy_and_end_with_their_session() {
     let opn = FakeOpnsense::start("opn-key", "opn-secret").await;
     let script = ModelScript::new()
-        .on_last_user(
-            "[NETWORK_APPROVED: pypi.org]",
-            Reply::text("Thanks, pypi.org works now."),
-        )
-        .on_last_user(
-            "install requests",
-            Reply::text("I need the package index.\n[NETWORK_REQUEST: pypi.org]\n"),
-        )
+        .asks_for_pypi()
         .on_last_user(
             "fetch three mirrors",
             Reply::text(

@@ -73,6 +73,7 @@ async fn reconciler_passes(stack: &Stack, tb: &Testbed) {
             repo_name: "canary".into(),
             branch: None,
             worktree: None,
+            profile: None,
         })
         .await
         .expect("canary session");

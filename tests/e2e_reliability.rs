@@ -7,6 +7,7 @@
 
 mod support;
 
+use session_manager::runtime::shell::Script as VmScript;
 use support::model_server::{Reply, Script as ModelScript};
 use support::stack::Stack;
 
@@ -799,5 +800,40 @@ async fn a_flooded_thread_is_bounded_and_holds_up_no_other_thread() {
             )
             .await;
     }
+    stack.finish().await;
+}
+
+/// `devcontainer up` waits for the container's start event from `podman events`, which it
+/// starts just before `podman run`; on a busy VM podman events began listening after the
+/// container had started, and `up` waited until its bound (devcontainers/cli issue 1236, the
+/// 300 s stalls CI saw). Here the runtime's `events` always begins listening 3 s late: the
+/// session still starts, because the bot's runtime shim replays the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
+    let stack = Stack::start_with(
+        ModelScript::new().fallback(Reply::text("Up and answering.")),
+        &[
+            (
+                "container-runtime",
+                "{vm_root}/late-events-podman".to_owned(),
+            ),
+            ("devcontainer-timeout-secs", "90".to_owned()),
+        ],
+    )
+    .await;
+    let mut shim = VmScript::new();
+    shim.set("path", &format!("{}/late-events-podman", stack.vm_root))
+        .expect("q")
+        .raw(r#"mkdir -p "$(dirname "$path")"; printf '#!/bin/sh\nif [ "$1" = events ]; then sleep 3; fi\nexec podman "$@"\n' > "$path"; chmod 755 "$path""#);
+    let out = stack.vm_run(&shim).await;
+    assert!(out.success(), "{}", out.stderr);
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "are you there?")
+        .expect("post");
+    stack
+        .wait_for_bot_post("the answer", Some(&root), "Up and answering.")
+        .await;
     stack.finish().await;
 }

@@ -138,8 +138,12 @@ async fn a_thread_drives_the_real_cli_in_a_devcontainer() {
     image
         .raw_then("podman image exists", &[uid_image.as_str()])
         .expect("q");
-    // Removed in the background once no `devcontainer up` runs (the image lock).
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Removed in the background once no `devcontainer up` runs (the image lock), which the
+    // removal waits for as long as the bot lets it: other tests' sessions start meanwhile.
+    let deadline = Instant::now()
+        + Duration::from_secs(
+            u64::from(session_manager::runtime::devcontainer::IMAGE_LOCK_WAIT_SECS) + 30,
+        );
     while stack.vm_run(&image).await.status != Some(1) {
         assert!(
             Instant::now() < deadline,
@@ -716,17 +720,10 @@ async fn a_network_request_is_approved_into_the_firewall_and_the_agent_is_told()
     use support::opnsense::{FakeOpnsense, ALIAS};
     let opn = FakeOpnsense::start("opn-key", "opn-secret").await;
     let script = ModelScript::new()
-        .on_last_user(
-            "[NETWORK_APPROVED: pypi.org]",
-            Reply::text("Thanks, pypi.org works now."),
-        )
+        .asks_for_pypi()
         .on_last_user(
             "[NETWORK_DENIED: registry.npmjs.org]",
             Reply::text("Understood, no npm then."),
-        )
-        .on_last_user(
-            "install requests",
-            Reply::text("I need the package index first.\n[NETWORK_REQUEST: pypi.org]\n"),
         )
         .on_last_user(
             "install left-pad",

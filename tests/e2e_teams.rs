@@ -9,10 +9,9 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use session_manager::store::Platform;
 use support::model_server::{Reply, Script as ModelScript};
 use support::opnsense::{FakeOpnsense, ALIAS};
-use support::stack::{Stack, READY_TIMEOUT};
+use support::stack::Stack;
 use support::teams::FakeTeams;
 
 /// The Adaptive Card action whose title starts with `title`, in a posted card message.
@@ -44,14 +43,7 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
     let teams = FakeTeams::start().await;
     let opn = FakeOpnsense::start("opn-key", "opn-secret").await;
     let script = ModelScript::new()
-        .on_last_user(
-            "[NETWORK_APPROVED: pypi.org]",
-            Reply::text("Thanks, pypi.org works now."),
-        )
-        .on_last_user(
-            "install requests",
-            Reply::text("I need the package index.\n[NETWORK_REQUEST: pypi.org]\n"),
-        )
+        .asks_for_pypi()
         .on_last_user("hello from teams", Reply::text("Hello, Teams thread."))
         .on_last_user(
             "hello from mattermost",
@@ -104,27 +96,11 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
         teams.send(&endpoint, &ask, Some("not-a-token")).await.0,
         401
     );
-    assert_eq!(teams.send(&endpoint, &ask, Some(&token)).await.0, 200);
 
     // The session lives in a new thread of the channel; its progress says Ready.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let session = loop {
-        let found = stack
-            .store
-            .active_sessions()
-            .await
-            .expect("sessions")
-            .into_iter()
-            .find(|x| x.platform == Platform::Teams);
-        if let Some(found) = found {
-            break found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no Teams session started"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let session = stack
+        .start_teams_session(&teams, &channel, &olo, "start acme/widgets --worktree")
+        .await;
     assert_eq!(session.channel_id, channel);
     let thread_text = |teams: &FakeTeams| -> Vec<String> {
         teams
@@ -133,28 +109,20 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
             .filter_map(|m| m.text)
             .collect()
     };
-    stack
-        .wait_for("Ready in the Teams thread", READY_TIMEOUT, |_| {
-            let texts = thread_text(&teams);
-            if let Some(failed) = texts.iter().find(|t| t.contains('❌')) {
-                panic!("start failed: {failed}");
-            }
-            texts.iter().any(|t| t.contains("Ready")).then_some(())
-        })
-        .await;
 
     // Meanwhile a Mattermost user runs a session in the same process.
     let (mm_channel, mm_root) = stack.start_session("@claude start acme/widgets").await;
 
     // Replies in each thread reach their own agent, and answers come back to their own thread.
-    let reply = teams.thread_reply(
-        &channel,
-        &session.thread_id,
-        &olo,
-        "hello from teams",
-        false,
-    );
-    assert_eq!(teams.send(&endpoint, &reply, Some(&token)).await.0, 200);
+    teams
+        .reply(
+            &endpoint,
+            &channel,
+            &session.thread_id,
+            &olo,
+            "hello from teams",
+        )
+        .await;
     stack
         .fake
         .post_as(
@@ -191,14 +159,15 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
     );
 
     // A network request becomes an Adaptive Card; an Action.Execute invoke approves it.
-    let ask = teams.thread_reply(
-        &channel,
-        &session.thread_id,
-        &olo,
-        "install requests",
-        false,
-    );
-    assert_eq!(teams.send(&endpoint, &ask, Some(&token)).await.0, 200);
+    teams
+        .reply(
+            &endpoint,
+            &channel,
+            &session.thread_id,
+            &olo,
+            "install requests",
+        )
+        .await;
     let card = stack
         .wait_for("the Adaptive Card", Duration::from_secs(120), |_| {
             teams
@@ -257,8 +226,9 @@ async fn a_teams_user_runs_a_session_and_approves_from_an_adaptive_card_beside_m
     );
 
     // Stop the Teams session from its thread.
-    let stop = teams.thread_reply(&channel, &session.thread_id, &olo, "!stop", false);
-    assert_eq!(teams.send(&endpoint, &stop, Some(&token)).await.0, 200);
+    teams
+        .reply(&endpoint, &channel, &session.thread_id, &olo, "!stop")
+        .await;
     stack
         .wait_for_state(
             &session.id,

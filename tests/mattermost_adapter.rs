@@ -139,6 +139,7 @@ async fn the_start_flow_creates_channel_category_and_root_post_with_the_real_sha
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
             budgets: Default::default(),
+            profiles: Default::default(),
         },
     );
     w.fake.clear_requests();

@@ -20,9 +20,9 @@ const SECRET: &str = "XeD26XVrJ5ilAc/EmglCRC+0j2e57tRsjHwFepOseySWLM53";
 fn config(fake: &FakeOpnsense, alias: &str, secret: &str, timeout: Duration) -> FirewallSettings {
     FirewallSettings {
         lease: std::time::Duration::from_secs(300),
-        url: url::Url::parse(&fake.url()).expect("fake URL"),
-        key: SecretString::from(KEY.to_owned()),
-        secret: SecretString::from(secret.to_owned()),
+        url: Some(url::Url::parse(&fake.url()).expect("fake URL")),
+        key: Some(SecretString::from(KEY.to_owned())),
+        secret: Some(SecretString::from(secret.to_owned())),
         alias: alias.to_owned(),
         verify_tls: true,
         timeout,
@@ -524,9 +524,9 @@ async fn an_unreachable_port_is_unreachable() {
     drop(listener);
     let client = OpnsenseClient::new(&FirewallSettings {
         lease: std::time::Duration::from_secs(300),
-        url: url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url"),
-        key: SecretString::from(KEY.to_owned()),
-        secret: SecretString::from(SECRET.to_owned()),
+        url: Some(url::Url::parse(&format!("http://127.0.0.1:{port}")).expect("url")),
+        key: Some(SecretString::from(KEY.to_owned())),
+        secret: Some(SecretString::from(SECRET.to_owned())),
         alias: ALIAS.into(),
         verify_tls: false,
         timeout: Duration::from_secs(2),
@@ -542,7 +542,7 @@ async fn an_unreachable_port_is_unreachable() {
 async fn a_base_url_with_a_path_prefix_is_kept() {
     let fake = FakeOpnsense::start(KEY, SECRET).await;
     let mut cfg = config(&fake, ALIAS, SECRET, Duration::from_secs(5));
-    cfg.url = url::Url::parse(&format!("{}/prefix/", fake.url())).expect("url");
+    cfg.url = Some(url::Url::parse(&format!("{}/prefix/", fake.url())).expect("url"));
     let err = OpnsenseClient::new(&cfg)
         .expect("client")
         .check()

@@ -102,6 +102,7 @@ async fn world(privacy: ChannelPrivacy, ephemeral: bool) -> World {
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
             budgets: Default::default(),
+            profiles: Default::default(),
         },
     );
     World {

@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashSet;
 
 use session_manager::store::*;
-use support::TestDatabase;
+use support::{new_session, TestDatabase};
 
 /// Instantiates each test function for both backends.
 macro_rules! on_both_backends {
@@ -53,7 +53,184 @@ on_both_backends!(
     teams_references_survive_a_new_pool_and_keep_known_fields,
     grants_live_end_and_uncover_domains,
     hibernation_is_stored_woken_and_ends_with_the_session,
+    a_sessions_profile_is_recorded_whole,
+    an_instance_key_is_made_once_and_kept,
+    the_transcript_keeps_each_post_as_it_is_now_and_forgets_old_threads,
 );
+
+/// Pruning drops the versions of a post or card between its first (where a page places it)
+/// and its latest (what it shows), never what people wrote, and, with a cutoff, every event of
+/// threads whose session ended before it; live threads and recently ended ones keep their
+/// events in order.
+async fn the_transcript_keeps_each_post_as_it_is_now_and_forgets_old_threads(db: &TestDatabase) {
+    let store = db.store().await;
+    let old = store
+        .create_session(&new_session("old-thread"))
+        .await
+        .expect("create");
+    let recent = store
+        .create_session(&new_session("recent-thread"))
+        .await
+        .expect("create");
+    store
+        .create_session(&new_session("live-thread"))
+        .await
+        .expect("create");
+    for s in [&old, &recent] {
+        store
+            .end_session(&s.id, EndReason::UserRequested, None)
+            .await
+            .expect("end");
+    }
+    db.execute_raw(&format!(
+        "UPDATE sessions SET ended_at = 1000 WHERE id = '{}'",
+        old.id
+    ))
+    .await;
+    let add = |thread: &'static str, post: &'static str, kind: TranscriptKind, text: &str| {
+        let store = store.clone();
+        let body = serde_json::json!({ "text": text }).to_string();
+        async move {
+            store
+                .append_transcript(thread, post, kind, None, &body, now_ms())
+                .await
+                .expect("append")
+                .expect("new")
+                .id
+        }
+    };
+    for thread in ["old-thread", "recent-thread"] {
+        add(thread, "gone", TranscriptKind::Post, "a post").await;
+    }
+    let anchor = add("live-thread", "anchor", TranscriptKind::Post, "Session").await;
+    let starting = add("live-thread", "progress", TranscriptKind::Post, "Starting").await;
+    let asked = add("live-thread", "card", TranscriptKind::Card, "Approve?").await;
+    let wrote = add("live-thread", "in-1", TranscriptKind::Inbound, "hello").await;
+    add("live-thread", "progress", TranscriptKind::Post, "Cloning").await;
+    add("live-thread", "progress", TranscriptKind::Post, "Pulling").await;
+    let progress = add("live-thread", "progress", TranscriptKind::Post, "Ready").await;
+    let card = add("live-thread", "card", TranscriptKind::Card, "Approved").await;
+
+    let pruned = store.prune_transcript(Some(5_000)).await.expect("prune");
+    assert_eq!(
+        pruned,
+        2 + 1,
+        "the progress post's two middle versions, the old thread's post"
+    );
+    let kept: Vec<(i64, String)> = store
+        .transcript_after("live-thread", 0, 100)
+        .await
+        .expect("read")
+        .into_iter()
+        .map(|e| (e.id, e.post_id))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            (anchor, "anchor".to_owned()),
+            (starting, "progress".to_owned()),
+            (asked, "card".to_owned()),
+            (wrote, "in-1".to_owned()),
+            (progress, "progress".to_owned()),
+            (card, "card".to_owned()),
+        ]
+    );
+    assert!(store
+        .transcript_after("old-thread", 0, 100)
+        .await
+        .expect("read")
+        .is_empty());
+    assert_eq!(
+        store
+            .transcript_after("recent-thread", 0, 100)
+            .await
+            .expect("read")
+            .len(),
+        1,
+        "ended after the cutoff: kept"
+    );
+    assert_eq!(
+        store.prune_transcript(None).await.expect("again"),
+        0,
+        "nothing left to prune; without a cutoff ended threads stay"
+    );
+    assert_eq!(
+        store
+            .transcript_latest("progress")
+            .await
+            .expect("latest")
+            .map(|e| e.id),
+        Some(progress)
+    );
+}
+
+/// The first candidate for a name is kept; later and concurrent callers get it back, and other
+/// names are separate.
+async fn an_instance_key_is_made_once_and_kept(db: &TestDatabase) {
+    let store = db.store().await;
+    assert_eq!(
+        store
+            .instance_key("callback_secret", "first")
+            .await
+            .expect("make"),
+        "first"
+    );
+    assert_eq!(
+        store
+            .instance_key("callback_secret", "second")
+            .await
+            .expect("read"),
+        "first",
+        "a later start reads the kept key"
+    );
+    let racing = futures_util::future::join_all((0..8).map(|i| {
+        let store = store.clone();
+        async move {
+            store
+                .instance_key("raced", &format!("candidate {i}"))
+                .await
+                .expect("race")
+        }
+    }))
+    .await;
+    assert!(
+        racing.iter().all(|k| k == &racing[0]),
+        "every racer gets the stored key: {racing:?}"
+    );
+    assert_eq!(
+        store.instance_key("other", "third").await.expect("other"),
+        "third"
+    );
+}
+
+/// The profile a session starts with is stored with it and read back as it was; a stored
+/// profile that is not one is an error, not a panic or a session without limits.
+async fn a_sessions_profile_is_recorded_whole(db: &TestDatabase) {
+    let store = db.store().await;
+    let profiles = session_manager::profile::Profiles::parse(
+        "[profile.locked]\nmodel = \"sonnet\"\ndenied_tools = [\"Bash\", \"Bash(curl:*)\"]\nbudget_usd = 0.5\nidle_secs = 60\n",
+    )
+    .expect("valid");
+    let locked = profiles.get("locked").expect("locked").clone();
+    let mut new = new_session("profile-thread");
+    new.profile = Some(locked.clone());
+    let s = store.create_session(&new).await.expect("create");
+    assert_eq!(s.profile.as_ref(), Some(&locked));
+    let read = store.session(&s.id).await.expect("read").expect("row");
+    assert_eq!(read.profile, Some(locked));
+    let plain = store
+        .create_session(&new_session("plain-thread"))
+        .await
+        .expect("create");
+    assert_eq!(plain.profile, None);
+    db.execute_raw(&format!(
+        "UPDATE sessions SET profile = '{{\"denied\": 1}}' WHERE id = '{}'",
+        s.id
+    ))
+    .await;
+    let err = store.session(&s.id).await.expect_err("corrupt");
+    assert!(err.to_string().contains("sessions.profile"), "{err}");
+}
 
 /// A hibernating session is idle and active (listed, stoppable) with the time it went to
 /// sleep; any move to an active state wakes it; `max_age` is a stored end reason.
@@ -342,23 +519,6 @@ async fn grants_live_end_and_uncover_domains(db: &TestDatabase) {
         .iter()
         .any(|r| r.id == repair.id));
     assert_eq!(store.pending_approvals(&a.id).await.expect("count"), 0);
-}
-
-fn new_session(thread: &str) -> NewSession {
-    NewSession {
-        id: new_session_id(),
-        platform: Platform::Mattermost,
-        channel_id: "channel0000000000000000001".into(),
-        thread_id: thread.into(),
-        kind: SessionKind::Standard,
-        parent_id: None,
-        started_by: "user00000000000000000000001".into(),
-        repo_host: "github.com".into(),
-        repo_org: "acme".into(),
-        repo_name: "widgets".into(),
-        branch: Some("main".into()),
-        worktree: None,
-    }
 }
 
 async fn migrations_run_twice_without_harm(db: &TestDatabase) {
@@ -1564,4 +1724,26 @@ async fn teams_references_survive_a_new_pool_and_keep_known_fields(db: &TestData
         Some("a:1personal")
     );
     assert!(again.teams_user("nobody").await.expect("read").is_none());
+}
+
+/// A new embedded database file, and the write-ahead log SQLite makes beside it, are readable
+/// by their owner only: they hold transcripts, the audit log and one-machine mode's key.
+#[tokio::test]
+async fn a_new_sqlite_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let db = TestDatabase::sqlite();
+    let store = db.store().await;
+    store
+        .instance_key("callback_secret", "kept")
+        .await
+        .expect("write");
+    let path = db.url.trim_start_matches("sqlite://").to_owned();
+    for file in [path.clone(), format!("{path}-wal")] {
+        let mode = std::fs::metadata(&file)
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file} has mode {:o}", mode & 0o777);
+    }
+    store.close().await;
 }

@@ -419,6 +419,7 @@ async fn each_activity_kind_becomes_the_right_event() {
             repo_name: "widgets".into(),
             branch: None,
             worktree: None,
+            profile: None,
         })
         .await
         .expect("session");
@@ -465,6 +466,7 @@ async fn each_activity_kind_becomes_the_right_event() {
             repo_name: "tools".into(),
             branch: None,
             worktree: None,
+            profile: None,
         })
         .await
         .expect("session");
@@ -1151,6 +1153,7 @@ async fn a_teams_user_starts_a_session_and_talks_in_its_thread_through_the_dispa
             limits: Default::default(),
             permission_mode: session_manager::permission::PermissionMode::AcceptEdits,
             budgets: Default::default(),
+            profiles: Default::default(),
         },
     );
     let (_unused, placeholder) = mpsc::channel(1);

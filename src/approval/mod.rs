@@ -46,7 +46,6 @@ use metrics::{counter, gauge};
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use serde_json::{json, Map, Value};
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -54,8 +53,7 @@ use tracing::{error, info, warn};
 
 use crate::agent::markers::Marker;
 use crate::chat::{
-    ActionCard, CardAction, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply,
-    PostRef,
+    ActionCard, CardClick, CardClickHandler, ChatOutbound, ClickError, ClickReply, PostRef,
 };
 use crate::firewall::domain::parse_domain;
 use crate::firewall::policy::EgressPolicy;
@@ -152,6 +150,41 @@ impl AliasWriter for crate::firewall::opnsense::OpnsenseClient {
         crate::firewall::opnsense::OpnsenseClient::contains(self, domain)
             .await
             .map_err(|e| apply_error(&e))
+    }
+}
+
+/// The [`AliasWriter`] when no firewall is configured (`SM_OPNSENSE_URL` unset): decisions are
+/// still asked for, recorded and told to the agent, but nothing enforces them. It remembers
+/// what was approved in this process, so the flow behaves as with a firewall.
+#[derive(Debug, Default)]
+pub struct Unenforced {
+    domains: std::sync::Mutex<HashSet<String>>,
+}
+
+#[async_trait]
+impl AliasWriter for Unenforced {
+    async fn add(&self, domain: &str) -> Result<bool, ApplyError> {
+        Ok(self
+            .domains
+            .lock()
+            .map(|mut d| d.insert(domain.to_owned()))
+            .unwrap_or(false))
+    }
+
+    async fn remove(&self, domain: &str) -> Result<bool, ApplyError> {
+        Ok(self
+            .domains
+            .lock()
+            .map(|mut d| d.remove(domain))
+            .unwrap_or(false))
+    }
+
+    async fn contains(&self, domain: &str) -> Result<bool, ApplyError> {
+        Ok(self
+            .domains
+            .lock()
+            .map(|d| d.contains(domain))
+            .unwrap_or(false))
     }
 }
 
@@ -390,25 +423,15 @@ impl Approvals {
                 ]
                 .into_iter()
                 .map(|(action, label, style)| {
-                    let mut context = Map::new();
-                    context.insert("request_id".into(), json!(request.id));
-                    context.insert("action".into(), json!(action));
-                    context.insert("expires".into(), json!(request.expires_at));
-                    context.insert(
-                        "signature".into(),
-                        json!(signing::sign(
-                            &self.config.secret,
-                            &request.id,
-                            action,
-                            request.expires_at
-                        )),
-                    );
-                    CardAction {
-                        id: action.to_owned(),
-                        label: label.to_owned(),
-                        style: style.to_owned(),
-                        context,
-                    }
+                    signing::signed_action(
+                        &self.config.secret,
+                        CARD_KIND,
+                        &request.id,
+                        action,
+                        request.expires_at,
+                        label.to_owned(),
+                        style,
+                    )
                 })
                 .collect();
                 let owner = session.map_or_else(String::new, |s| {
@@ -477,21 +500,16 @@ impl Approvals {
 
     /// Decides a click (see the module documentation for the order of checks).
     async fn decide(&self, click: CardClick) -> Result<ClickReply, ClickError> {
-        let field = |k: &str| click.context.get(k);
-        let (Some(request_id), Some(action), Some(expires), Some(signature)) = (
-            field("request_id").and_then(Value::as_str),
-            field("action").and_then(Value::as_str),
-            field("expires").and_then(Value::as_i64),
-            field("signature").and_then(Value::as_str),
-        ) else {
-            return Err(ClickError::BadRequest(
-                "context must carry request_id, action, expires and signature".into(),
-            ));
-        };
-        if !signing::verify(&self.config.secret, request_id, action, expires, signature) {
-            warn!(request = request_id, user = %click.user_id, "refused a callback with a bad signature");
-            return Err(ClickError::Forbidden);
-        }
+        let (request_id, action, expires) = signing::verified_click(
+            &self.config.secret,
+            &click.context,
+        )
+        .inspect_err(|e| {
+            if matches!(e, ClickError::Forbidden) {
+                let request = click.context.get("request_id").and_then(|r| r.as_str());
+                warn!(request, user = %click.user_id, "refused a callback with a bad signature");
+            }
+        })?;
         let (decision, scope) = match action {
             ACTION_APPROVE_TTL => (Decision::Approve, GrantScope::Ttl),
             ACTION_APPROVE_SESSION => (Decision::Approve, GrantScope::Session),
@@ -1346,6 +1364,10 @@ pub fn grants_text(grants: &[Grant], with_session: bool) -> String {
 
 /// The action ids of a card's buttons (also the signed `action`); Mattermost action ids are
 /// alphanumeric.
+/// The `kind` of a network approval card's buttons (the click router's key). Cards without a
+/// kind (posted before kinds existed) are network cards too.
+pub const CARD_KIND: &str = "network";
+
 const ACTION_APPROVE_TTL: &str = "approve";
 const ACTION_APPROVE_SESSION: &str = "approvesession";
 const ACTION_DENY: &str = "deny";

@@ -8,6 +8,9 @@
 //! ✅ Cloning acme/widgets
 //! ⏳ Starting the container…
 //! ```
+//!
+//! What is shown is made inert ([`super::render::neutralize`]): an error quotes what the
+//! repository's configuration or build said, which must notify nobody and fetch nothing.
 
 use std::sync::Arc;
 
@@ -85,7 +88,10 @@ impl Progress {
         lines.join("\n")
     }
 
+    /// Posts `text` made inert ([`super::render::neutralize`]): errors and notes quote what a
+    /// repository or the VM said, which may carry mentions and images.
     async fn show(&self, text: String) {
+        let text = super::render::neutralize(&text);
         if let Err(e) = self.chat.update(&self.post, &text).await {
             warn!(error = %e, "cannot update the progress post");
         }

@@ -10,6 +10,10 @@
 //! no channel (`ensure_project_channel`, `platform`, `bot_user_id`) go to the *primary*
 //! platform (Mattermost when it is configured); code that starts sessions on a given platform
 //! asks for that platform's adapter with [`ChatRouter::get`] instead.
+//!
+//! The web console ([`crate::console`]) is a platform too: its channel and post ids start with
+//! `console.`, which neither Mattermost nor Teams ids ever do. It is the primary platform only
+//! when no chat platform is configured (one-machine mode).
 
 use std::sync::Arc;
 
@@ -26,6 +30,8 @@ pub struct ChatRouter {
     primary: Arc<dyn ChatOutbound>,
     mattermost: Option<Arc<dyn ChatOutbound>>,
     teams: Option<Arc<dyn ChatOutbound>>,
+    /// The web console, when it is on.
+    console: Option<Arc<dyn ChatOutbound>>,
     /// Every call that changes something on a platform waits for it
     /// ([`ChatRouter::with_gate`]).
     gate: Gate,
@@ -36,6 +42,7 @@ impl std::fmt::Debug for ChatRouter {
         f.debug_struct("ChatRouter")
             .field("mattermost", &self.mattermost.is_some())
             .field("teams", &self.teams.is_some())
+            .field("console", &self.console.is_some())
             .finish()
     }
 }
@@ -46,11 +53,25 @@ impl ChatRouter {
         mattermost: Option<Arc<dyn ChatOutbound>>,
         teams: Option<Arc<dyn ChatOutbound>>,
     ) -> Option<Self> {
-        let primary = mattermost.clone().or_else(|| teams.clone())?;
+        Self::with_console(mattermost, teams, None)
+    }
+
+    /// A router over the configured platforms and the web console; the console is the
+    /// primary platform only when there is no other. `None` when there is none at all.
+    pub fn with_console(
+        mattermost: Option<Arc<dyn ChatOutbound>>,
+        teams: Option<Arc<dyn ChatOutbound>>,
+        console: Option<Arc<dyn ChatOutbound>>,
+    ) -> Option<Self> {
+        let primary = mattermost
+            .clone()
+            .or_else(|| teams.clone())
+            .or_else(|| console.clone())?;
         Some(Self {
             primary,
             mattermost,
             teams,
+            console,
             gate: Gate::always_open(),
         })
     }
@@ -75,6 +96,7 @@ impl ChatRouter {
         let wanted = match platform {
             Platform::Mattermost => &self.mattermost,
             Platform::Teams => &self.teams,
+            Platform::Console => &self.console,
         };
         wanted.clone().unwrap_or_else(|| self.primary())
     }
@@ -86,7 +108,9 @@ impl ChatRouter {
 
     /// The adapter a channel (or chat) id belongs to.
     fn for_channel(&self, channel_id: &str) -> Arc<dyn ChatOutbound> {
-        self.get(if channel_id.contains(':') {
+        self.get(if channel_id.starts_with(crate::console::ID_PREFIX) {
+            Platform::Console
+        } else if channel_id.contains(':') {
             Platform::Teams
         } else {
             Platform::Mattermost
@@ -95,13 +119,13 @@ impl ChatRouter {
 
     /// The adapter a post id belongs to.
     fn for_post(&self, post_id: &str) -> Arc<dyn ChatOutbound> {
-        self.get(
-            if !post_id.is_empty() && post_id.bytes().all(|b| b.is_ascii_digit()) {
-                Platform::Teams
-            } else {
-                Platform::Mattermost
-            },
-        )
+        self.get(if post_id.starts_with(crate::console::ID_PREFIX) {
+            Platform::Console
+        } else if !post_id.is_empty() && post_id.bytes().all(|b| b.is_ascii_digit()) {
+            Platform::Teams
+        } else {
+            Platform::Mattermost
+        })
     }
 }
 
@@ -113,7 +137,7 @@ impl ChatOutbound for ChatRouter {
 
     /// The smallest limit of the platforms served, so a split post fits wherever it goes.
     fn max_post_chars(&self) -> usize {
-        [&self.mattermost, &self.teams]
+        [&self.mattermost, &self.teams, &self.console]
             .into_iter()
             .flatten()
             .map(|a| a.max_post_chars())
@@ -213,7 +237,10 @@ impl ChatOutbound for ChatRouter {
     /// Asks each platform in turn (Mattermost first); the first that knows the user answers.
     async fn resolve_user(&self, id_or_username: &str) -> Result<ChatUser, ChatError> {
         let mut last = None;
-        for adapter in [&self.mattermost, &self.teams].into_iter().flatten() {
+        for adapter in [&self.mattermost, &self.teams, &self.console]
+            .into_iter()
+            .flatten()
+        {
             match adapter.resolve_user(id_or_username).await {
                 Ok(user) => return Ok(user),
                 Err(e) => last = Some(e),

@@ -170,13 +170,18 @@ impl OpnsenseClient {
     /// [`FirewallError::Unreachable`] when the URL is not an `http(s)` base URL or the HTTP
     /// client cannot be built.
     pub fn new(cfg: &FirewallSettings) -> Result<Self, FirewallError> {
-        if !matches!(cfg.url.scheme(), "http" | "https") || cfg.url.cannot_be_a_base() {
+        let (Some(url), Some(key), Some(secret)) = (&cfg.url, &cfg.key, &cfg.secret) else {
+            return Err(FirewallError::Unreachable(
+                "SM_OPNSENSE_URL, SM_OPNSENSE_KEY and SM_OPNSENSE_SECRET are not all set".into(),
+            ));
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
             return Err(FirewallError::Unreachable(format!(
                 "the OPNsense URL must be an http(s) base URL, not {:?}",
-                cfg.url.scheme()
+                url.scheme()
             )));
         }
-        let mut api = cfg.url.clone();
+        let mut api = url.clone();
         api.set_query(None);
         api.set_fragment(None);
         let path = format!("{}/api/firewall/alias/", api.path().trim_end_matches('/'));
@@ -201,8 +206,8 @@ impl OpnsenseClient {
             inner: Arc::new(Inner {
                 http,
                 api,
-                key: cfg.key.clone(),
-                secret: cfg.secret.clone(),
+                key: key.clone(),
+                secret: secret.clone(),
                 alias: cfg.alias.clone(),
                 timeout: cfg.timeout,
             }),
@@ -883,9 +888,9 @@ mod tests {
     fn debug_hides_secrets() {
         let cfg = FirewallSettings {
             lease: std::time::Duration::from_secs(300),
-            url: Url::parse("https://fw.example").unwrap(),
-            key: SecretString::from("the-key".to_owned()),
-            secret: SecretString::from("the-secret".to_owned()),
+            url: Some(Url::parse("https://fw.example").unwrap()),
+            key: Some(SecretString::from("the-key".to_owned())),
+            secret: Some(SecretString::from("the-secret".to_owned())),
             alias: "a".into(),
             verify_tls: true,
             timeout: Duration::from_secs(5),

@@ -1,6 +1,7 @@
 //! The HTTP surface (axum): `GET /health` (liveness; `?probe=readiness` for readiness),
-//! `GET /metrics`, and each chat adapter's inbound routes (Mattermost's `POST /callback`,
-//! [`crate::chat::mattermost::callback`]).
+//! `GET /metrics`, each chat adapter's inbound routes (Mattermost's `POST /callback`,
+//! [`crate::chat::mattermost::callback`]) and, when it is on, the web console (`/` and
+//! `/console/…`, [`crate::console::web`]) with `/health` and `/metrics`.
 //!
 //! Every route, including unknown paths, passes the per-client rate limiter first
 //! ([`ratelimit`]); over the limit answers 429 with `Retry-After` (whole seconds). Handlers only
@@ -59,6 +60,8 @@ pub struct AppState {
     pub role: tokio::sync::watch::Receiver<Role>,
     /// Who answers card clicks, once this instance is active and connected to chat.
     pub clicks: ClickHandlers,
+    /// The web console (`/`), when it is on (`SM_CONSOLE_AUTH`).
+    pub console: Option<crate::console::Console>,
 }
 
 /// Builds the router for one port: operations (`/health`, `/metrics`) and chat servers'
@@ -96,10 +99,14 @@ pub fn chat_router_with(state: AppState, platform: Option<Router>) -> Router {
 }
 
 fn operations_routes(state: &AppState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
-        .with_state(state.clone())
+        .with_state(state.clone());
+    match &state.console {
+        Some(console) => routes.merge(console.routes()),
+        None => routes,
+    }
 }
 
 fn chat_routes(state: &AppState) -> Router {

@@ -23,8 +23,9 @@
 //! Features and base images can ask for privileges too, so after `up` the container itself is
 //! inspected ([`verify`]): not privileged, no added capabilities or devices, no host PID/IPC/UTS
 //! namespace, on `SM_CONTAINER_NETWORK`, and no mount but the workspace, the session's state
-//! directory, a worktree's git directory (below) and anonymous volumes. A container that fails
-//! is removed and the start fails, saying why (except in `trusted` mode).
+//! directory, a worktree's git directory (below), the read-only hooks and configuration of the
+//! clone's git directory, and anonymous volumes. A container that fails is removed and the
+//! start fails, saying why (except in `trusted` mode).
 //!
 //! # Worktrees
 //! A git worktree's `.git` is a file naming its git directory inside the main clone's `.git`
@@ -34,6 +35,13 @@
 //! the agent can rewrite); it must be a directory, not a symbolic link, and is mounted at its
 //! real path. The container can then change the clone's git data as a main-clone session
 //! can: the bot runs git on the VM as it does for any clone (see [`super::git`]).
+//!
+//! # The clone's hooks and configuration
+//! Every session on a repository shares its clone's git directory, and git inside a container
+//! runs what that directory's hooks and configuration say. So in every container that has it
+//! (a main clone's as part of the workspace, a worktree's at its own path), `hooks/` and
+//! `config` ([`GIT_GUARDED`]) are bind-mounted read-only over it, and [`verify`] requires
+//! both mounts: what one session's agent writes there cannot run in another's container.
 //!
 //! # Stops during `up`, and labels
 //! `devcontainer up` runs in a process group of its own whose id is kept in the session
@@ -141,6 +149,26 @@ pub enum DevcontainerError {
         /// Its message (and description).
         message: String,
     },
+    /// `devcontainer up` failed because the container runtime read an image record that
+    /// another of its processes was writing or removing at that moment
+    /// ([`TRANSIENT_RUNTIME_ERRORS`]); the image is fine and another try works.
+    #[error("devcontainer up failed: {message}; the container runtime said: {detail}")]
+    RuntimeRace {
+        /// The CLI's message (and description).
+        message: String,
+        /// The runtime's own error line from the CLI's log.
+        detail: String,
+    },
+    /// `devcontainer up` did not finish within its bound (`SM_DEVCONTAINER_TIMEOUT_SECS`); it
+    /// runs on until the session's cleanup stops it and its build ([`remove_session`]). `log`
+    /// is the end of the CLI's log: the step it was waiting on.
+    #[error("devcontainer up did not finish within {} s; the end of its log:\n{log}", .after.as_secs())]
+    UpTimeout {
+        /// The bound it ran into.
+        after: Duration,
+        /// The CLI's last log lines, or why they could not be read.
+        log: String,
+    },
     /// The output could not be read.
     #[error("unexpected output from devcontainer up: {0}")]
     Output(String),
@@ -154,7 +182,7 @@ pub enum DevcontainerError {
     #[error("{0:?} is not a session id")]
     BadSessionId(String),
     /// The main clone's git directory cannot be shared with a worktree's container.
-    #[error("the clone's git directory {0} cannot be shared with the container: it is missing, not a directory, a symbolic link, or a path a mount cannot name")]
+    #[error("the clone's git directory {0} cannot be shared with the container: it (or its hooks or config) is missing, not what it should be, a symbolic link, or a path a mount cannot name")]
     GitDir(String),
     /// The container that was created breaks the rules; it was removed.
     #[error("the container asked for {}, which is not allowed; it was removed", .0.join(", "))]
@@ -162,14 +190,17 @@ pub enum DevcontainerError {
 }
 
 impl DevcontainerError {
-    /// Whether this is the CLI's own step that gives the container user the VM user's uid
-    /// failing to set up a container: building the `-uid` image (`podman build …
-    /// updateUID.Dockerfile …`) or running it (`podman run … vsc-…-uid …`). Rootless podman
-    /// sometimes fails these when other image operations run at the same moment, and another
-    /// try works. A repository's own build or image failing is not this.
-    pub fn is_uid_step_glitch(&self) -> bool {
-        let Self::Up { message } = self else {
-            return false;
+    /// Whether another `devcontainer up` is likely to work: a [`Self::RuntimeRace`], or the
+    /// CLI's own step that gives the container user the VM user's uid failing to set up a
+    /// container (building the `-uid` image, `podman build … updateUID.Dockerfile …`, or
+    /// running it, `podman run … vsc-…-uid …`). Rootless podman sometimes fails these when
+    /// other image operations run at the same moment. A repository's own build or image
+    /// failing is not this.
+    pub fn is_retryable(&self) -> bool {
+        let message = match self {
+            Self::RuntimeRace { .. } => return true,
+            Self::Up { message } => message,
+            _ => return false,
         };
         if !message.contains("An error occurred setting up the container") {
             return false;
@@ -254,6 +285,24 @@ pub async fn up(
     if let Some(git_dir) = &prepared.git_dir {
         share_git_dir(&mut config, git_dir)?;
     }
+    // The git directory whose hooks and configuration are made read-only (a trusted
+    // configuration runs as written).
+    let guarded = match (source, &prepared.git_dir) {
+        (ConfigSource::Trusted, _) => None,
+        (_, Some(git_dir)) => {
+            guard_git_dir(&mut config, git_dir, git_dir)?;
+            Some(git_dir.clone())
+        }
+        (_, None) => {
+            let git_dir = format!("{}/.git", workspace.trim_end_matches('/'));
+            guard_git_dir(
+                &mut config,
+                &git_dir,
+                &format!("{}/.git", default_workspace_target(workspace)),
+            )?;
+            Some(git_dir)
+        }
+    };
     let mut s = Script::new();
     s.set("ws", workspace)?
         .set("dir", &prepared.session_dir)?
@@ -274,23 +323,39 @@ pub async fn up(
         .raw(r#"ws_real=$(realpath "$ws")"#)
         .command("set", &std::iter::once("--").chain(build_paths.iter().map(String::as_str)).collect::<Vec<_>>())?
         .raw(r#"for p in "$@"; do r=$(realpath -m "$p"); case "$r/" in "$ws_real"/*) ;; *) printf 'sm-outside=%s\n' "$p"; exit 3 ;; esac; done"#)
+        .set("guarded", guarded.as_deref().unwrap_or_default())?
+        // What is mounted read-only must be what it says: a real directory of hooks and a real
+        // configuration file (a symbolic link would mount whatever it names on the VM).
+        .raw(r#"if [ -n "$guarded" ]; then if [ -L "$guarded" ] || [ ! -d "$guarded" ] || [ -L "$guarded/hooks" ] || [ -L "$guarded/config" ] || [ ! -f "$guarded/config" ] || { [ -e "$guarded/hooks" ] && [ ! -d "$guarded/hooks" ]; }; then printf 'sm-bad-gitdir\n'; exit 3; fi; mkdir -p "$guarded/hooks"; fi"#)
         .raw(r#""$runtime" ps -a --external --no-trunc --quiet > "$dir/external.before" 2>/dev/null || true"#)
+        .set("shim", &runtime_shim(&layout.runtime)?)?
+        .raw(r#"printf '%s' "$shim" > "$dir/runtime"; chmod 700 "$dir/runtime""#)
         .set("imagelock", &image_lock_path(layout))?
         // A shared hold on the image lock while `up` runs: removing a `-uid` image takes it
-        // exclusively (see [`REMOVE_UID_IMAGES`]).
-        .raw(r#"setsid flock --close --shared "$HOME/$imagelock" devcontainer up --docker-path "$runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" ${deploymentlabels:+--id-label "$deploymentlabels"} </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
+        // exclusively (see [`REMOVE_IMAGES`]).
+        .raw(r#"setsid flock --close --shared "$HOME/$imagelock" devcontainer up --docker-path "$dir/runtime" --workspace-folder "$ws" --config "$dir/devcontainer.json" --id-label "$managed" --id-label "$sessionlabel" --id-label "$wslabel" ${deploymentlabels:+--id-label "$deploymentlabels"} </dev/null >"$dir/up.out" 2>"$dir/up.log" &"#)
         .raw(r#"printf '%s\n' "$!" > "$dir/up.pid""#)
         .raw(r#"wait "$!" && status=0 || status=$?"#)
         .raw(r#"rm -f "$dir/up.pid""#)
         .raw(r#"cat "$dir/up.out"; tail -n 20 "$dir/up.log" >&2"#)
         .raw(r#"exit "$status""#);
-    let out = pool.run_with_timeout(&s, layout.up_timeout).await?;
+    let out = match pool.run_with_timeout(&s, layout.up_timeout).await {
+        Err(SshError::Timeout(after)) => {
+            let log = log_tail(pool, &prepared.session_dir, "up.log").await;
+            tracing::warn!(session = session_id, log = %log, "devcontainer up timed out");
+            return Err(DevcontainerError::UpTimeout { after, log });
+        }
+        other => other?,
+    };
     if let Some(path) = out
         .stdout
         .lines()
         .find_map(|l| l.strip_prefix("sm-outside="))
     {
         return Err(DevcontainerError::OutsideWorkspace(path.to_owned()));
+    }
+    if out.stdout.lines().any(|l| l == "sm-bad-gitdir") {
+        return Err(DevcontainerError::GitDir(guarded.unwrap_or_default()));
     }
     let parsed = parse_up_output(&out.stdout, &out.stderr).inspect_err(|e| {
         // The CLI's outcome names the failed command; its log says why (podman's own error).
@@ -321,10 +386,92 @@ pub async fn up(
     })
 }
 
+/// The container runtime as `devcontainer up` is given it (`--docker-path`, a script in the
+/// session's directory): `runtime` itself, except that `events` replays from two seconds
+/// before it was asked for.
+///
+/// `devcontainer up` (0.89) starts `<runtime> events --filter event=start` and, right after,
+/// `<runtime> run`, and waits for the container's start event. `podman events` shows only
+/// what happens after it has opened the event log; on a busy VM the container can start
+/// before that, and `up` then waits forever after "Container started" (devcontainers/cli
+/// issue 1236). With `--since` the start is replayed. Only containers with the session's own
+/// labels end the wait, so a replayed start of another container changes nothing.
+///
+/// # Errors
+/// [`QuoteError`] for a runtime that cannot be quoted.
+pub fn runtime_shim(runtime: &str) -> Result<String, QuoteError> {
+    Ok(format!(
+        "#!/bin/sh\n# Written by session-manager for devcontainer up (see runtime_shim).\nif [ \"$1\" = events ]; then shift; set -- events --since \"$(( $(date +%s) - 2 ))\" \"$@\"; fi\nexec {} \"$@\"\n",
+        super::shell::quote(runtime)?
+    ))
+}
+
+/// An awk program that reads `ps -eo pid=,ppid=` and prints every process below `root` (its
+/// descendants, at any depth), one pid a line.
+const BELOW: &str = r#"{ parent[$1] = $2 } END { for (p in parent) { q = parent[p]; for (n = 0; n < 64 && q > 1 && q != root; n++) q = parent[q]; if (q == root) print p } }"#;
+
+/// What rootless podman says when it reads an image record that another podman process is
+/// writing or removing at that moment (podman 4.3, seen when sessions start side by side:
+/// `Error: locating item named "manifest" for image with ID "…": file does not exist`, and
+/// `layer not known` for a layer that vanished under it). The image itself is fine; a second
+/// look succeeds. (`image not known` is not among them: a missing image says it too.)
+pub const TRANSIENT_RUNTIME_ERRORS: [&str; 2] =
+    ["locating item named \"manifest\"", "layer not known"];
+
+/// The error for the CLI's error outcome `message`: [`DevcontainerError::RuntimeRace`] when
+/// its log shows one of the [`TRANSIENT_RUNTIME_ERRORS`], else [`DevcontainerError::Up`].
+fn up_error(message: String, log: &str) -> DevcontainerError {
+    let Some(line) = log
+        .lines()
+        .find(|l| TRANSIENT_RUNTIME_ERRORS.iter().any(|m| l.contains(m)))
+    else {
+        return DevcontainerError::Up { message };
+    };
+    // The CLI stamps its log lines: `[2026-12-07T03:23:25.411Z] Error: …`.
+    let detail = line
+        .trim()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .map_or(line.trim(), |(_, said)| said)
+        .to_owned();
+    DevcontainerError::RuntimeRace { message, detail }
+}
+
+/// Adds read-only bind mounts over the hooks and configuration ([`GIT_GUARDED`]) of the git
+/// directory at `git_dir` on the VM, seen at `target` in the container.
+fn guard_git_dir(config: &mut Value, git_dir: &str, target: &str) -> Result<(), DevcontainerError> {
+    let binds: Vec<(String, String, bool)> = git_guards(git_dir, target)
+        .into_iter()
+        .map(|(source, destination)| (source, destination, true))
+        .collect();
+    add_bind_mounts(config, git_dir, &binds)
+}
+
 /// Adds the bind mount of a worktree's git directory (a real path) at the same path.
 fn share_git_dir(config: &mut Value, git_dir: &str) -> Result<(), DevcontainerError> {
-    // The mount is written as `key=value,…`: a path with `,` or `=` cannot be said there.
-    if git_dir.contains([',', '=']) || !git_dir.starts_with('/') {
+    add_bind_mounts(
+        config,
+        git_dir,
+        &[(git_dir.to_owned(), git_dir.to_owned(), false)],
+    )
+}
+
+/// Appends bind mounts, each `(source on the VM, target in the container, read-only)`, to
+/// the configuration's `mounts`.
+///
+/// # Errors
+/// [`DevcontainerError::GitDir`] (naming `git_dir`) for a path a mount string cannot say: it
+/// is written as `key=value,…`, so a path with `,` or `=`, or a relative one, is refused.
+fn add_bind_mounts(
+    config: &mut Value,
+    git_dir: &str,
+    binds: &[(String, String, bool)],
+) -> Result<(), DevcontainerError> {
+    if binds
+        .iter()
+        .flat_map(|(source, target, _)| [source, target])
+        .any(|p| p.contains([',', '=']) || !p.starts_with('/'))
+    {
         return Err(DevcontainerError::GitDir(git_dir.to_owned()));
     }
     let Some(obj) = config.as_object_mut() else {
@@ -336,9 +483,12 @@ fn share_git_dir(config: &mut Value, git_dir: &str) -> Result<(), DevcontainerEr
         .entry("mounts")
         .or_insert_with(|| Value::Array(Vec::new()));
     if let Value::Array(list) = mounts {
-        list.push(Value::String(format!(
-            "source={git_dir},target={git_dir},type=bind"
-        )));
+        for (source, target, read_only) in binds {
+            let suffix = if *read_only { ",readonly" } else { "" };
+            list.push(Value::String(format!(
+                "source={source},target={target},type=bind{suffix}"
+            )));
+        }
     }
     Ok(())
 }
@@ -437,8 +587,9 @@ async fn prepare(
 /// Reads the JSON result line of `devcontainer up` from its stdout.
 ///
 /// # Errors
-/// [`DevcontainerError::Up`] for an error outcome, [`DevcontainerError::Output`] when no
-/// result line is found.
+/// [`DevcontainerError::Up`] for an error outcome ([`DevcontainerError::RuntimeRace`] when
+/// the log on `stderr` shows a [`TRANSIENT_RUNTIME_ERRORS`] message),
+/// [`DevcontainerError::Output`] when no result line is found.
 pub fn parse_up_output(stdout: &str, stderr: &str) -> Result<Parsed, DevcontainerError> {
     let result = stdout
         .lines()
@@ -464,7 +615,7 @@ pub fn parse_up_output(stdout: &str, stderr: &str) -> Result<Parsed, Devcontaine
         if !description.is_empty() && description != message {
             message = format!("{message} ({description})");
         }
-        return Err(DevcontainerError::Up { message });
+        return Err(up_error(message, stderr));
     }
     let container_id = field("containerId");
     if container_id.is_empty() {
@@ -490,6 +641,24 @@ pub struct Parsed {
     pub remote_user: String,
     /// The workspace inside the container.
     pub remote_workspace_folder: String,
+}
+
+/// The last lines of a log in the session's directory on the VM (`dir`), read with a short
+/// bound of its own; when it cannot be read, why.
+async fn log_tail(pool: &SshPool, dir: &str, name: &str) -> String {
+    let mut s = Script::new();
+    let read = match s.set("log", &format!("{dir}/{name}")) {
+        Ok(s) => {
+            s.raw(r#"tail -n 40 "$log""#);
+            pool.run_with_timeout(s, Duration::from_secs(15)).await
+        }
+        Err(e) => return format!("(cannot name {name}: {e})"),
+    };
+    match read {
+        Ok(out) if out.success() => last_lines(&out.stdout, 12),
+        Ok(out) => format!("(cannot read {name}: {})", out.stderr.trim()),
+        Err(e) => format!("(cannot read {name}: {e})"),
+    }
 }
 
 fn last_lines(text: &str, n: usize) -> String {
@@ -535,12 +704,19 @@ struct HostConfig {
 struct Mount {
     #[serde(rename = "Type", default)]
     kind: String,
+    /// Whether the container may write it (a mount without the field counts as writable).
+    #[serde(rename = "RW", default = "writable")]
+    rw: bool,
     #[serde(default)]
     source: String,
     #[serde(default)]
     name: String,
     #[serde(default)]
     destination: String,
+}
+
+fn writable() -> bool {
+    true
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -647,24 +823,80 @@ pub fn violations(
     }
     let state = format!("{}/claude", session_dir.trim_end_matches('/'));
     let workspace = workspace.trim_end_matches('/');
+    // The clone's git directory: a worktree's is mounted at its own path; a main clone's is
+    // the workspace's `.git`, wherever the workspace is mounted.
+    let guards = match git_dir {
+        Some(g) => git_guards(g.trim_end_matches('/'), g.trim_end_matches('/')),
+        None => c
+            .mounts
+            .iter()
+            .find(|m| m.kind == "bind" && m.source.trim_end_matches('/') == workspace)
+            .map(|m| {
+                git_guards(
+                    &format!("{workspace}/.git"),
+                    &format!("{}/.git", m.destination.trim_end_matches('/')),
+                )
+            })
+            .unwrap_or_default(),
+    };
     for m in &c.mounts {
         let anonymous = m.kind == "volume"
             && m.name.len() == 64
             && m.name.bytes().all(|b| b.is_ascii_hexdigit());
         let source = m.source.trim_end_matches('/');
+        let destination = m.destination.trim_end_matches('/');
         let ours = m.kind == "bind"
             && (source == workspace
                 || (source == state && m.destination == CLAUDE_STATE_TARGET)
                 || git_dir.is_some_and(|g| {
                     let g = g.trim_end_matches('/');
-                    source == g && m.destination.trim_end_matches('/') == g
-                }));
+                    source == g && destination == g
+                })
+                || (!m.rw && guards.iter().any(|(s, d)| source == s && destination == d)));
         if !(anonymous || ours) {
             let what = if m.kind == "bind" { &m.source } else { &m.name };
             problems.push(format!("a {} mount of {what}", m.kind));
         }
     }
+    for (source, destination) in &guards {
+        let guarded = c.mounts.iter().any(|m| {
+            m.kind == "bind"
+                && !m.rw
+                && m.source.trim_end_matches('/') == source
+                && m.destination.trim_end_matches('/') == destination
+        });
+        if !guarded {
+            problems.push(format!("{destination} writable (it must be read-only)"));
+        }
+    }
     problems
+}
+
+/// The parts of a clone's git directory that make git run programs: its hooks and its
+/// configuration (`core.hooksPath`, filters, `core.fsmonitor`, aliases, …). Sessions on one
+/// repository share the clone's git directory, so every container that has it gets these
+/// read-only: what one session's agent wrote there would otherwise run in another session's
+/// container.
+pub const GIT_GUARDED: [&str; 2] = ["hooks", "config"];
+
+/// The read-only mounts over [`GIT_GUARDED`] for the git directory at `git_dir` on the VM,
+/// seen at `target` in the container: `(source, destination)` pairs.
+fn git_guards(git_dir: &str, target: &str) -> Vec<(String, String)> {
+    GIT_GUARDED
+        .iter()
+        .map(|part| (format!("{git_dir}/{part}"), format!("{target}/{part}")))
+        .collect()
+}
+
+/// Where the devcontainer CLI mounts a workspace folder when the configuration does not say
+/// (vetting drops `workspaceMount` and `workspaceFolder`): `/workspaces/<folder name>`.
+fn default_workspace_target(workspace: &str) -> String {
+    let name = workspace
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    format!("/workspaces/{name}")
 }
 
 /// The state of a container, from `<runtime> inspect`.
@@ -807,10 +1039,13 @@ pub async fn remove_session(
         .set("imagelock", &image_lock_path(layout))?
         .set("imagewait", &IMAGE_LOCK_WAIT_SECS.to_string())?
         .raw(r#"dir="$HOME/$rel""#)
-        // An interrupted `podman build` stops its RUN step (a RUN container is outside the
-        // process group); then TERM, then KILL for what is left of the group.
+        // INT, then TERM, then KILL for the process group. A `podman build`'s RUN step runs in
+        // a session of its own under the build (`buildah-oci-runtime`), outside the group, and
+        // an interrupted build leaves it running (podman 4.3): every process below `up`, listed
+        // before the signals, gets KILL last.
         .raw(r#"sm_signal() { kill "-$1" -- "-$pid" 2>/dev/null || return 0; for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.5; done; }"#)
-        .raw(r#"if [ -f "$dir/up.pid" ]; then pid=$(cat "$dir/up.pid"); case "$pid" in ''|*[!0-9]*) ;; *) sm_signal INT; sm_signal TERM; kill -KILL -- "-$pid" 2>/dev/null || true ;; esac"#)
+        .set("below", BELOW)?
+        .raw(r#"if [ -f "$dir/up.pid" ]; then pid=$(cat "$dir/up.pid"); case "$pid" in ''|*[!0-9]*) ;; *) tree=$(ps -eo pid=,ppid= | awk -v root="$pid" "$below"); sm_signal INT; sm_signal TERM; kill -KILL -- "-$pid" 2>/dev/null || true; [ -z "$tree" ] || kill -KILL $tree 2>/dev/null || true ;; esac"#)
         // Build containers the interrupted `up` left (buildah working containers carry no
         // labels: those that were not there before it started).
         .raw(r#"  for id in $("$runtime" ps -a --external --no-trunc --quiet 2>/dev/null); do if ! grep -qxF "$id" "$dir/external.before" 2>/dev/null && [ "$("$runtime" ps -a --external --no-trunc --filter "id=$id" --format '{{.Command}}' 2>/dev/null)" = buildah ]; then "$runtime" rm --force "$id" >/dev/null 2>&1 || true; fi; done"#)
@@ -822,7 +1057,7 @@ pub async fn remove_session(
         // sandbox image, a repository's built image).
         // In the background, detached: the wait for running `up`s must not hold up the
         // session's cleanup (nor outlast this command's timeout).
-        .set("removeimages", REMOVE_UID_IMAGES)?
+        .set("removeimages", REMOVE_IMAGES)?
         .raw(r#"images="$images" runtime="$runtime" imagelock="$imagelock" imagewait="$imagewait" setsid bash -c "$removeimages" </dev/null >/dev/null 2>&1 &"#)
         .raw(r#"rm -rf "$dir" 2>/dev/null || "$runtime" unshare rm -rf "$dir""#);
     let out = pool.run(&s).await?;
@@ -837,15 +1072,22 @@ pub async fn remove_session(
 
 /// Removes, of the images named in `$images`, those `devcontainer up` builds to give the
 /// container user the VM user's uid (`vsc-<folder>-<hash>-uid`, with or without a registry and
-/// tag) with `$runtime image rm`; a failure (the image is still in use) is ignored.
+/// tag) with `$runtime image rm`; a failure (the image is still in use) is ignored. Then it
+/// removes the dangling images (`$runtime image prune`: untagged and used by no container),
+/// which is what a repository's failed Dockerfile build leaves (its last good step), and an
+/// image a rebuild replaced; a hostile repository failing its build at every start would
+/// otherwise fill the VM's disk.
 ///
 /// Rootless podman (4.3) fails other commands that look at images while one is removed ("image
 /// not known" from `podman images`, "an error occurred setting up the container" from the
-/// `devcontainer up` of another session), so the removal holds the image lock
+/// `devcontainer up` of another session), and a build's steps are dangling for a moment
+/// between one step and the next, so each removal holds the image lock
 /// ([`image_lock_path`], `$imagelock`, relative to the home directory) exclusively, waiting at
 /// most [`IMAGE_LOCK_WAIT_SECS`]; every `devcontainer up` holds it shared. When the wait runs
-/// out the images stay (they are small, and a later session stop removes them).
-const REMOVE_UID_IMAGES: &str = r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) flock --close --exclusive --wait "$imagewait" "$HOME/$imagelock" "$runtime" image rm "$image" >/dev/null 2>&1 || true ;; esac; done"#;
+/// out the images stay (a later session stop removes them). Each removal is bounded (120 s,
+/// then TERM): every `devcontainer up` waits while it holds the lock, so a removal that hangs
+/// must not stall every session start on the VM.
+const REMOVE_IMAGES: &str = r#"for image in $images; do case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) flock --close --exclusive --wait "$imagewait" "$HOME/$imagelock" timeout --kill-after=10 120 "$runtime" image rm "$image" >/dev/null 2>&1 || true ;; esac; done; flock --close --exclusive --wait "$imagewait" "$HOME/$imagelock" timeout --kill-after=10 120 "$runtime" image prune --force >/dev/null 2>&1 || true"#;
 
 /// How long removing a session's `-uid` image waits for running `devcontainer up`s, seconds
 /// (in the background: the session's cleanup does not wait for it).
@@ -935,16 +1177,41 @@ fn parse_ps(stdout: &str) -> Result<Vec<ManagedContainer>, DevcontainerError> {
 mod tests {
     use super::*;
 
+    /// What CI's `devcontainer up` printed when podman read an image record being written.
+    const MANIFEST_RACE: &str = r#"[2026-12-07T03:23:25.411Z] Command failed: podman inspect --type image localhost/claude-sandbox:test
+[2026-12-07T03:23:25.411Z] Error: locating item named "manifest" for image with ID "e146cf6b64880f78b11d6c4877287c2e5e11208c5314ca59a3b05036f4afe75f" (consider removing the image to resolve the issue): file does not exist
+[2026-12-07T03:23:25.411Z] Command failed: podman pull localhost/claude-sandbox:test
+Error: Command failed: podman pull localhost/claude-sandbox:test"#;
+
+    const FAILED: &str = r#"{"outcome":"error","message":"Command failed: podman pull localhost/claude-sandbox:test","description":"An error occurred setting up the container."}"#;
+
     #[test]
-    fn only_the_clis_uid_step_setup_failures_are_retried() {
+    fn a_runtime_race_in_the_log_is_retryable_and_says_what_the_runtime_said() {
+        let up = |log: &str| parse_up_output(FAILED, log).expect_err("failed");
+        let race = up(MANIFEST_RACE);
+        assert!(race.is_retryable(), "{race:?}");
+        assert_eq!(
+            race.to_string(),
+            "devcontainer up failed: Command failed: podman pull localhost/claude-sandbox:test (An error occurred setting up the container.); the container runtime said: Error: locating item named \"manifest\" for image with ID \"e146cf6b64880f78b11d6c4877287c2e5e11208c5314ca59a3b05036f4afe75f\" (consider removing the image to resolve the issue): file does not exist"
+        );
+        assert!(up("Error: layer not known").is_retryable());
+        let missing = up("Error: localhost/claude-sandbox:test: image not known");
+        assert!(!missing.is_retryable(), "a missing image is not a race");
+        let refused = up("Error: initializing source docker://localhost/claude-sandbox:test: pinging container registry localhost: connection refused");
+        assert!(!refused.is_retryable(), "{refused:?}");
+        assert!(matches!(refused, DevcontainerError::Up { .. }));
+    }
+
+    #[test]
+    fn only_runtime_races_and_the_clis_uid_step_setup_failures_are_retried() {
         let glitch = DevcontainerError::Up {
             message: "Command failed: podman build -f /tmp/devcontainercli-claude/updateUID.Dockerfile-0.89.0 -t vsc-widgets-1558-uid (An error occurred setting up the container.)".into(),
         };
-        assert!(glitch.is_uid_step_glitch());
+        assert!(glitch.is_retryable());
         let run = DevcontainerError::Up {
             message: "Command failed: podman run --sig-proxy=false -a STDOUT -a STDERR --mount type=bind,source=/w,target=/workspaces/widgets --userns=keep-id --network=host --entrypoint /bin/sh -l devcontainer.metadata=[{\"remoteUser\":\"claude\"}] vsc-widgets-3c1268935574f9b61ebd068d3e3597a12b200ee0fcbe9eca95c45491a400d51e-uid -c echo Container started (An error occurred setting up the container.)".into(),
         };
-        assert!(run.is_uid_step_glitch());
+        assert!(run.is_retryable());
         for other in [
             DevcontainerError::Up {
                 message: "Command failed: podman build -f /work/repo/.devcontainer/Dockerfile (An error occurred setting up the container.)".into(),
@@ -957,12 +1224,69 @@ mod tests {
             },
             DevcontainerError::Output("x".into()),
         ] {
-            assert!(!other.is_uid_step_glitch(), "{other}");
+            assert!(!other.is_retryable(), "{other}");
         }
     }
 
     #[test]
-    fn only_the_clis_uid_images_are_removed_with_a_session() {
+    fn the_runtime_shim_replays_events_and_passes_everything_else() {
+        let dir = tempfile::tempdir().expect("dir");
+        let fake = dir.path().join("fake runtime");
+        std::fs::write(&fake, "#!/bin/sh\nprintf '%s|' \"$@\"\n").expect("fake");
+        let shim = dir.path().join("shim");
+        std::fs::write(&shim, runtime_shim(&fake.to_string_lossy()).expect("shim")).expect("write");
+        for file in [&fake, &shim] {
+            std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod");
+        }
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new(&shim)
+                .args(args)
+                .output()
+                .expect("shim ran");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let events = run(&["events", "--format", "json", "--filter", "event=start"]);
+        let parts: Vec<&str> = events.split('|').collect();
+        assert_eq!(parts[..2], ["events", "--since"], "{events}");
+        let since: u64 = parts[2].parse().expect("a Unix time");
+        assert!(since + 2 >= now && since <= now, "{since} vs {now}");
+        assert_eq!(
+            parts[3..],
+            ["--format", "json", "--filter", "event=start", ""]
+        );
+        assert_eq!(run(&["run", "--rm", "a b"]), "run|--rm|a b|");
+        assert_eq!(run(&["-v"]), "-v|");
+    }
+
+    #[test]
+    fn every_process_below_up_is_found_and_nothing_else() {
+        // `ps -eo pid=,ppid=` as the VM prints it (right-aligned): `up` is 10; the build's RUN
+        // step (13, 14) sits below it in a session of its own; 20 and 21 are another session's.
+        let listing = "    1     0\n   10     1\n   11    10\n   12    11\n   13    12\n   14    13\n   20     1\n   21    20\n";
+        let mut child = std::process::Command::new("awk")
+            .args(["-v", "root=10", BELOW])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("awk");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), listing.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("awk ran");
+        let mut found: Vec<u32> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().parse().expect("a pid"))
+            .collect();
+        found.sort_unstable();
+        assert_eq!(found, [11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn only_the_clis_uid_images_are_removed_with_a_session_then_the_dangling_ones() {
         // The script's own line, with a runtime that reports what it is asked to remove.
         let matches = |image: &str| {
             let home = tempfile::tempdir().expect("home");
@@ -971,14 +1295,25 @@ mod tests {
             std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .expect("chmod");
             let script = format!(
-                r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=5; images="$1"; {REMOVE_UID_IMAGES}; cat "$HOME/calls" 2>/dev/null"#
+                r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=5; images="$1"; {REMOVE_IMAGES}; cat "$HOME/calls" 2>/dev/null"#
             );
             let out = std::process::Command::new("bash")
                 .args(["-c", &script, "probe", image])
                 .env("HOME", home.path())
                 .output()
                 .expect("bash");
-            String::from_utf8_lossy(&out.stdout).trim() == format!("image rm {image}")
+            let calls = String::from_utf8_lossy(&out.stdout).into_owned();
+            let calls: Vec<&str> = calls.lines().collect();
+            assert_eq!(
+                calls.last(),
+                Some(&"image prune --force"),
+                "the dangling images go last, whatever was named: {calls:?}"
+            );
+            match calls.as_slice() {
+                [removed, _prune] => *removed == format!("image rm {image}"),
+                [_prune] => false,
+                other => panic!("unexpected calls: {other:?}"),
+            }
         };
         for image in [
             "localhost/vsc-widgets-7fcc9e286d185b890dd7cf2aa6956d90d283849994b42f511aca6334bf28f00d-uid:latest",
@@ -1001,7 +1336,7 @@ mod tests {
     }
 
     #[test]
-    fn a_uid_image_is_removed_only_when_no_devcontainer_up_runs() {
+    fn images_are_removed_only_when_no_devcontainer_up_runs() {
         // A `devcontainer up` holds the lock shared (as `up` runs it) and logs when it ends;
         // the removal, started while it runs, must log after it.
         let home = tempfile::tempdir().expect("home");
@@ -1026,11 +1361,11 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let fake = home.path().join("fake-runtime");
-        std::fs::write(&fake, "#!/bin/sh\necho \"rm $3\" >> \"$log\"\n").expect("fake");
+        std::fs::write(&fake, "#!/bin/sh\necho \"$2 $3\" >> \"$log\"\n").expect("fake");
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
         let script = format!(
-            r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=30; images="localhost/vsc-w-1-uid"; {REMOVE_UID_IMAGES}"#
+            r#"runtime="$HOME/fake-runtime"; imagelock=images.lock; imagewait=30; images="localhost/vsc-w-1-uid"; {REMOVE_IMAGES}"#
         );
         let out = std::process::Command::new("bash")
             .args(["-c", &script])
@@ -1041,7 +1376,7 @@ mod tests {
         assert!(out.status.success(), "{out:?}");
         assert!(up.wait().expect("up").success());
         let order = std::fs::read_to_string(&log).expect("log");
-        assert_eq!(order, "up-done\nrm localhost/vsc-w-1-uid\n");
+        assert_eq!(order, "up-done\nrm localhost/vsc-w-1-uid\nprune --force\n");
     }
 
     #[test]
@@ -1072,6 +1407,8 @@ mod tests {
 
     const CLEAN: &str = r#"[{"HostConfig":{"Privileged":false,"CapAdd":[],"Devices":[],"NetworkMode":"host","PidMode":"private","IpcMode":"shareable","UTSMode":"private","SecurityOpt":["label=disable"]},
       "Mounts":[{"Type":"bind","Source":"/ws/w","Destination":"/workspaces/w"},{"Type":"bind","Source":"/s/x/claude","Destination":"/session-manager/claude"},
+                {"Type":"bind","Source":"/ws/w/.git/hooks","Destination":"/workspaces/w/.git/hooks","RW":false},
+                {"Type":"bind","Source":"/ws/w/.git/config","Destination":"/workspaces/w/.git/config","RW":false},
                 {"Type":"volume","Name":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","Destination":"/var/lib/x"}],
       "NetworkSettings":{"Networks":{}}}]"#;
 
@@ -1114,7 +1451,7 @@ mod tests {
         assert!(violations(&isolated, "isolated", "/ws/w", "/s/x", None).is_empty());
         assert!(!violations("garbage", "host", "/ws/w", "/s/x", None).is_empty());
         // A worktree's git directory: allowed at its own path, and only when it is the one named.
-        let git = CLEAN.replace(
+        let git = CLEAN.replace("/ws/w/.git/", "/r/w/.git/").replace("/workspaces/w/.git/", "/r/w/.git/").replace(
             "\"Mounts\":[",
             "\"Mounts\":[{\"Type\":\"bind\",\"Source\":\"/r/w/.git\",\"Destination\":\"/r/w/.git\"},",
         );
@@ -1123,6 +1460,75 @@ mod tests {
         assert!(!violations(&git, "host", "/ws/w", "/s/x", Some("/r/other/.git")).is_empty());
         let elsewhere = git.replace("\"Destination\":\"/r/w/.git\"", "\"Destination\":\"/etc\"");
         assert!(!violations(&elsewhere, "host", "/ws/w", "/s/x", Some("/r/w/.git")).is_empty());
+    }
+
+    #[test]
+    fn the_clones_hooks_and_config_are_read_only_in_every_container() {
+        // A main clone: its `.git/hooks` and `.git/config`, below the workspace's mount.
+        assert!(violations(CLEAN, "host", "/ws/w", "/s/x", None).is_empty());
+        let writable = CLEAN.replacen("\"RW\":false", "\"RW\":true", 1);
+        let problems = violations(&writable, "host", "/ws/w", "/s/x", None).join("; ");
+        assert!(
+            problems.contains("bind mount of /ws/w/.git/hooks"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("/workspaces/w/.git/hooks writable"),
+            "{problems}"
+        );
+        let unguarded = CLEAN.replace(",\"RW\":false", "").replace(
+            "{\"Type\":\"bind\",\"Source\":\"/ws/w/.git/hooks\",\"Destination\":\"/workspaces/w/.git/hooks\"},",
+            "",
+        );
+        let problems = violations(&unguarded, "host", "/ws/w", "/s/x", None).join("; ");
+        assert!(
+            problems.contains("/workspaces/w/.git/hooks writable"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("/workspaces/w/.git/config writable"),
+            "{problems}"
+        );
+        // Read-only, but over another path: the real one stays writable.
+        let elsewhere = CLEAN.replace(
+            "\"Destination\":\"/workspaces/w/.git/config\"",
+            "\"Destination\":\"/tmp/config\"",
+        );
+        let problems = violations(&elsewhere, "host", "/ws/w", "/s/x", None).join("; ");
+        assert!(
+            problems.contains("/workspaces/w/.git/config writable"),
+            "{problems}"
+        );
+        // A worktree: the main clone's git directory at its own path, guarded there.
+        let worktree = r#"[{"HostConfig":{"NetworkMode":"host"},"Mounts":[
+            {"Type":"bind","Source":"/wt/a","Destination":"/workspaces/a"},
+            {"Type":"bind","Source":"/r/w/.git","Destination":"/r/w/.git"},
+            {"Type":"bind","Source":"/r/w/.git/hooks","Destination":"/r/w/.git/hooks","RW":false},
+            {"Type":"bind","Source":"/r/w/.git/config","Destination":"/r/w/.git/config","RW":false}],
+            "NetworkSettings":{"Networks":{}}}]"#;
+        assert!(violations(worktree, "host", "/wt/a", "/s/x", Some("/r/w/.git")).is_empty());
+        let open = worktree.replace(",\"RW\":false", ",\"RW\":true");
+        let problems = violations(&open, "host", "/wt/a", "/s/x", Some("/r/w/.git")).join("; ");
+        assert!(problems.contains("/r/w/.git/hooks writable"), "{problems}");
+        assert!(problems.contains("/r/w/.git/config writable"), "{problems}");
+        // What `up` adds to the configuration.
+        let mut config = serde_json::json!({"image": "i"});
+        guard_git_dir(
+            &mut config,
+            "/ws/w/.git",
+            &format!("{}/.git", default_workspace_target("/ws/w/")),
+        )
+        .expect("guarded");
+        assert_eq!(
+            config["mounts"],
+            serde_json::json!([
+                "source=/ws/w/.git/hooks,target=/workspaces/w/.git/hooks,type=bind,readonly",
+                "source=/ws/w/.git/config,target=/workspaces/w/.git/config,type=bind,readonly"
+            ])
+        );
+        for bad in ["/r/a,target=/etc/.git", "/r/a=b/.git", "relative/.git"] {
+            assert!(guard_git_dir(&mut config, bad, bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //!   wait gives up a little later.
 //! - A master that died is noticed (`check`) and replaced; the failed command is tried once on
 //!   a new master.
+//! - With the host [`LOCAL_HOST`] (`SM_VM_HOST=local`, one-machine mode) nothing is connected:
+//!   the same scripts run in a local `bash -lc` as the bot's own user, under the same
+//!   `timeout`, with the same pipes.
 
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -36,6 +39,9 @@ use super::shell::Script;
 /// replaced, it never runs `~/.bash_logout`, whose own commands would otherwise run under the
 /// script's `set -e` and could change its exit status (Debian's does: `clear_console`).
 const LOGIN_THEN_SCRIPT: &str = r#"exec bash -c "$1""#;
+
+/// The host that means "this machine, as the bot's own user": no SSH at all.
+pub const LOCAL_HOST: &str = "local";
 
 /// How to authenticate.
 #[derive(Clone)]
@@ -206,8 +212,16 @@ impl SshPool {
         })
     }
 
+    /// Whether scripts run on this machine instead of over SSH ([`LOCAL_HOST`]).
+    pub fn is_local(&self) -> bool {
+        self.config.host == LOCAL_HOST
+    }
+
     /// `user@host:port`, for messages.
     pub fn target(&self) -> String {
+        if self.is_local() {
+            return "this machine".to_owned();
+        }
         format!(
             "{}@{}:{}",
             self.config.user, self.config.host, self.config.port
@@ -418,6 +432,9 @@ impl SshPool {
         script: &Script,
         timeout: Duration,
     ) -> Result<CommandOutput, SshError> {
+        if self.is_local() {
+            return run_local(script, timeout).await;
+        }
         let lease = self.lease().await?;
         let secs = timeout.as_secs().max(1).to_string();
         let mut command = lease.session.command("timeout");
@@ -457,6 +474,21 @@ impl SshPool {
     /// # Errors
     /// [`SshError`].
     pub async fn spawn(&self, script: &Script) -> Result<RemoteProcess, SshError> {
+        if self.is_local() {
+            let child = tokio::process::Command::new("bash")
+                .args(["-lc", LOGIN_THEN_SCRIPT, "sm-script"])
+                .arg(script.render())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| SshError::Channel(error_chain(&e)))?;
+            return Ok(RemoteProcess {
+                child: Child::Local(child),
+                _lease: None,
+            });
+        }
         let lease = self.lease().await?;
         let mut command = Session::to_command(Arc::clone(&lease.session), "bash");
         command
@@ -470,17 +502,103 @@ impl SshPool {
             .await
             .map_err(|e| SshError::Channel(error_chain(&e)))?;
         Ok(RemoteProcess {
-            child,
-            _lease: lease,
+            child: Child::Ssh(child),
+            _lease: Some(lease),
         })
     }
 }
 
-/// A process running on the VM. Its channel is released when it is dropped.
+/// [`SshPool::run`] on this machine ([`LOCAL_HOST`]).
+async fn run_local(script: &Script, timeout: Duration) -> Result<CommandOutput, SshError> {
+    let secs = timeout.as_secs().max(1).to_string();
+    let command = tokio::process::Command::new("timeout")
+        .args([
+            "--kill-after=5",
+            secs.as_str(),
+            "bash",
+            "-lc",
+            LOGIN_THEN_SCRIPT,
+            "sm-script",
+        ])
+        .arg(script.render())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(timeout + Duration::from_secs(10), command)
+        .await
+        .map_err(|_| SshError::Timeout(timeout))?
+        .map_err(|e| SshError::Channel(error_chain(&e)))?;
+    let result = CommandOutput {
+        status: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    if result.timed_out() {
+        return Err(SshError::Timeout(timeout));
+    }
+    Ok(result)
+}
+
+/// A process's input, whichever way it runs.
+pub type ProcessInput = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// A process's output or error stream, whichever way it runs.
+pub type ProcessOutput = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+enum Child {
+    Ssh(openssh::Child<Arc<Session>>),
+    Local(tokio::process::Child),
+}
+
+/// A process running on the VM (or on this machine, [`LOCAL_HOST`]). Its channel is released
+/// when it is dropped.
 pub struct RemoteProcess {
-    /// The process: take its `stdin`, `stdout` and `stderr`, then `wait` for it.
-    pub child: openssh::Child<Arc<Session>>,
-    _lease: Lease,
+    child: Child,
+    _lease: Option<Lease>,
+}
+
+impl RemoteProcess {
+    /// Its stdin, the first time.
+    pub fn take_stdin(&mut self) -> Option<ProcessInput> {
+        match &mut self.child {
+            Child::Ssh(c) => c.stdin().take().map(|s| Box::new(s) as ProcessInput),
+            Child::Local(c) => c.stdin.take().map(|s| Box::new(s) as ProcessInput),
+        }
+    }
+
+    /// Its stdout, the first time.
+    pub fn take_stdout(&mut self) -> Option<ProcessOutput> {
+        match &mut self.child {
+            Child::Ssh(c) => c.stdout().take().map(|s| Box::new(s) as ProcessOutput),
+            Child::Local(c) => c.stdout.take().map(|s| Box::new(s) as ProcessOutput),
+        }
+    }
+
+    /// Its stderr, the first time.
+    pub fn take_stderr(&mut self) -> Option<ProcessOutput> {
+        match &mut self.child {
+            Child::Ssh(c) => c.stderr().take().map(|s| Box::new(s) as ProcessOutput),
+            Child::Local(c) => c.stderr.take().map(|s| Box::new(s) as ProcessOutput),
+        }
+    }
+
+    /// Waits for it to end; its exit code when it had one.
+    ///
+    /// # Errors
+    /// [`SshError::Channel`] when the wait itself fails.
+    pub async fn wait(self) -> Result<Option<i32>, SshError> {
+        match self.child {
+            Child::Ssh(c) => c
+                .wait()
+                .await
+                .map(|s| s.code())
+                .map_err(|e| SshError::Channel(error_chain(&e))),
+            Child::Local(mut c) => c
+                .wait()
+                .await
+                .map(|s| s.code())
+                .map_err(|e| SshError::Channel(error_chain(&e))),
+        }
+    }
 }
 
 impl std::fmt::Debug for RemoteProcess {

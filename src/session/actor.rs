@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::agent::{Agent, AgentError};
 use super::prepare::StartError;
-use super::{AutoCompact, Delivery, Manager, MarkerEvent, SessionError, SessionPlan};
+use super::{AutoCompact, Delivery, Manager, MarkerEvent, SessionError, SessionPlan, MAX_QUEUED};
 use crate::agent::markers::{MarkerScanner, MarkerSet, ScanEvent};
 use crate::agent::stream_json::{self, AgentEvent, AssistantBlock};
 use crate::budget::{self, BudgetEvent};
@@ -662,31 +662,11 @@ impl Actor {
             loop {
                 tokio::select! {
                     result = &mut bring_up => break result,
-                    request = rx.recv() => match request {
-                        Some(Request::Message { turn, reply }) => {
-                            queue.push_back(turn);
-                            let _ = reply.send(Delivery::Queued { position: queue.len() });
-                        }
-                        Some(Request::Shutdown { reply }) => {
-                            waiters.push(reply);
-                            break Err(StartError::Stopped);
-                        }
-                        Some(Request::Compact { reply } | Request::Clear { reply } | Request::Restart { reply }) => {
-                            let _ = reply.send(());
-                        }
-                        // Nothing runs yet.
-                        Some(Request::Interrupt { reply }) => {
-                            let _ = reply.send(false);
-                        }
-                        // No agent asked anything yet, nor was held.
-                        Some(Request::Permission { reply, .. } | Request::Release { reply }) => {
-                            let _ = reply.send(());
-                        }
-                        Some(Request::SetMode { reply, .. }) => {
-                            let _ = reply.send(Err("Claude is still starting; try again once it says it is ready".into()));
-                        }
+                    request = rx.recv() => match while_bringing_up(request, queue, waiters, |position| Delivery::Queued { position }, "Claude is still starting; try again once it says it is ready") {
+                        Waiting::Goes => {}
+                        Waiting::Stopped => break Err(StartError::Stopped),
                         // The bot stops while this session starts: `recover` decides at the next start.
-                        None => return Err(Ending::Detach),
+                        Waiting::Detached => return Err(Ending::Detach),
                     }
                 }
             }
@@ -711,6 +691,18 @@ impl Actor {
             }
             Err(e) => Err(e),
         };
+        // The state is Idle before the thread says Ready: whoever reads the session after
+        // seeing that post (`!status`, the console, the reconciler) sees it ready too.
+        if result.is_ok() {
+            if let Err(e) = manager
+                .store
+                .set_session_state(&self.plan.session.id, SessionState::Idle)
+                .await
+            {
+                warn!(session = %self.plan.session.id, error = %e, "cannot record the session as ready");
+            }
+            info!(session = %self.plan.session.id, "session ready");
+        }
         match (&result, progress.as_mut()) {
             (Ok(_), Some(p)) => p.ready("Ready: Claude is listening in this thread.").await,
             (Ok(_), None) => {
@@ -720,13 +712,6 @@ impl Actor {
             }
             (Err(e), Some(p)) => p.failed(&e.to_string(), &e.hint()).await,
             (Err(e), None) => manager.say(&self.plan.session, &e.report()).await,
-        }
-        if result.is_ok() {
-            let _ = manager
-                .store
-                .set_session_state(&self.plan.session.id, SessionState::Idle)
-                .await;
-            info!(session = %self.plan.session.id, "session ready");
         }
         result
     }
@@ -808,10 +793,9 @@ impl Actor {
                     return Err(Ending::End(EndReason::UserRequested, None));
                 }
                 Some(Request::Message { turn, reply }) => {
-                    queue.push_back(turn);
-                    let _ = reply.send(Delivery::Queued {
-                        position: queue.len(),
-                    });
+                    let _ = reply.send(enqueue(queue, turn, |position| Delivery::Queued {
+                        position,
+                    }));
                     continue;
                 }
                 Some(Request::Compact { reply }) => {
@@ -884,7 +868,7 @@ impl Actor {
     /// nothing holds it awake: a running turn, queued messages, a pending `restart`/`clear`,
     /// markers not yet handed over, a denial waiting for its reason.
     fn idle_deadline(&self, queue: &VecDeque<Turn>) -> Option<tokio::time::Instant> {
-        let idle = self.manager.config.session_idle;
+        let idle = self.manager.config.idle_of(&self.plan.session);
         if idle.is_zero()
             || self.busy
             || !queue.is_empty()
@@ -965,9 +949,8 @@ impl Actor {
                     return Err(Ending::End(EndReason::UserRequested, None));
                 }
                 Some(Request::Message { turn, reply }) => {
-                    queue.push_back(turn);
                     // The agent gets it as soon as it is awake.
-                    let _ = reply.send(Delivery::Delivered);
+                    let _ = reply.send(enqueue(queue, turn, |_| Delivery::Delivered));
                     false
                 }
                 Some(Request::Compact { reply }) => {
@@ -1021,7 +1004,9 @@ impl Actor {
     /// the thread.
     async fn fall_asleep(&mut self) {
         let session = self.plan.session.clone();
-        let idle = crate::dispatch::human_duration(duration_ms(self.manager.config.session_idle));
+        let idle = crate::dispatch::human_duration(duration_ms(
+            self.manager.config.idle_of(&self.plan.session),
+        ));
         info!(session = %session.id, %idle, "hibernating");
         // Recorded first: the reconciler starts a live session's stopped container unless it
         // knows the session hibernates.
@@ -1108,40 +1093,24 @@ impl Actor {
             loop {
                 tokio::select! {
                     result = &mut waking => break result,
-                    request = rx.recv() => match request {
-                        Some(Request::Message { turn, reply }) => {
-                            queue.push_back(turn);
-                            let _ = reply.send(Delivery::Delivered);
-                        }
-                        Some(Request::Shutdown { reply }) => {
-                            waiters.push(reply);
-                            break Err(StartError::Stopped);
-                        }
-                        Some(Request::Compact { reply } | Request::Clear { reply } | Request::Restart { reply }) => {
-                            let _ = reply.send(());
-                        }
-                        Some(Request::Interrupt { reply }) => {
-                            let _ = reply.send(false);
-                        }
-                        // No agent asked anything yet, nor was held.
-                        Some(Request::Permission { reply, .. } | Request::Release { reply }) => {
-                            let _ = reply.send(());
-                        }
-                        Some(Request::SetMode { reply, .. }) => {
-                            let _ = reply.send(Err("Claude is waking up; try again once it says it is awake".into()));
-                        }
+                    // A message is as good as delivered: the agent gets it once awake.
+                    request = rx.recv() => match while_bringing_up(request, queue, waiters, |_| Delivery::Delivered, "Claude is waking up; try again once it says it is awake") {
+                        Waiting::Goes => {}
+                        Waiting::Stopped => break Err(StartError::Stopped),
                         // The bot stops: the session still hibernates (stored), and its
                         // message is handed out again after the restart.
-                        None => return Err(Ending::Detach),
+                        Waiting::Detached => return Err(Ending::Detach),
                     }
                 }
             }
         };
+        // Errors quote the repository or the VM: what is shown is made inert.
         let show = |text: String| {
             let chat = Arc::clone(&self.manager.chat);
             let post = post.clone();
             async move {
                 if let Some(post) = post {
+                    let text = crate::chat::render::neutralize(&text);
                     if let Err(e) = chat.update(&post, &text).await {
                         warn!(error = %e, "cannot update the wake-up post");
                     }
@@ -1295,10 +1264,9 @@ impl Actor {
             }
             Some(Request::Message { turn, reply }) => {
                 if self.busy || !queue.is_empty() || self.held {
-                    queue.push_back(turn);
-                    let _ = reply.send(Delivery::Queued {
-                        position: queue.len(),
-                    });
+                    let _ = reply.send(enqueue(queue, turn, |position| Delivery::Queued {
+                        position,
+                    }));
                 } else {
                     let _ = reply.send(Delivery::Delivered);
                     self.send_turn(agent, queue, turn).await;
@@ -1660,9 +1628,102 @@ impl Actor {
     }
 }
 
+/// What a request received while the agent is brought up (started or woken) leaves to do.
+enum Waiting {
+    /// Answered; the bring-up goes on.
+    Goes,
+    /// `!stop`: the bring-up is abandoned (its waiter was kept).
+    Stopped,
+    /// The bot stops: the session is left for the next start.
+    Detached,
+}
+
+/// Answers `request` while the agent is brought up: a message is queued (answered with
+/// `taken(position)`, see [`enqueue`]); what needs a running agent is answered at once
+/// (`compact`, `clear`, `restart` and a release have nothing to do, an interrupt interrupts
+/// nothing, a permission answer has no question, a mode change gets `not_yet`); `!stop` keeps
+/// its waiter in `waiters`.
+fn while_bringing_up(
+    request: Option<Request>,
+    queue: &mut VecDeque<Turn>,
+    waiters: &mut Vec<oneshot::Sender<()>>,
+    taken: impl FnOnce(usize) -> Delivery,
+    not_yet: &str,
+) -> Waiting {
+    match request {
+        Some(Request::Message { turn, reply }) => {
+            let _ = reply.send(enqueue(queue, turn, taken));
+        }
+        Some(Request::Shutdown { reply }) => {
+            waiters.push(reply);
+            return Waiting::Stopped;
+        }
+        Some(
+            Request::Compact { reply }
+            | Request::Clear { reply }
+            | Request::Restart { reply }
+            | Request::Permission { reply, .. }
+            | Request::Release { reply },
+        ) => {
+            let _ = reply.send(());
+        }
+        Some(Request::Interrupt { reply }) => {
+            let _ = reply.send(false);
+        }
+        Some(Request::SetMode { reply, .. }) => {
+            let _ = reply.send(Err(not_yet.into()));
+        }
+        None => return Waiting::Detached,
+    }
+    Waiting::Goes
+}
+
+/// Queues `turn` for the agent and says how: `taken(position)` (1 = next) while the session
+/// holds fewer than [`MAX_QUEUED`] messages, else [`Delivery::Refused`] and the turn is dropped
+/// here (its sender is told by whoever asked; the message stays recorded as handled).
+fn enqueue(
+    queue: &mut VecDeque<Turn>,
+    turn: Turn,
+    taken: impl FnOnce(usize) -> Delivery,
+) -> Delivery {
+    if queue.len() >= MAX_QUEUED {
+        return Delivery::Refused {
+            waiting: queue.len(),
+        };
+    }
+    queue.push_back(turn);
+    taken(queue.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_refuses_the_next_message_and_keeps_what_it_holds() {
+        let mut queue = VecDeque::new();
+        for n in 1..=MAX_QUEUED {
+            let taken = enqueue(&mut queue, Turn::injected(format!("m{n}")), |position| {
+                Delivery::Queued { position }
+            });
+            assert_eq!(taken, Delivery::Queued { position: n });
+        }
+        let refused = enqueue(&mut queue, Turn::injected("one more"), |_| {
+            Delivery::Delivered
+        });
+        assert_eq!(
+            refused,
+            Delivery::Refused {
+                waiting: MAX_QUEUED
+            }
+        );
+        assert_eq!(queue.len(), MAX_QUEUED, "nothing dropped, nothing added");
+        assert_eq!(queue.front().map(|t| t.text.as_str()), Some("m1"));
+        assert_eq!(
+            queue.back().map(|t| t.text.as_str()),
+            Some(format!("m{MAX_QUEUED}").as_str())
+        );
+    }
 
     #[test]
     fn the_max_age_deadline_counts_from_creation_on_the_wall_clock() {

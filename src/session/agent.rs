@@ -75,9 +75,9 @@ const STDERR_TAIL: usize = 20;
 /// A running agent: its process, stdin, stdout lines and the task logging its stderr.
 pub(super) struct Agent {
     process: RemoteProcess,
-    stdin: openssh::ChildStdin,
+    stdin: crate::runtime::ssh::ProcessInput,
     /// Lines of the agent's stdout, each at most `SM_MAX_AGENT_LINE_BYTES`.
-    lines: FramedRead<openssh::ChildStdout, LinesCodec>,
+    lines: FramedRead<crate::runtime::ssh::ProcessOutput, LinesCodec>,
     /// That limit, for messages.
     max_line: usize,
     stderr: Option<JoinHandle<()>>,
@@ -114,18 +114,10 @@ impl Agent {
             .spawn(&script)
             .await
             .map_err(AgentError::Spawn)?;
-        let stdin = process
-            .child
-            .stdin()
-            .take()
-            .ok_or(AgentError::Pipe("stdin"))?;
-        let stdout = process
-            .child
-            .stdout()
-            .take()
-            .ok_or(AgentError::Pipe("stdout"))?;
+        let stdin = process.take_stdin().ok_or(AgentError::Pipe("stdin"))?;
+        let stdout = process.take_stdout().ok_or(AgentError::Pipe("stdout"))?;
         let stderr_tail: StderrTail = std::sync::Arc::default();
-        let stderr = process.child.stderr().take().map(|stderr| {
+        let stderr = process.take_stderr().map(|stderr| {
             let id = session.id.clone();
             let tail = std::sync::Arc::clone(&stderr_tail);
             tokio::spawn(async move {
@@ -156,7 +148,7 @@ impl Agent {
             stderr_tail,
         };
         if let Err(e) = agent
-            .write(&env_preamble(&manager.config.container_env))
+            .write(&env_preamble(&manager.config.env_of(session)))
             .await
         {
             agent.close().await;
@@ -232,7 +224,7 @@ impl Agent {
     pub(super) async fn close(mut self) -> String {
         let _ = self.stdin.shutdown().await;
         drop(self.stdin);
-        let exited = tokio::time::timeout(AGENT_EXIT_GRACE, self.process.child.wait())
+        let exited = tokio::time::timeout(AGENT_EXIT_GRACE, self.process.wait())
             .await
             .is_ok();
         if !exited {
@@ -292,8 +284,8 @@ fn agent_script(
     resume: bool,
 ) -> Result<Script, QuoteError> {
     let config = &manager.config;
-    let names: Vec<&str> = config
-        .container_env
+    let env = config.env_of(session);
+    let names: Vec<&str> = env
         .iter()
         .map(|e| match e {
             EnvEntry::FromVm(name) | EnvEntry::Set(name, _) => name.as_str(),
@@ -350,10 +342,13 @@ fn agent_script(
             .as_cli()
             .into(),
     );
+    // The profile's model and tool rules (last: the tool options take several values).
+    if let Some(profile) = &session.profile {
+        words.extend(profile.agent_args());
+    }
     // `set -- <runtime> <args>` puts every word, quoted, into "$@"; `exec` replaces the shell
     // so the agent's stdio is the channel's.
-    let from_vm: Vec<&str> = config
-        .container_env
+    let from_vm: Vec<&str> = env
         .iter()
         .filter_map(|e| match e {
             EnvEntry::FromVm(name) => Some(name.as_str()),

@@ -139,6 +139,8 @@ impl Manager {
             ));
             warn!(session = %session.id, ?problems, "cleanup incomplete");
         }
+        // The detail and the problems quote errors, which may quote the repository or the VM.
+        let text = crate::chat::render::neutralize(&text);
         self.say(&session, &text).await;
         info!(session = %session.id, %reason, "session ended");
         if let Some(parent_id) = &session.parent_id {

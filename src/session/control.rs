@@ -35,7 +35,18 @@ pub enum Delivery {
         /// Messages ahead of it, including this one (1 = next).
         position: usize,
     },
+    /// Not taken: the session already holds [`MAX_QUEUED`] messages for its agent. The sender
+    /// is to be told to send it again later.
+    Refused {
+        /// Messages waiting in the session.
+        waiting: usize,
+    },
 }
+
+/// How many messages a session holds for its agent behind a running turn (or while it starts,
+/// restarts or wakes). One more is refused ([`Delivery::Refused`]) so that a flooded thread
+/// cannot grow the bot's memory or the agent's backlog without bound.
+pub const MAX_QUEUED: usize = 100;
 
 /// What the dispatcher and the orchestrator ask of the session runtime.
 #[async_trait]

@@ -52,6 +52,9 @@ pub struct Launch<'a> {
     pub allowlist: &'a RepoAllowlist,
     /// How many sessions may live at once.
     pub limits: SessionLimits,
+    /// The profile it runs with (already checked: the starter may pick it), recorded whole
+    /// with the session.
+    pub profile: Option<crate::profile::Profile>,
 }
 
 /// How many sessions may live at once (`SM_MAX_SESSIONS_PER_USER`, `SM_MAX_SESSIONS`); `0`
@@ -236,6 +239,7 @@ pub async fn launch(
         repo_name: repo.repo().as_str().to_owned(),
         branch: repo.branch().map(|b| b.as_str().to_owned()),
         worktree,
+        profile: request.profile,
     };
     let session = match store.create_session(&new).await {
         Ok(session) => session,

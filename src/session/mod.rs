@@ -45,7 +45,9 @@ use tracing::{error, info, warn};
 
 pub use actor::SessionHandle;
 pub use agent::AgentError;
-pub use control::{auto_worktree_name, short_id, Delivery, SessionControl, SessionError};
+pub use control::{
+    auto_worktree_name, short_id, Delivery, SessionControl, SessionError, MAX_QUEUED,
+};
 pub use launch::{launch, Launch, LaunchError, Launched, SessionLimits};
 pub use markers::{MarkerEvent, MarkerHandler, MarkerHandlers};
 pub use prepare::StartError;
@@ -99,6 +101,45 @@ pub struct RuntimeConfig {
     /// `SM_SESSION_MAX_AGE_SECS`: a session older than this is ended ([`Duration::ZERO`] =
     /// no limit).
     pub session_max_age: Duration,
+}
+
+impl RuntimeConfig {
+    /// `session`'s hibernation idle time: its profile's, else `SM_SESSION_IDLE_SECS`.
+    pub fn idle_of(&self, session: &Session) -> Duration {
+        match &session.profile {
+            Some(profile) => profile.idle(self.session_idle),
+            None => self.session_idle,
+        }
+    }
+
+    /// The environment of `session`'s agent: `SM_CONTAINER_ENV`, then its profile's names
+    /// (passed from the VM's environment) that the setting does not already name.
+    pub fn env_of(&self, session: &Session) -> Vec<EnvEntry> {
+        let mut env = self.container_env.clone();
+        for name in session.profile.iter().flat_map(|p| &p.container_env) {
+            let known = env.iter().any(|e| match e {
+                EnvEntry::FromVm(n) | EnvEntry::Set(n, _) => n == name,
+            });
+            if !known {
+                env.push(EnvEntry::FromVm(name.clone()));
+            }
+        }
+        env
+    }
+
+    /// The containers of `session`: its profile's image for the generated devcontainer,
+    /// else `SM_CONTAINER_IMAGE`.
+    pub fn containers_of(&self, session: &Session) -> ContainerLayout {
+        let mut layout = self.containers.clone();
+        if let Some(image) = session
+            .profile
+            .as_ref()
+            .and_then(|p| p.container_image.as_ref())
+        {
+            layout.image = image.clone();
+        }
+        layout
+    }
 }
 
 /// The least time between two automatic compactions of an orchestrator.

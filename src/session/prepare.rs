@@ -8,8 +8,8 @@ use crate::store::{ContainerDetails, EndReason, LockOutcome, Session, StoreError
 
 use super::{short_id, AgentContainer, Manager, SessionPlan};
 
-/// How many times `devcontainer up` is tried when the CLI's own uid step fails to set up a
-/// container ([`DevcontainerError::is_uid_step_glitch`]).
+/// How many times `devcontainer up` is tried when it fails in a way another try is likely to
+/// get past ([`DevcontainerError::is_retryable`]).
 const UP_TRIES: u32 = 3;
 /// The pause before another try, times the tries so far.
 const UP_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -109,9 +109,14 @@ impl StartError {
         }
     }
 
-    /// The thread's message: what failed and what to do.
+    /// The thread's message: what failed and what to do. The error is made inert
+    /// ([`crate::chat::render::neutralize`]): it may quote the repository or the VM.
     pub fn report(&self) -> String {
-        format!("❌ {self}\n\n**What to do:** {}", self.hint())
+        format!(
+            "❌ {}\n\n**What to do:** {}",
+            crate::chat::render::neutralize(&self.to_string()),
+            self.hint()
+        )
     }
 }
 
@@ -183,14 +188,14 @@ impl Manager {
             )
         });
         let git_dir = git_dir.as_deref();
-        let containers = &self.config.containers;
+        let containers = &self.config.containers_of(&session);
         let mut tries = 0;
         let up = loop {
             tries += 1;
             match devcontainer::up(&self.ssh, containers, &workspace, git_dir, &session.id).await
             {
-                Err(e) if e.is_uid_step_glitch() && tries < UP_TRIES => {
-                    tracing::warn!(session = %session.id, error = %e, tries, "the devcontainer CLI's uid step failed to set up a container; trying devcontainer up again");
+                Err(e) if e.is_retryable() && tries < UP_TRIES => {
+                    tracing::warn!(session = %session.id, error = %e, tries, "devcontainer up failed in a way another try is likely to get past; trying again");
                     // What the failed try created is removed, so the next one starts clean.
                     if let Err(e) = devcontainer::remove_session_containers(
                         &self.ssh,

@@ -209,6 +209,7 @@ mod tests {
                 repo_name: "widgets".into(),
                 branch: None,
                 worktree: None,
+                profile: None,
             })
             .await
             .expect("session");

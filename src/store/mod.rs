@@ -9,6 +9,7 @@
 //! RETURNING …`), so two racing callers cannot both win, on either backend.
 
 pub mod model;
+mod transcript;
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -18,6 +19,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyPool, Executor, FromRow};
 
 pub use model::*;
+pub use transcript::{TranscriptEntry, TranscriptKind};
 
 use crate::config::{DatabaseBackend, DatabaseSettings, DatabaseUrl};
 
@@ -77,7 +79,9 @@ impl Store {
             .max_connections(settings.pool_size)
             .acquire_timeout(Duration::from_secs(5));
         if backend == DatabaseBackend::Sqlite {
-            if settings.url.sqlite_path().is_none() {
+            if let Some(path) = settings.url.sqlite_path() {
+                create_owner_only(&path);
+            } else {
                 // Each in-memory connection is its own database: keep exactly one, forever.
                 options = options
                     .max_connections(1)
@@ -125,6 +129,29 @@ impl Store {
         Ok(())
     }
 
+    /// The key this installation keeps under `name` (table `instance_keys`): the stored one
+    /// when there is one, else `candidate`, stored now. Concurrent callers with different
+    /// candidates all get the one that was stored first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn instance_key(&self, name: &str, candidate: &str) -> StoreResult<String> {
+        sqlx::query(
+            "INSERT INTO instance_keys (name, value, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let value: String = sqlx::query_scalar("SELECT value FROM instance_keys WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
     /// Closes every connection; later calls fail.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -142,8 +169,8 @@ impl Store {
         let row = sqlx::query_as::<_, SessionRow>(
             "INSERT INTO sessions (id, platform, channel_id, thread_id, kind, parent_id, state,
                  started_by, repo_host, repo_org, repo_name, branch, worktree,
-                 created_at, updated_at, last_activity_at)
-             VALUES ($1, $2, $3, $4, $5, $6, 'starting', $7, $8, $9, $10, $11, $12, $13, $13, $13)
+                 created_at, updated_at, last_activity_at, profile)
+             VALUES ($1, $2, $3, $4, $5, $6, 'starting', $7, $8, $9, $10, $11, $12, $13, $13, $13, $14)
              ON CONFLICT DO NOTHING
              RETURNING *",
         )
@@ -160,6 +187,17 @@ impl Store {
         .bind(new.branch.as_deref())
         .bind(new.worktree.as_deref())
         .bind(now)
+        .bind(
+            new.profile
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt {
+                    table: "sessions",
+                    column: "profile",
+                    value: e.to_string(),
+                })?,
+        )
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -199,6 +237,22 @@ impl Store {
         )
         .bind(<&str>::from(platform))
         .bind(channel_id)
+        .bind(thread_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Session::try_from)
+        .transpose()
+    }
+
+    /// The session anchored at `thread_id` on any platform (thread ids of different
+    /// platforms never collide); the newest when a thread somehow has several.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] or [`StoreError::Corrupt`].
+    pub async fn session_by_thread_any(&self, thread_id: &str) -> StoreResult<Option<Session>> {
+        sqlx::query_as::<_, SessionRow>(
+            "SELECT * FROM sessions WHERE thread_id = $1 ORDER BY created_at DESC LIMIT 1",
+        )
         .bind(thread_id)
         .fetch_optional(&self.pool)
         .await?
@@ -1728,6 +1782,19 @@ impl Store {
     }
 }
 
+/// Creates an empty SQLite file readable by its owner only (0600) when none exists yet, so the
+/// database (transcripts, audit log, one-machine mode's callback key) and the `-wal`/`-shm`
+/// files SQLite later makes with the same mode are not world-readable. An existing file is
+/// left as it is; a failure here is left for the connection to report.
+fn create_owner_only(path: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 /// For SQLite, asks the driver to create the file when missing (`mode=rwc`) unless the URL
 /// already sets a mode.
 fn connect_url(url: &DatabaseUrl) -> String {
@@ -1817,6 +1884,7 @@ struct SessionRow {
     permission_mode: Option<String>,
     hibernated_at: Option<i64>,
     budget_added_usd: f64,
+    profile: Option<String>,
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -1877,6 +1945,18 @@ impl TryFrom<SessionRow> for Session {
             },
             permission_mode: r.permission_mode,
             budget_added_usd: r.budget_added_usd,
+            profile: match r.profile {
+                None => None,
+                Some(json) => {
+                    Some(
+                        serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                            table: "sessions",
+                            column: "profile",
+                            value: format!("not a recorded profile ({e})"),
+                        })?,
+                    )
+                }
+            },
             created_at: r.created_at,
             updated_at: r.updated_at,
             last_activity_at: r.last_activity_at,

@@ -35,6 +35,8 @@ pub enum Platform {
     Mattermost,
     /// Microsoft Teams (Bot Framework).
     Teams,
+    /// The bot's own web console ([`crate::console`]): threads live in its transcript.
+    Console,
 }
 
 /// What a session is for.
@@ -203,6 +205,8 @@ pub struct Session {
     pub permission_mode: Option<String>,
     /// What budget cards added to this session's cap, in US dollars.
     pub budget_added_usd: f64,
+    /// The profile it was started with (recorded whole, as JSON), `None`: the bot's settings.
+    pub profile: Option<crate::profile::Profile>,
     /// Created (Unix ms).
     pub created_at: i64,
     /// Last row change (Unix ms).
@@ -315,6 +319,8 @@ pub struct NewSession {
     pub branch: Option<String>,
     /// Worktree name.
     pub worktree: Option<String>,
+    /// The profile it runs with, recorded whole.
+    pub profile: Option<crate::profile::Profile>,
 }
 
 /// Usage to add to a session after a turn.

@@ -6,6 +6,7 @@
 //! dropped.
 #![allow(dead_code)]
 
+pub mod console;
 pub mod dns;
 pub mod mattermost;
 pub mod model_server;
@@ -363,5 +364,26 @@ impl TestApp {
             .await
             .expect("serve task")
             .expect("serve returned an error");
+    }
+}
+
+/// A standard Mattermost session on `acme/widgets`, anchored at `thread`, to store directly.
+#[allow(dead_code)]
+pub fn new_session(thread: &str) -> session_manager::store::NewSession {
+    use session_manager::store::{new_session_id, NewSession, Platform, SessionKind};
+    NewSession {
+        id: new_session_id(),
+        platform: Platform::Mattermost,
+        channel_id: "channel0000000000000000001".into(),
+        thread_id: thread.into(),
+        kind: SessionKind::Standard,
+        parent_id: None,
+        started_by: "user00000000000000000000001".into(),
+        repo_host: "github.com".into(),
+        repo_org: "acme".into(),
+        repo_name: "widgets".into(),
+        branch: Some("main".into()),
+        worktree: None,
+        profile: None,
     }
 }

@@ -568,6 +568,20 @@ impl Script {
         self.on(Matcher::Always, reply).once()
     }
 
+    /// The network-request exchange the approval tests share: `install requests` makes the
+    /// agent ask for `pypi.org` (`[NETWORK_REQUEST: pypi.org]`), and the bot's
+    /// `[NETWORK_APPROVED: pypi.org]` gets `Thanks, pypi.org works now.`
+    pub fn asks_for_pypi(self) -> Self {
+        self.on_last_user(
+            "[NETWORK_APPROVED: pypi.org]",
+            Reply::text("Thanks, pypi.org works now."),
+        )
+        .on_last_user(
+            "install requests",
+            Reply::text("I need the package index first.\n[NETWORK_REQUEST: pypi.org]\n"),
+        )
+    }
+
     /// Sets the fallback.
     pub fn fallback(mut self, reply: Reply) -> Self {
         self.fallback = reply;

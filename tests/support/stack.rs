@@ -46,7 +46,8 @@ impl Stack {
     }
 
     /// Like [`Stack::start`], with more settings; `{callback}` in a value is replaced by the
-    /// app's own /callback URL.
+    /// app's own /callback URL, `{vm_root}` by the test's directory on the VM (removed with
+    /// the stack).
     pub async fn start_with(script: ModelScript, extra: &[(&str, String)]) -> Self {
         Self::start_on(script, extra, TestDatabase::for_e2e().await, None).await
     }
@@ -104,7 +105,10 @@ impl Stack {
         .await;
         let mut extra: Vec<(&str, String)> = extra
             .iter()
-            .map(|(k, v)| (*k, v.replace("{callback}", &callback)))
+            .map(|(k, v)| {
+                let v = v.replace("{callback}", &callback);
+                (*k, v.replace("{vm_root}", &vm_root))
+            })
             .collect();
         if !extra.iter().any(|(k, _)| *k == "egress-dns-servers") {
             extra.insert(0, ("egress-dns-servers", dns.addr().to_string()));
@@ -278,6 +282,71 @@ impl Stack {
         (root.channel_id, root.id)
     }
 
+    /// Starts a session from a Teams channel: `user` writes `command` (with the bot
+    /// @mentioned) to the bot's messaging endpoint, and this waits until the new Teams session
+    /// says Ready in its thread. Returns the session.
+    pub async fn start_teams_session(
+        &self,
+        teams: &super::teams::FakeTeams,
+        channel: &str,
+        user: &super::teams::TeamsUser,
+        command: &str,
+    ) -> session_manager::store::Session {
+        use session_manager::store::Platform;
+        let before: std::collections::HashSet<String> = self
+            .store
+            .active_sessions()
+            .await
+            .expect("sessions")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        let endpoint = self
+            .app
+            .as_ref()
+            .expect("app")
+            .url(session_manager::chat::teams::MESSAGES_PATH);
+        let ask = teams.channel_message(channel, user, command, true);
+        assert_eq!(
+            teams
+                .send(&endpoint, &ask, Some(&teams.valid_token()))
+                .await
+                .0,
+            200
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let session = loop {
+            let found = self
+                .store
+                .active_sessions()
+                .await
+                .expect("sessions")
+                .into_iter()
+                .find(|x| x.platform == Platform::Teams && !before.contains(&x.id));
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no Teams session started"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        self.wait_for("Ready in the Teams thread", READY_TIMEOUT, |_| {
+            let texts: Vec<String> = teams
+                .thread(channel, Some(&session.thread_id))
+                .into_iter()
+                .filter_map(|m| m.text)
+                .collect();
+            if let Some(failed) = texts.iter().find(|t| t.contains('❌')) {
+                panic!("start failed: {failed}");
+            }
+            texts.iter().any(|t| t.contains("Ready")).then_some(())
+        })
+        .await;
+        session
+    }
+
     /// The session anchored at a thread.
     pub async fn session_at(&self, channel: &str, root: &str) -> session_manager::store::Session {
         self.store
@@ -347,15 +416,21 @@ impl Drop for Stack {
     /// its workspaces and of its sessions, the images `devcontainer up` built for them, the
     /// sessions' private directories and the test's directory.
     fn drop(&mut self) {
-        let root = self.vm_root.clone();
-        let db_url = self.db.url.clone();
-        let tb = Testbed::load();
-        let _ = std::thread::spawn(move || {
+        clean_vm(self.vm_root.clone(), self.db.url.clone());
+    }
+}
+
+/// Removes what a test's sessions left on the VM (see [`Stack`]'s `Drop`): the containers of
+/// its workspaces under `root` and of the sessions recorded in `db_url`, the images
+/// `devcontainer up` built for them, the sessions' private directories and `root` itself.
+pub fn clean_vm(root: String, db_url: String) {
+    let tb = Testbed::load();
+    let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
             rt.block_on(async move {
                 // Every session the test made, ended ones included.
                 let sessions = super::sessions_of(&db_url).await;
-                let Ok(vm) = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(60), 4)) else {
+                let Ok(vm) = SshPool::new(vm_ssh_config(&tb, Duration::from_secs(300), 4)) else {
                     return;
                 };
                 let mut cleanup = Script::new();
@@ -364,13 +439,14 @@ impl Drop for Stack {
                 }
                 // Image removals hold the bot's image lock, as the bot's own do: rootless
                 // podman fails other sessions' `devcontainer up` (a spurious `podman pull` of
-                // the sandbox image) when an image is removed under them. Bounded well within
-                // this command's timeout; the lock is never inherited by podman.
-                cleanup.raw(r#"mkdir -p "$HOME/.local/share/session-manager"; sm_rmi() { flock --close --exclusive --wait 20 "$HOME/.local/share/session-manager/images.lock" podman image rm "$1" >/dev/null 2>&1 || true; }"#);
-                // A container, the -uid image `devcontainer up` built for its workspace (as
-                // the bot's own cleanup removes it) and the image that one was built on when
-                // it is a per-workspace one too (a repository's Dockerfile).
-                cleanup.raw(r#"sm_rm() { image=$(podman inspect --format '{{.ImageName}}' "$1" 2>/dev/null) || image=; podman rm -f "$1" >/dev/null 2>&1 || true; case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) sm_rmi "$image"; base=${image%-uid*}; case "$base" in vsc-*|*/vsc-*) sm_rmi "$base" ;; esac ;; esac; }"#);
+                // the sandbox image) when an image is removed under them. They may wait for
+                // other tests' `up`s, so they come last, after everything else is gone; the
+                // lock is never inherited by podman.
+                cleanup.raw(r#"mkdir -p "$HOME/.local/share/session-manager"; sm_rmi() { flock --close --exclusive --wait 20 "$HOME/.local/share/session-manager/images.lock" podman image rm "$1" >/dev/null 2>&1 || true; }; images="""#);
+                // A container, and (to remove last) the -uid image `devcontainer up` built for
+                // its workspace (as the bot's own cleanup removes it) and the image that one
+                // was built on when it is a per-workspace one too (a repository's Dockerfile).
+                cleanup.raw(r#"sm_rm() { image=$(podman inspect --format '{{.ImageName}}' "$1" 2>/dev/null) || image=; podman rm -f "$1" >/dev/null 2>&1 || true; case "$image" in vsc-*-uid|vsc-*-uid:*|*/vsc-*-uid|*/vsc-*-uid:*) images="$images $image"; base=${image%-uid*}; case "$base" in vsc-*|*/vsc-*) images="$images $base" ;; esac ;; esac; }"#);
                 cleanup.raw(r#"for id in $(podman ps -aq --no-trunc --filter label=session-manager.managed=true); do case "$(podman inspect --format '{{index .Config.Labels "session-manager.workspace"}}' "$id")" in "$root"/*) sm_rm "$id" ;; esac; done"#);
                 for (id, workspace) in &sessions {
                     if cleanup.set("sid", id).is_err()
@@ -383,15 +459,15 @@ impl Drop for Stack {
                     // The images `devcontainer up` names after the workspace folder
                     // (vsc-<basename>-<sha256 of the path>), a repository's built image among
                     // them, once no container uses them.
-                    cleanup.raw(r#"if [ -n "$ws" ]; then name="vsc-$(basename "$ws" | tr '[:upper:]' '[:lower:]')-$(printf '%s' "$ws" | sha256sum | cut -d' ' -f1)"; sm_rmi "$name-uid"; sm_rmi "$name"; fi"#);
+                    cleanup.raw(r#"if [ -n "$ws" ]; then name="vsc-$(basename "$ws" | tr '[:upper:]' '[:lower:]')-$(printf '%s' "$ws" | sha256sum | cut -d' ' -f1)"; images="$images $name-uid $name"; fi"#);
                 }
                 cleanup.raw(r#"rm -rf "$root" 2>/dev/null || podman unshare rm -rf "$root""#);
+                cleanup.raw(r#"for image in $images; do sm_rmi "$image"; done"#);
                 let _ = vm.run(&cleanup).await;
                 vm.close().await;
             });
         })
         .join();
-    }
 }
 
 /// How a test reaches the testbed's VM user over SSH.
@@ -410,6 +486,8 @@ pub fn vm_ssh_config(tb: &Testbed, timeout: Duration, max_channels_per_master: u
 /// The bot as a separate process, so it can be killed like a crashed pod.
 pub struct BotProcess {
     pub child: std::process::Child,
+    /// What the bot printed on stderr, line by line.
+    pub output: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// The process's TMPDIR: its SSH pool keeps its key and control sockets under it.
     pub tmp: tempfile::TempDir,
 }
@@ -455,7 +533,7 @@ impl BotProcess {
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stderr(std::process::Stdio::piped());
         let extra = stack.extra.iter().map(|(k, v)| (k.as_str(), v.clone()));
         let mut all: Vec<(&str, String)> = args;
         for (k, v) in extra {
@@ -470,9 +548,42 @@ impl BotProcess {
                 v,
             );
         }
-        Self {
-            child: cmd.spawn().expect("spawn the bot"),
-            tmp,
+        let mut child = cmd.spawn().expect("spawn the bot");
+        let output: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        if let Some(stderr) = child.stderr.take() {
+            let lines = std::sync::Arc::clone(&output);
+            std::thread::spawn(move || {
+                use std::io::BufRead as _;
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if let Ok(mut lines) = lines.lock() {
+                        lines.push(line);
+                    }
+                }
+            });
+        }
+        Self { child, output, tmp }
+    }
+
+    /// Waits (up to 60 s) for a line of the bot's stderr containing `needle`.
+    pub async fn printed(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(line) = self
+                .output
+                .lock()
+                .ok()
+                .and_then(|lines| lines.iter().find(|l| l.contains(needle)).cloned())
+            {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bot never printed {needle:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

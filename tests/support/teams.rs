@@ -744,6 +744,23 @@ impl FakeTeams {
             .await
     }
 
+    /// `from` writes `text` in the thread rooted at `root` (no mention), sent to the bot's
+    /// messaging endpoint with a valid token; the bot must take it (200).
+    pub async fn reply(
+        &self,
+        endpoint: &str,
+        channel: &str,
+        root: &str,
+        from: &TeamsUser,
+        text: &str,
+    ) {
+        let activity = self.thread_reply(channel, root, from, text, false);
+        let (status, body) = self
+            .send(endpoint, &activity, Some(&self.valid_token()))
+            .await;
+        assert_eq!(status, 200, "the bot did not take {text:?}: {body}");
+    }
+
     /// Posts raw bytes as an activity.
     pub async fn send_raw(
         &self,
