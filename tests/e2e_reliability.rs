@@ -837,3 +837,51 @@ async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
         .await;
     stack.finish().await;
 }
+
+/// `up` also waited after "Container started" where the start event was not missed that way
+/// (CI, with the replay in place): its reader never showed the event. Here the runtime's
+/// `events` never prints anything; the session still starts, because the bot's runtime shim
+/// also shows the session's running container as a start event every `EVENTS_POLL_SECS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_reader_that_hears_nothing_does_not_hold_up_the_start() {
+    let stack = Stack::start_with(
+        ModelScript::new().fallback(Reply::text("Up despite a deaf reader.")),
+        &[
+            (
+                "container-runtime",
+                "{vm_root}/deaf-events-podman".to_owned(),
+            ),
+            ("devcontainer-timeout-secs", "90".to_owned()),
+        ],
+    )
+    .await;
+    let mut shim = VmScript::new();
+    shim.set("path", &format!("{}/deaf-events-podman", stack.vm_root))
+        .expect("q")
+        // `events` never prints (and leaves a mark that it was asked).
+        .raw(r#"mkdir -p "$(dirname "$path")"; printf '#!/bin/sh\nif [ "$1" = events ]; then touch "$0.deafened"; exec sleep 600; fi\nexec podman "$@"\n' > "$path"; chmod 755 "$path""#);
+    let out = stack.vm_run(&shim).await;
+    assert!(out.success(), "{}", out.stderr);
+    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
+    let mut check = VmScript::new();
+    check
+        .set(
+            "path",
+            &format!("{}/deaf-events-podman.deafened", stack.vm_root),
+        )
+        .expect("q")
+        .raw(r#"test -f "$path""#);
+    let deafened = stack.vm_run(&check).await;
+    assert!(
+        deafened.success(),
+        "the deaf reader was never asked: the test tests nothing"
+    );
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "are you there?")
+        .expect("post");
+    stack
+        .wait_for_bot_post("the answer", Some(&root), "Up despite a deaf reader.")
+        .await;
+    stack.finish().await;
+}

@@ -328,7 +328,14 @@ pub async fn up(
         // configuration file (a symbolic link would mount whatever it names on the VM).
         .raw(r#"if [ -n "$guarded" ]; then if [ -L "$guarded" ] || [ ! -d "$guarded" ] || [ -L "$guarded/hooks" ] || [ -L "$guarded/config" ] || [ ! -f "$guarded/config" ] || { [ -e "$guarded/hooks" ] && [ ! -d "$guarded/hooks" ]; }; then printf 'sm-bad-gitdir\n'; exit 3; fi; mkdir -p "$guarded/hooks"; fi"#)
         .raw(r#""$runtime" ps -a --external --no-trunc --quiet > "$dir/external.before" 2>/dev/null || true"#)
-        .set("shim", &runtime_shim(&layout.runtime)?)?
+        .set(
+            "shim",
+            &runtime_shim(
+                &layout.runtime,
+                &format!("{LABEL_SESSION}={session_id}"),
+                EVENTS_POLL_SECS,
+            )?,
+        )?
         .raw(r#"printf '%s' "$shim" > "$dir/runtime"; chmod 700 "$dir/runtime""#)
         .set("imagelock", &image_lock_path(layout))?
         // A shared hold on the image lock while `up` runs: removing a `-uid` image takes it
@@ -386,23 +393,54 @@ pub async fn up(
     })
 }
 
+/// How often the [`runtime_shim`]'s `events` looks for the session's running containers
+/// (seconds): the longest an `up` waits for a start event podman never showed.
+pub const EVENTS_POLL_SECS: u32 = 10;
+
 /// The container runtime as `devcontainer up` is given it (`--docker-path`, a script in the
-/// session's directory): `runtime` itself, except that `events` replays from two seconds
-/// before it was asked for.
+/// session's directory): `runtime` itself, except for `events`.
 ///
-/// `devcontainer up` (0.89) starts `<runtime> events --filter event=start` and, right after,
-/// `<runtime> run`, and waits for the container's start event. `podman events` shows only
-/// what happens after it has opened the event log; on a busy VM the container can start
-/// before that, and `up` then waits forever after "Container started" (devcontainers/cli
-/// issue 1236). With `--since` the start is replayed. Only containers with the session's own
-/// labels end the wait, so a replayed start of another container changes nothing.
+/// `devcontainer up` (0.89) starts `<runtime> events --format json --filter event=start` and,
+/// right after, `<runtime> run`, and waits for a start event of a container with its labels.
+/// It waits until `SM_DEVCONTAINER_TIMEOUT_SECS` if none comes, which happens with rootless
+/// podman 4.3: the container can start before `podman events` has opened the event log (a busy
+/// VM; devcontainers/cli issue 1236). CI also saw `up` wait after "Container started" with that
+/// race ruled out, for a cause not pinned down: the start event did not reach the CLI. (The
+/// CLI itself polls the container list instead of reading events for one runtime, `wslc`.)
+///
+/// So the shim's `events` reads from two seconds before it was asked (`--since`), and every
+/// `poll_secs` it also prints a start event (`{"ID":…,"Status":"start","Type":"container"}`,
+/// podman's JSON event shape) for each running container labelled `session_label`: a start
+/// that never reached the CLI reaches it then. The CLI checks every start event's labels
+/// itself, so one of another container changes nothing. The reader is the shim's own process
+/// (`exec`), because the CLI stops listening with SIGKILL; the poller beside it stops within
+/// `poll_secs` of the reader's end.
 ///
 /// # Errors
-/// [`QuoteError`] for a runtime that cannot be quoted.
-pub fn runtime_shim(runtime: &str) -> Result<String, QuoteError> {
+/// [`QuoteError`] for a runtime or label that cannot be quoted.
+pub fn runtime_shim(
+    runtime: &str,
+    session_label: &str,
+    poll_secs: u32,
+) -> Result<String, QuoteError> {
     Ok(format!(
-        "#!/bin/sh\n# Written by session-manager for devcontainer up (see runtime_shim).\nif [ \"$1\" = events ]; then shift; set -- events --since \"$(( $(date +%s) - 2 ))\" \"$@\"; fi\nexec {} \"$@\"\n",
-        super::shell::quote(runtime)?
+        r#"#!/bin/sh
+# Written by session-manager for devcontainer up (see runtime_shim).
+rt={runtime}
+if [ "$1" = events ]; then
+  shift
+  reader=$$
+  while sleep {poll_secs} && kill -0 "$reader" 2>/dev/null; do
+    for id in $("$rt" ps --no-trunc --quiet --filter label={label} --filter status=running 2>/dev/null); do
+      printf '{{"ID":"%s","Status":"start","Type":"container"}}\n' "$id"
+    done
+  done </dev/null &
+  exec "$rt" events --since "$(( $(date +%s) - 2 ))" "$@"
+fi
+exec "$rt" "$@"
+"#,
+        runtime = super::shell::quote(runtime)?,
+        label = super::shell::quote(session_label)?,
     ))
 }
 
@@ -1228,17 +1266,46 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
         }
     }
 
-    #[test]
-    fn the_runtime_shim_replays_events_and_passes_everything_else() {
+    /// A shim (polling every second, for session `s1`) in a temporary directory over a fake
+    /// runtime that appends its arguments, one call a line, to `calls` and prints them; its
+    /// `ps` also prints a container id, and its `events` then listens forever (it hears
+    /// nothing, like a reader that lost the start).
+    fn shim_over_fake() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("dir");
         let fake = dir.path().join("fake runtime");
-        std::fs::write(&fake, "#!/bin/sh\nprintf '%s|' \"$@\"\n").expect("fake");
+        let calls = dir.path().join("calls");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nprintf '%s|' \"$@\" >> {calls}; echo >> {calls}\ncase \"$1\" in\nps) echo c0ffee ;;\nevents) printf '%s|' \"$@\"; echo; exec sleep 60 ;;\n*) printf '%s|' \"$@\" ;;\nesac\n",
+                calls = crate::runtime::shell::quote(&calls.to_string_lossy()).expect("q")
+            ),
+        )
+        .expect("fake");
         let shim = dir.path().join("shim");
-        std::fs::write(&shim, runtime_shim(&fake.to_string_lossy()).expect("shim")).expect("write");
+        std::fs::write(
+            &shim,
+            runtime_shim(&fake.to_string_lossy(), "session-manager.session=s1", 1).expect("shim"),
+        )
+        .expect("write");
         for file in [&fake, &shim] {
             std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .expect("chmod");
         }
+        (dir, shim, calls)
+    }
+
+    fn calls(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_runtime_shim_passes_everything_but_events_unchanged() {
+        let (_dir, shim, _) = shim_over_fake();
         let run = |args: &[&str]| {
             let out = std::process::Command::new(&shim)
                 .args(args)
@@ -1246,21 +1313,72 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
                 .expect("shim ran");
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
+        assert_eq!(run(&["run", "--rm", "a b"]), "run|--rm|a b|");
+        assert_eq!(run(&["-v"]), "-v|");
+    }
+
+    #[test]
+    fn the_runtime_shims_events_replay_and_show_the_sessions_running_containers() {
+        use std::io::BufRead;
+        let (_dir, shim, calls_file) = shim_over_fake();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs();
-        let events = run(&["events", "--format", "json", "--filter", "event=start"]);
-        let parts: Vec<&str> = events.split('|').collect();
-        assert_eq!(parts[..2], ["events", "--since"], "{events}");
+        let mut child = std::process::Command::new(&shim)
+            .args(["events", "--format", "json", "--filter", "event=start"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("shim ran");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let next = || {
+            rx.recv_timeout(Duration::from_secs(5))
+                .expect("a line from the shim")
+        };
+        // The reader, from two seconds back.
+        let reader = next();
+        let parts: Vec<&str> = reader.split('|').collect();
+        assert_eq!(parts[..2], ["events", "--since"], "{reader}");
         let since: u64 = parts[2].parse().expect("a Unix time");
         assert!(since + 2 >= now && since <= now, "{since} vs {now}");
         assert_eq!(
             parts[3..],
             ["--format", "json", "--filter", "event=start", ""]
         );
-        assert_eq!(run(&["run", "--rm", "a b"]), "run|--rm|a b|");
-        assert_eq!(run(&["-v"]), "-v|");
+        // The reader hears nothing; the session's running container comes as a start event,
+        // and again at every poll.
+        for _ in 0..2 {
+            assert_eq!(
+                next(),
+                r#"{"ID":"c0ffee","Status":"start","Type":"container"}"#
+            );
+        }
+        assert!(
+            calls(&calls_file).contains(&"ps|--no-trunc|--quiet|--filter|label=session-manager.session=s1|--filter|status=running|".to_owned()),
+            "{:?}",
+            calls(&calls_file)
+        );
+        // The CLI stops listening with SIGKILL to the reader: the poller stops too.
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        std::thread::sleep(Duration::from_millis(1500));
+        let settled = calls(&calls_file).len();
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(
+            calls(&calls_file).len(),
+            settled,
+            "the poller outlived the reader: {:?}",
+            calls(&calls_file)
+        );
     }
 
     #[test]
