@@ -803,29 +803,31 @@ async fn a_flooded_thread_is_bounded_and_holds_up_no_other_thread() {
     stack.finish().await;
 }
 
-/// `devcontainer up` waits for the container's start event from `podman events`, which it
-/// starts just before `podman run`; on a busy VM podman events began listening after the
-/// container had started, and `up` waited until its bound (devcontainers/cli issue 1236, the
-/// 300 s stalls CI saw). Here the runtime's `events` always begins listening 3 s late: the
-/// session still starts, because the bot's runtime shim replays the start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
+/// Starts a session on a stack whose container runtime is `{vm_root}/<name>`: a script that
+/// runs `events_step` (sh) when asked for `events`, then podman; asks the agent and waits for
+/// `answer`. `up` is bounded at 90 s. Returns the stack, finished by the caller.
+async fn start_with_runtime_events_step(name: &str, events_step: &str, answer: &str) -> Stack {
     let stack = Stack::start_with(
-        ModelScript::new().fallback(Reply::text("Up and answering.")),
+        ModelScript::new().fallback(Reply::text(answer)),
         &[
-            (
-                "container-runtime",
-                "{vm_root}/late-events-podman".to_owned(),
-            ),
+            ("container-runtime", format!("{{vm_root}}/{name}")),
             ("devcontainer-timeout-secs", "90".to_owned()),
         ],
     )
     .await;
-    let mut shim = VmScript::new();
-    shim.set("path", &format!("{}/late-events-podman", stack.vm_root))
+    let mut runtime = VmScript::new();
+    runtime
+        .set("path", &format!("{}/{name}", stack.vm_root))
         .expect("q")
-        .raw(r#"mkdir -p "$(dirname "$path")"; printf '#!/bin/sh\nif [ "$1" = events ]; then sleep 3; fi\nexec podman "$@"\n' > "$path"; chmod 755 "$path""#);
-    let out = stack.vm_run(&shim).await;
+        .set(
+            "body",
+            &format!(
+                "#!/bin/sh\nif [ \"$1\" = events ]; then {events_step}; fi\nexec podman \"$@\"\n"
+            ),
+        )
+        .expect("q")
+        .raw(r#"mkdir -p "$(dirname "$path")"; printf '%s' "$body" > "$path"; chmod 755 "$path""#);
+    let out = stack.vm_run(&runtime).await;
     assert!(out.success(), "{}", out.stderr);
     let (channel, root) = stack.start_session("@claude start acme/widgets").await;
     stack
@@ -833,8 +835,20 @@ async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
         .post_as(&stack.alice, &channel, Some(&root), "are you there?")
         .expect("post");
     stack
-        .wait_for_bot_post("the answer", Some(&root), "Up and answering.")
+        .wait_for_bot_post("the answer", Some(&root), answer)
         .await;
+    stack
+}
+
+/// `devcontainer up` waits for the container's start event from `podman events`, which it
+/// starts just before `podman run`; on a busy VM podman events began listening after the
+/// container had started, and `up` waited until its bound (devcontainers/cli issue 1236, the
+/// 300 s stalls CI saw). Here the runtime's `events` always begins listening 3 s late: the
+/// session still starts, because the bot's runtime shim replays the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
+    let stack =
+        start_with_runtime_events_step("late-events-podman", "sleep 3", "Up and answering.").await;
     stack.finish().await;
 }
 
@@ -844,25 +858,13 @@ async fn a_start_event_podman_events_missed_does_not_hold_up_the_start() {
 /// also shows the session's running container as a start event every `EVENTS_POLL_SECS`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_reader_that_hears_nothing_does_not_hold_up_the_start() {
-    let stack = Stack::start_with(
-        ModelScript::new().fallback(Reply::text("Up despite a deaf reader.")),
-        &[
-            (
-                "container-runtime",
-                "{vm_root}/deaf-events-podman".to_owned(),
-            ),
-            ("devcontainer-timeout-secs", "90".to_owned()),
-        ],
+    // `events` never prints (and leaves a mark that it was asked).
+    let stack = start_with_runtime_events_step(
+        "deaf-events-podman",
+        r#"touch "$0.deafened"; exec sleep 600"#,
+        "Up despite a deaf reader.",
     )
     .await;
-    let mut shim = VmScript::new();
-    shim.set("path", &format!("{}/deaf-events-podman", stack.vm_root))
-        .expect("q")
-        // `events` never prints (and leaves a mark that it was asked).
-        .raw(r#"mkdir -p "$(dirname "$path")"; printf '#!/bin/sh\nif [ "$1" = events ]; then touch "$0.deafened"; exec sleep 600; fi\nexec podman "$@"\n' > "$path"; chmod 755 "$path""#);
-    let out = stack.vm_run(&shim).await;
-    assert!(out.success(), "{}", out.stderr);
-    let (channel, root) = stack.start_session("@claude start acme/widgets").await;
     let mut check = VmScript::new();
     check
         .set(
@@ -871,17 +873,9 @@ async fn an_event_reader_that_hears_nothing_does_not_hold_up_the_start() {
         )
         .expect("q")
         .raw(r#"test -f "$path""#);
-    let deafened = stack.vm_run(&check).await;
     assert!(
-        deafened.success(),
+        stack.vm_run(&check).await.success(),
         "the deaf reader was never asked: the test tests nothing"
     );
-    stack
-        .fake
-        .post_as(&stack.alice, &channel, Some(&root), "are you there?")
-        .expect("post");
-    stack
-        .wait_for_bot_post("the answer", Some(&root), "Up despite a deaf reader.")
-        .await;
     stack.finish().await;
 }
