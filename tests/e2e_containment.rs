@@ -508,6 +508,109 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
     stack.finish().await;
 }
 
+/// Attack 2, after an upgrade: a container made without the read-only git directory (by an
+/// older version, or here under `SM_REPO_DEVCONTAINER=trusted`) would let its agent plant
+/// hooks that every guarded container on the repository then runs. When the bot restarts
+/// with settings that require the guards, it does not use that container again: it makes the
+/// session's container anew, tells the thread, and the conversation goes on; the agent's next
+/// attempt is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_without_todays_protections_is_made_again_when_its_session_resumes() {
+    let tb = Testbed::load();
+    let id = unique();
+    let attempt = |who: &str| {
+        format!(
+            "d=$(git rev-parse --git-common-dir); \
+             {{ printf '#!/bin/sh\\nexit 0\\n' > \"$d/hooks/post-commit\" && chmod +x \"$d/hooks/post-commit\"; }} 2>/dev/null && echo {who}-hook-written || echo {who}-hook-refused; \
+             git config core.hooksPath /tmp 2>/dev/null && echo {who}-config-written || echo {who}-config-refused; \
+             git config --unset core.hooksPath 2>/dev/null; rm -f \"$d/hooks/post-commit\" 2>/dev/null; echo tried-{who}-{id}"
+        )
+    };
+    let script = ModelScript::new()
+        .on_last_user("plant it", Reply::bash(attempt("trusted")))
+        .on_tool_result(format!("tried-trusted-{id}"), Reply::text("Tried."))
+        .on_last_user("plant again", Reply::bash(attempt("resumed")))
+        .on_tool_result(format!("tried-resumed-{id}"), Reply::text("Tried again."))
+        .fallback(Reply::text("ok"));
+    let mut stack = Stack::start_with(script, &[("repo-devcontainer", "trusted".into())]).await;
+    let repo = format!("upgraded-{id}");
+    let bare = make_repo(
+        &stack,
+        &tb,
+        &repo,
+        &[(
+            ".devcontainer/devcontainer.json",
+            format!(
+                r#"{{"image": "{}", "remoteUser": "claude"}}"#,
+                tb.get("SM_TEST_SANDBOX_IMAGE")
+            ),
+        )],
+    )
+    .await;
+    let _cleanup = VmCleanup {
+        paths: vec![bare],
+        env_file: false,
+    };
+    let (channel, root) = stack
+        .start_session(&format!("@claude start acme/{repo}"))
+        .await;
+    let before = stack.session_at(&channel, &root).await;
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "plant it")
+        .expect("post");
+    let tried = wait_for_tool_output(&stack, &format!("tried-trusted-{id}")).await;
+    assert!(
+        tried.contains("trusted-hook-written") && tried.contains("trusted-config-written"),
+        "the trusted container is unguarded (else this test tests nothing): {tried}"
+    );
+    stack
+        .wait_for_bot_post("the first answer", Some(&root), "Tried.")
+        .await;
+
+    // The bot restarts with the default settings (vetted): the guards are required.
+    stack.extra.retain(|(k, _)| k != "repo-devcontainer");
+    let bot = stack.switch_to_process(&tb).await;
+    stack
+        .wait_for_bot_post(
+            "the container is made again",
+            Some(&root),
+            "container lacked protections the bot now requires",
+        )
+        .await;
+    stack
+        .wait_for_bot_post("the session resumed", Some(&root), "continues where it was")
+        .await;
+    let after = stack.session_at(&channel, &root).await;
+    assert_ne!(
+        after.container_id, before.container_id,
+        "the unguarded container is used again"
+    );
+    let mut old = Script::new();
+    old.set("id", before.container_id.as_deref().expect("a container"))
+        .expect("q")
+        .raw(r#"podman container exists "$id" && echo still-there || echo gone"#);
+    assert_eq!(stack.vm_run(&old).await.stdout.trim(), "gone");
+    stack
+        .fake
+        .post_as(&stack.alice, &channel, Some(&root), "plant again")
+        .expect("post");
+    let tried = wait_for_tool_output(&stack, &format!("tried-resumed-{id}")).await;
+    for expected in ["resumed-hook-refused", "resumed-config-refused"] {
+        assert!(tried.contains(expected), "{expected}: {tried}");
+    }
+    let resumed = stack
+        .model
+        .last_request_with("plant again")
+        .expect("the request");
+    assert!(
+        resumed.all_messages_text().contains("trusted-hook-written"),
+        "the conversation went on in the new container"
+    );
+    drop(bot);
+    stack.finish().await;
+}
+
 /// Attack 3: a session plants instructions in its Claude state; another user's session must
 /// neither see them nor the first session's transcripts; the first still resumes after a
 /// restart of the bot.

@@ -782,7 +782,7 @@ pub async fn verify(
     let out = pool.run(&s).await?;
     if !out.success() {
         return Err(DevcontainerError::Output(format!(
-            "cannot inspect the new container: {}",
+            "cannot inspect the container: {}",
             out.stderr.trim()
         )));
     }
@@ -793,6 +793,49 @@ pub async fn verify(
         session_dir,
         git_dir,
     ))
+}
+
+/// [`verify`] for a session's existing container before it is used again (a session resumed
+/// after a bot restart, or woken from hibernation): it may have been made by an older version
+/// or under other settings (`SM_REPO_DEVCONTAINER=trusted`, another `SM_CONTAINER_NETWORK`).
+/// `git_dir` is the main clone's `.git` as configured, for a worktree; it is resolved on the
+/// VM first, as `up` resolves it.
+///
+/// # Errors
+/// [`DevcontainerError`] when the git directory cannot be resolved or the container cannot be
+/// inspected.
+pub async fn verify_existing(
+    pool: &SshPool,
+    layout: &ContainerLayout,
+    container_id: &str,
+    workspace: &str,
+    session_dir: &str,
+    git_dir: Option<&str>,
+) -> Result<Vec<String>, DevcontainerError> {
+    let git_dir = match git_dir {
+        None => None,
+        Some(configured) => {
+            let mut s = Script::new();
+            s.set("gitdir", configured)?.raw(r#"realpath "$gitdir""#);
+            let out = pool.run(&s).await?;
+            if !out.success() {
+                return Err(DevcontainerError::Output(format!(
+                    "cannot resolve the clone's git directory {configured}: {}",
+                    out.stderr.trim()
+                )));
+            }
+            Some(out.stdout.trim().to_owned())
+        }
+    };
+    verify(
+        pool,
+        layout,
+        container_id,
+        workspace,
+        session_dir,
+        git_dir.as_deref(),
+    )
+    .await
 }
 
 /// What is wrong with a container, from its `inspect` JSON (an array of one object).

@@ -2,7 +2,9 @@
 //! again), and what can go wrong doing it.
 
 use crate::chat::progress::Progress;
-use crate::runtime::devcontainer::{self, ConfigSource, ContainerState, DevcontainerError};
+use crate::runtime::devcontainer::{
+    self, ConfigSource, ContainerState, DevcontainerError, RepoConfigPolicy,
+};
 use crate::runtime::git::{self, GitError, Workspace};
 use crate::store::{ContainerDetails, EndReason, LockOutcome, Session, StoreError};
 
@@ -120,6 +122,15 @@ impl StartError {
     }
 }
 
+/// The thread's notice for a container made again because it lacked `missing` (phrases of
+/// [`devcontainer::verify`], which may quote the container's mounts: neutralized).
+fn remade_notice(missing: &[String]) -> String {
+    crate::chat::render::neutralize(&format!(
+        "🔒 This session's container lacked protections the bot now requires ({}); it is made again. The workspace and the conversation are kept; what was installed in the container outside the workspace is not.",
+        missing.join("; ")
+    ))
+}
+
 impl Manager {
     /// Clone (or worktree) and container, or, when resuming, the existing container.
     pub(super) async fn prepare(
@@ -134,30 +145,44 @@ impl Manager {
                 .container_id
                 .as_deref()
                 .ok_or(StartError::NoContainer)?;
-            match devcontainer::inspect(&self.ssh, runtime, container).await {
+            let state = match devcontainer::inspect(&self.ssh, runtime, container).await {
                 Ok(ContainerState::Gone) => {
                     return Err(StartError::ContainerGone {
                         slug: session.repo_slug(),
                     })
                 }
-                Ok(ContainerState::Stopped) if session.container.is_some() => {
-                    devcontainer::start(&self.ssh, runtime, container)
-                        .await
-                        .map_err(StartError::Inspect)?;
-                }
-                Ok(_) => {}
+                Ok(state) => state,
                 Err(e) => return Err(StartError::Inspect(e)),
-            }
-            // The container is there: run the agent in it as recorded. (A session of an
-            // older version recorded no details: `devcontainer up` below finds its container.)
+            };
+            // The container is there: run the agent in it as recorded, if it still has every
+            // protection this version requires. (A session of an older version recorded no
+            // details: `devcontainer up` below finds its container, and checks it.)
             if let Some(details) = &session.container {
-                plan.container = Some(AgentContainer {
-                    id: container.to_owned(),
-                    user: details.user.clone(),
-                    folder: details.folder.clone(),
-                    private_state: true,
-                });
-                return Ok(());
+                let missing = self
+                    .missing_protections(&session, container, details)
+                    .await
+                    .map_err(StartError::Inspect)?;
+                if missing.is_empty() {
+                    if state == ContainerState::Stopped {
+                        devcontainer::start(&self.ssh, runtime, container)
+                            .await
+                            .map_err(StartError::Inspect)?;
+                    }
+                    plan.container = Some(AgentContainer {
+                        id: container.to_owned(),
+                        user: details.user.clone(),
+                        folder: details.folder.clone(),
+                        private_state: true,
+                    });
+                    return Ok(());
+                }
+                // Made before this version's protections, or under other settings: made again
+                // (the workspace and the conversation are kept), as `up` below does.
+                tracing::warn!(session = %session.id, container, ?missing, "the session's container lacks protections this version requires; making it again");
+                self.say(&session, &remade_notice(&missing)).await;
+                devcontainer::remove(&self.ssh, runtime, container)
+                    .await
+                    .map_err(StartError::Inspect)?;
             }
         } else if let Some(p) = progress.as_deref_mut() {
             p.step(&format!("Cloning `{}`", session.repo_slug())).await;
@@ -260,6 +285,42 @@ impl Manager {
         Ok(())
     }
 
+    /// What the session's existing container lacks of the protections this version's
+    /// settings require ([`devcontainer::verify_existing`]); empty when it has them all, and
+    /// always empty under `SM_REPO_DEVCONTAINER=trusted` (a repository's configuration then
+    /// runs as written).
+    async fn missing_protections(
+        &self,
+        session: &Session,
+        container: &str,
+        details: &ContainerDetails,
+    ) -> Result<Vec<String>, DevcontainerError> {
+        let containers = self.config.containers_of(session);
+        let Some(workspace) = session.workspace_path.as_deref() else {
+            return Ok(Vec::new());
+        };
+        if containers.repo_config == RepoConfigPolicy::Trusted {
+            return Ok(Vec::new());
+        }
+        let git_dir = session.worktree.as_ref().map(|_| {
+            format!(
+                "{}/.git",
+                self.config
+                    .git
+                    .clone_path(&session.repo_org, &session.repo_name)
+            )
+        });
+        devcontainer::verify_existing(
+            &self.ssh,
+            &containers,
+            container,
+            workspace,
+            &details.session_dir,
+            git_dir.as_deref(),
+        )
+        .await
+    }
+
     /// Starts the session's container again when it was stopped (by hand, or by a VM restart)
     /// so a lost agent can be resumed in it.
     pub(super) async fn revive_container(&self, container_id: &str) -> Result<(), StartError> {
@@ -333,5 +394,25 @@ impl Manager {
                 Ok(worktree)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_remade_notice_lists_what_was_missing_and_mentions_nobody() {
+        // An old trusted container's mounts are named by the repository.
+        let notice = remade_notice(&[
+            "a read-only mount of /w/.git/hooks".to_owned(),
+            "a bind mount of /srv/@channel".to_owned(),
+        ]);
+        assert!(
+            notice.contains("a read-only mount of /w/.git/hooks"),
+            "{notice}"
+        );
+        assert!(!notice.contains("@channel"), "{notice}");
+        assert!(notice.contains("channel"), "{notice}");
     }
 }
