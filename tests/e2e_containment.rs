@@ -341,7 +341,8 @@ async fn record(State(seen): State<Recorder>, request: Request) -> Response {
 /// planted on the VM, as a container of an older version or a trusted configuration could
 /// have (a post-checkout hook, core.fsmonitor, a smudge filter, a changed
 /// remote.origin.url), and sessions on the same repository (a worktree, and a branch in the
-/// main clone) make the bot run git there: nothing of it runs and no credential leaves.
+/// main clone) make the bot run git there: nothing of it runs, the planted hook is taken out
+/// of the clone (and the thread told), and no credential leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_elsewhere() {
     let tb = Testbed::load();
@@ -463,6 +464,23 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
         "the removed configuration is reported: {}",
         wt_ready.message
     );
+    assert!(
+        wt_ready
+            .message
+            .contains("Removed the hook `post-checkout`"),
+        "the removed hook is reported: {}",
+        wt_ready.message
+    );
+    let mut hooks = Script::new();
+    hooks
+        .set("clone", &clone)
+        .expect("q")
+        .raw(r#"ls "$clone/.git/hooks""#);
+    let left = stack.vm_run(&hooks).await.stdout;
+    assert!(
+        !left.lines().any(|l| !l.ends_with(".sample")),
+        "only git's samples stay in the clone's hooks: {left}"
+    );
     // Its agent finds the clone's hooks and configuration read-only too.
     stack
         .fake
@@ -512,19 +530,30 @@ async fn git_on_the_vm_never_runs_what_a_container_wrote_nor_sends_the_token_els
 /// older version, or here under `SM_REPO_DEVCONTAINER=trusted`) would let its agent plant
 /// hooks that every guarded container on the repository then runs. When the bot restarts
 /// with settings that require the guards, it does not use that container again: it makes the
-/// session's container anew, tells the thread, and the conversation goes on; the agent's next
-/// attempt is refused.
+/// session's container anew, takes the planted hook and configuration out of the clone, tells
+/// the thread, and the conversation goes on; the agent's next attempt is refused and a commit
+/// runs no hook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_container_without_todays_protections_is_made_again_when_its_session_resumes() {
     let tb = Testbed::load();
     let id = unique();
-    let attempt = |who: &str| {
+    let plant = |who: &str| {
         format!(
             "d=$(git rev-parse --git-common-dir); \
-             {{ printf '#!/bin/sh\\nexit 0\\n' > \"$d/hooks/post-commit\" && chmod +x \"$d/hooks/post-commit\"; }} 2>/dev/null && echo {who}-hook-written || echo {who}-hook-refused; \
-             git config core.hooksPath /tmp 2>/dev/null && echo {who}-config-written || echo {who}-config-refused; \
-             git config --unset core.hooksPath 2>/dev/null; rm -f \"$d/hooks/post-commit\" 2>/dev/null; echo tried-{who}-{id}"
+             {{ printf '#!/bin/sh\\ntouch \"$PWD/hook-ran\"\\n' > \"$d/hooks/post-commit\" && chmod +x \"$d/hooks/post-commit\"; }} 2>/dev/null && echo {who}-hook-written || echo {who}-hook-refused; \
+             git config core.hooksPath \"$d/hooks\" 2>/dev/null && echo {who}-config-written || echo {who}-config-refused; "
         )
+    };
+    let attempt = |who: &str| {
+        if who == "trusted" {
+            format!("{} echo tried-{who}-{id}", plant(who))
+        } else {
+            format!(
+                "{} git -c user.name=t -c user.email=t@example.com commit -q --allow-empty -m probe && echo committed; \
+                 ls hook-ran 2>/dev/null || echo no-hook-ran; echo tried-{who}-{id}",
+                plant(who)
+            )
+        }
     };
     let script = ModelScript::new()
         .on_last_user("plant it", Reply::bash(attempt("trusted")))
@@ -578,6 +607,14 @@ async fn a_container_without_todays_protections_is_made_again_when_its_session_r
             "container lacked protections the bot now requires",
         )
         .await;
+    // What the unguarded container planted is taken out of the clone, and said.
+    stack
+        .wait_for_bot_post(
+            "the planted hook's removal",
+            Some(&root),
+            "Removed the hook `post-commit`",
+        )
+        .await;
     stack
         .wait_for_bot_post("the session resumed", Some(&root), "continues where it was")
         .await;
@@ -596,7 +633,12 @@ async fn a_container_without_todays_protections_is_made_again_when_its_session_r
         .post_as(&stack.alice, &channel, Some(&root), "plant again")
         .expect("post");
     let tried = wait_for_tool_output(&stack, &format!("tried-resumed-{id}")).await;
-    for expected in ["resumed-hook-refused", "resumed-config-refused"] {
+    for expected in [
+        "resumed-hook-refused",
+        "resumed-config-refused",
+        "committed",
+        "no-hook-ran",
+    ] {
         assert!(tried.contains(expected), "{expected}: {tried}");
     }
     let resumed = stack

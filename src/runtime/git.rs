@@ -21,7 +21,10 @@
 //! every key that makes git run a program or send credentials elsewhere (filters, textconv and
 //! merge drivers, includes, `url.*.insteadOf`, `credential.*`, `http.*`, `core.askPass`, …),
 //! and checks that `remote.origin.url` is still `<SM_GIT_BASE_URL>/<org>/<repo>.git`: a
-//! changed one is put back and reported ([`GitNote`]), never fetched from.
+//! changed one is put back and reported ([`GitNote`]), never fetched from. It also empties the
+//! clone's `.git/hooks` of everything but git's own `*.sample` files: containers mount that
+//! directory read-only, so what is there was written before (by an older version's container,
+//! a trusted configuration, or by hand) and would run in every container on the repository.
 //!
 //! # Credentials
 //! Private repositories are read with `GH_TOKEN` from the VM's environment. The scrubbed
@@ -58,6 +61,16 @@ pub const SANITIZE: &str = r#"sm_sanitize() {
         sm_git -C "$1" config --local --unset-all "$sm_k" 2>/dev/null || true ;;
     esac
   done
+  sm_h="$1/.git/hooks"
+  if [ -L "$sm_h" ]; then printf 'sm-note=hook:hooks/ (a symbolic link)\n'; rm -f -- "$sm_h"; fi
+  if [ -d "$sm_h" ]; then
+    for sm_f in "$sm_h"/* "$sm_h"/.[!.]*; do
+      [ -e "$sm_f" ] || [ -L "$sm_f" ] || continue
+      case "$sm_f" in *.sample) if [ -f "$sm_f" ] && [ ! -L "$sm_f" ]; then continue; fi ;; esac
+      printf 'sm-note=hook:%s\n' "${sm_f##*/}"
+      rm -rf -- "$sm_f" 2>/dev/null || true
+    done
+  fi
 }
 sm_check_origin() {
   sm_actual=$(sm_git -C "$1" config --local --get remote.origin.url 2>/dev/null || true)
@@ -187,6 +200,9 @@ pub enum GitNote {
     OriginChanged(String),
     /// A local configuration key that makes git run programs or send credentials was removed.
     ConfigRemoved(String),
+    /// A hook (anything in the clone's `.git/hooks` but git's own `*.sample` files) was
+    /// removed: git in every container on the repository would have run it.
+    HookRemoved(String),
 }
 
 impl GitNote {
@@ -211,6 +227,10 @@ impl GitNote {
                 "⚠️ Removed {} from the clone's git configuration (it could run programs on the VM)",
                 code(key)
             ),
+            Self::HookRemoved(name) => format!(
+                "⚠️ Removed the hook {} from the clone's `.git/hooks` (it would run in every session's container on this repository)",
+                code(name)
+            ),
         }
     }
 
@@ -234,6 +254,7 @@ impl GitNote {
             }
             "origin" => Self::OriginChanged(detail.to_owned()),
             "config" => Self::ConfigRemoved(detail.to_owned()),
+            "hook" => Self::HookRemoved(detail.to_owned()),
             _ => return None,
         })
     }
@@ -385,6 +406,27 @@ else sm_git worktree add --quiet -b "$name" "$wt" HEAD; fi"#);
     })
 }
 
+/// Makes an existing clone of `org/repo` safe again ([`SANITIZE`]: its configuration, origin
+/// and hooks) without touching its checkout. Returns what was removed or put back.
+///
+/// # Errors
+/// [`GitError`].
+pub async fn sanitize(
+    pool: &SshPool,
+    layout: &GitLayout,
+    org: &str,
+    repo: &str,
+    timeout: Duration,
+) -> Result<Vec<GitNote>, GitError> {
+    let mut s = layout.script(org, repo)?;
+    s.set("clone", &layout.clone_path(org, repo))?
+        .raw(r#"cd "$clone""#)
+        .raw("sm_sanitize .")
+        .raw("sm_check_origin .");
+    let out = run(pool, &s, timeout, "checking the clone").await?;
+    Ok(notes(&out))
+}
+
 /// Removes a worktree with `git worktree remove` and prunes the clone's records of it.
 ///
 /// # Errors
@@ -497,7 +539,7 @@ mod tests {
     fn notes_are_read_and_shown_inert() {
         let out = CommandOutput {
             status: Some(0),
-            stdout: "noise\nsm-note=branch-created:feature-x:origin/main\nsm-note=origin:http://evil/`x`\nsm-note=config:core.fsmonitor\n".into(),
+            stdout: "noise\nsm-note=branch-created:feature-x:origin/main\nsm-note=origin:http://evil/`x`\nsm-note=config:core.fsmonitor\nsm-note=hook:post-`checkout`\n".into(),
             stderr: String::new(),
         };
         let notes = notes(&out);
@@ -510,7 +552,14 @@ mod tests {
                 },
                 GitNote::OriginChanged("http://evil/`x`".into()),
                 GitNote::ConfigRemoved("core.fsmonitor".into()),
+                GitNote::HookRemoved("post-`checkout`".into()),
             ]
+        );
+        assert_eq!(
+            notes[3].line().matches('`').count(),
+            4,
+            "{}",
+            notes[3].line()
         );
         assert_eq!(
             notes[1].line().matches('`').count(),
@@ -544,6 +593,7 @@ mod tests {
         sh(&format!(
             "set -e; git init -q {r}; cd {r}; git -c user.email=a@b -c user.name=a commit -q --allow-empty -m one; \
              printf '#!/bin/sh\\n{touch}\\n' > .git/hooks/post-checkout; chmod +x .git/hooks/post-checkout; \
+             printf '#!/bin/sh\\n' > .git/hooks/pre-commit.sample; \
              git config core.fsmonitor '{touch}'; git config filter.evil.smudge '{touch}'; git config filter.evil.clean '{touch}'; \
              echo '* filter=evil' > .gitattributes; git config url.http://evil/.insteadOf file://; git config core.askPass '{touch}'",
             r = repo.display()
@@ -580,5 +630,10 @@ mod tests {
             "the missing origin is reported"
         );
         assert!(out.contains("remote.origin.url=file:///expected/acme/r.git"));
+        // The planted hook is gone and reported; git's own samples stay, unreported.
+        assert!(out.contains("sm-note=hook:post-checkout"), "{out}");
+        assert!(!repo.join(".git/hooks/post-checkout").exists());
+        assert!(repo.join(".git/hooks/pre-commit.sample").exists());
+        assert!(!out.contains(".sample"), "{out}");
     }
 }

@@ -183,6 +183,25 @@ impl Manager {
                 devcontainer::remove(&self.ssh, runtime, container)
                     .await
                     .map_err(StartError::Inspect)?;
+                // What that container could write (hooks, configuration) is taken out of the
+                // clone before any container on it runs git again.
+                let notes = git::sanitize(
+                    &self.ssh,
+                    &self.config.git,
+                    &session.repo_org,
+                    &session.repo_name,
+                    self.config.git_timeout,
+                )
+                .await
+                .map_err(StartError::Clone)?;
+                if !notes.is_empty() {
+                    let lines: Vec<String> = notes.iter().map(git::GitNote::line).collect();
+                    self.say(
+                        &session,
+                        &crate::chat::render::neutralize(&lines.join("\n")),
+                    )
+                    .await;
+                }
             }
         } else if let Some(p) = progress.as_deref_mut() {
             p.step(&format!("Cloning `{}`", session.repo_slug())).await;
