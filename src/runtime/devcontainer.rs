@@ -205,7 +205,10 @@ impl DevcontainerError {
         if !message.contains("An error occurred setting up the container") {
             return false;
         }
-        let runs_uid_image = message.contains("podman run")
+        // The CLI names the runtime as it was given: podman, or the session's shim
+        // (`…/sessions/<id>/runtime`, see [`runtime_shim`]).
+        let runs = message.contains("podman run") || message.contains("/runtime run ");
+        let runs_uid_image = runs
             && message.split_whitespace().any(|word| {
                 let name = word.rsplit('/').next().unwrap_or(word);
                 let name = name.split(':').next().unwrap_or(name);
@@ -416,6 +419,13 @@ pub const EVENTS_POLL_SECS: u32 = 10;
 /// (`exec`), because the CLI stops listening with SIGKILL; the poller beside it stops within
 /// `poll_secs` of the reader's end.
 ///
+/// `run` gets `--pull=never`: the CLI has built or pulled its image just before, and rootless
+/// podman 4.3 was seen to copy a freshly built `-uid` image into a new layer at `run` (an
+/// `image pull` event, a second layer with the same digest). A `run` that died during that
+/// copy left the layer half made and mounted, and every podman command after it spent 10-30 s
+/// trying to delete it (docs/operations.md, §3.3). An image `run` cannot find fails at once
+/// instead, which `up` tries again ([`DevcontainerError::is_retryable`]).
+///
 /// # Errors
 /// [`QuoteError`] for a runtime or label that cannot be quoted.
 pub fn runtime_shim(
@@ -437,6 +447,7 @@ if [ "$1" = events ]; then
   done </dev/null &
   exec "$rt" events --since "$(( $(date +%s) - 2 ))" "$@"
 fi
+if [ "$1" = run ]; then shift; exec "$rt" run --pull=never "$@"; fi
 exec "$rt" "$@"
 "#,
         runtime = super::shell::quote(runtime)?,
@@ -1293,6 +1304,10 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
             message: "Command failed: podman run --sig-proxy=false -a STDOUT -a STDERR --mount type=bind,source=/w,target=/workspaces/widgets --userns=keep-id --network=host --entrypoint /bin/sh -l devcontainer.metadata=[{\"remoteUser\":\"claude\"}] vsc-widgets-3c1268935574f9b61ebd068d3e3597a12b200ee0fcbe9eca95c45491a400d51e-uid -c echo Container started (An error occurred setting up the container.)".into(),
         };
         assert!(run.is_retryable());
+        let through_the_shim = DevcontainerError::Up {
+            message: "Command failed: /home/claude/.local/share/session-manager/sessions/6f1c/runtime run --pull=never --sig-proxy=false -a STDOUT -a STDERR --entrypoint /bin/sh vsc-widgets-3c12-uid -c echo Container started (An error occurred setting up the container.)".into(),
+        };
+        assert!(through_the_shim.is_retryable());
         for other in [
             DevcontainerError::Up {
                 message: "Command failed: podman build -f /work/repo/.devcontainer/Dockerfile (An error occurred setting up the container.)".into(),
@@ -1347,7 +1362,7 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
     }
 
     #[test]
-    fn the_runtime_shim_passes_everything_but_events_unchanged() {
+    fn the_runtime_shim_passes_everything_but_events_and_run_unchanged() {
         let (_dir, shim, _) = shim_over_fake();
         let run = |args: &[&str]| {
             let out = std::process::Command::new(&shim)
@@ -1356,8 +1371,10 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
                 .expect("shim ran");
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
-        assert_eq!(run(&["run", "--rm", "a b"]), "run|--rm|a b|");
+        assert_eq!(run(&["build", "-t", "a b"]), "build|-t|a b|");
         assert_eq!(run(&["-v"]), "-v|");
+        // `run` never pulls: the image is there, or the run fails at once.
+        assert_eq!(run(&["run", "--rm", "a b"]), "run|--pull=never|--rm|a b|");
     }
 
     #[test]
