@@ -416,8 +416,10 @@ pub const EVENTS_POLL_SECS: u32 = 10;
 /// podman's JSON event shape) for each running container labelled `session_label`: a start
 /// that never reached the CLI reaches it then. The CLI checks every start event's labels
 /// itself, so one of another container changes nothing. The reader is the shim's own process
-/// (`exec`), because the CLI stops listening with SIGKILL; the poller beside it stops within
-/// `poll_secs` of the reader's end.
+/// (`exec`), because the CLI stops listening with SIGKILL. The poller beside it goes on while
+/// the CLI runs, also after the reader has ended: a `podman events` that ended by itself (exit
+/// status 0, so the CLI says nothing) left `up` waiting in a benchmark run. It stops within
+/// `poll_secs` of the CLI's end (its exit, not its parent's wait for it).
 ///
 /// `run` gets `--pull=never`: the CLI has built or pulled its image just before, and rootless
 /// podman 4.3 was seen to copy a freshly built `-uid` image into a new layer at `run` (an
@@ -439,8 +441,8 @@ pub fn runtime_shim(
 rt={runtime}
 if [ "$1" = events ]; then
   shift
-  reader=$$
-  while sleep {poll_secs} && kill -0 "$reader" 2>/dev/null; do
+  caller=$PPID
+  while sleep {poll_secs} && kill -0 "$caller" 2>/dev/null && [ "$(ps -o stat= -p "$caller" | cut -c1)" != Z ]; do
     for id in $("$rt" ps --no-trunc --quiet --filter label={label} --filter status=running 2>/dev/null); do
       printf '{{"ID":"%s","Status":"start","Type":"container"}}\n' "$id"
     done
@@ -1427,16 +1429,35 @@ Error: Command failed: podman pull localhost/claude-sandbox:test"#;
             "{:?}",
             calls(&calls_file)
         );
-        // The CLI stops listening with SIGKILL to the reader: the poller stops too.
         child.kill().expect("kill");
         child.wait().expect("wait");
+    }
+
+    #[test]
+    fn the_runtime_shims_poller_outlives_its_reader_but_not_its_caller() {
+        let (dir, shim, calls_file) = shim_over_fake();
+        let pid_file = dir.path().join("reader.pid");
+        // The caller (a shell standing in for the CLI) starts the shim, kills its reader at
+        // once (as a reader that ends by itself), and leaves after 3 s.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#""$0" events & echo $! > "$1"; sleep 0.3; kill -KILL "$(cat "$1")"; sleep 3"#)
+            .arg(&shim)
+            .arg(&pid_file)
+            .output()
+            .expect("sh ran");
+        let printed = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            printed.contains(r#"{"ID":"c0ffee","Status":"start","Type":"container"}"#),
+            "no start event after the reader ended: {printed}"
+        );
         std::thread::sleep(Duration::from_millis(1500));
         let settled = calls(&calls_file).len();
         std::thread::sleep(Duration::from_millis(2500));
         assert_eq!(
             calls(&calls_file).len(),
             settled,
-            "the poller outlived the reader: {:?}",
+            "the poller outlived its caller: {:?}",
             calls(&calls_file)
         );
     }
