@@ -423,10 +423,9 @@ pub const EVENTS_POLL_SECS: u32 = 10;
 ///
 /// `run` gets `--pull=never`: the CLI has built or pulled its image just before, and rootless
 /// podman 4.3 was seen to copy a freshly built `-uid` image into a new layer at `run` (an
-/// `image pull` event, a second layer with the same digest). A `run` that died during that
-/// copy left the layer half made and mounted, and every podman command after it spent 10-30 s
-/// trying to delete it (docs/operations.md, §3.3). An image `run` cannot find fails at once
-/// instead, which `up` tries again ([`DevcontainerError::is_retryable`]).
+/// `image pull` event, a second layer with the same digest), once by a `run` whose layer was
+/// left half made and mounted (docs/operations.md, §3.3). An image `run` cannot find fails at
+/// once instead, which `up` tries again ([`DevcontainerError::is_retryable`]).
 ///
 /// # Errors
 /// [`QuoteError`] for a runtime or label that cannot be quoted.
