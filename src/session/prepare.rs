@@ -223,14 +223,7 @@ impl Manager {
             p.step("Starting the container").await;
         }
         // A worktree's git data lives in the main clone's `.git`: its container needs it too.
-        let git_dir = session.worktree.as_ref().map(|_| {
-            format!(
-                "{}/.git",
-                self.config
-                    .git
-                    .clone_path(&session.repo_org, &session.repo_name)
-            )
-        });
+        let git_dir = self.shared_git_dir(&session);
         let git_dir = git_dir.as_deref();
         let containers = &self.config.containers_of(&session);
         let mut tries = 0;
@@ -304,6 +297,19 @@ impl Manager {
         Ok(())
     }
 
+    /// The main clone's `.git` (as configured), which a worktree session's container shares;
+    /// `None` for a session in the main clone.
+    fn shared_git_dir(&self, session: &Session) -> Option<String> {
+        session.worktree.as_ref().map(|_| {
+            format!(
+                "{}/.git",
+                self.config
+                    .git
+                    .clone_path(&session.repo_org, &session.repo_name)
+            )
+        })
+    }
+
     /// What the session's existing container lacks of the protections this version's
     /// settings require ([`devcontainer::verify_existing`]); empty when it has them all, and
     /// always empty under `SM_REPO_DEVCONTAINER=trusted` (a repository's configuration then
@@ -321,14 +327,7 @@ impl Manager {
         if containers.repo_config == RepoConfigPolicy::Trusted {
             return Ok(Vec::new());
         }
-        let git_dir = session.worktree.as_ref().map(|_| {
-            format!(
-                "{}/.git",
-                self.config
-                    .git
-                    .clone_path(&session.repo_org, &session.repo_name)
-            )
-        });
+        let git_dir = self.shared_git_dir(session);
         devcontainer::verify_existing(
             &self.ssh,
             &containers,
